@@ -1,0 +1,187 @@
+"""Interval bound propagation (IBP) in center/radius form, one rule per layer type.
+
+Design notes
+------------
+* One pass, batched: each rule maps (center, radius) of a box to those of the next layer;
+  affine layers cost one op on the center and one with |W| on the radius.
+* Train-mode BatchNorm uses the statistics of the batch the model *actually saw* (SPEC §1.2).
+  That is why :func:`interval_bounds` can carry a ``point`` through the same pass: in train
+  mode the point's batch statistics normalise both the point and the box, and the running
+  statistics are updated exactly as in a normal forward. The point's features come back
+  for free (the CC-IBP and CC-Dist losses need them), so no forward is done twice.
+* Why not auto_LiRPA: the PyPI ``auto-lirpa`` 0.3 does not import on torch 2.x, and a
+  hand-written IBP for this small layer set is short, measurable and fast
+  (``benchmarks/bench_bounds.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certkd.bounds.spec import drop_label_column
+from certkd.models.layers import Normalize
+
+
+@dataclass
+class IntervalBounds:
+    """Result of an IBP pass through a sequence of layers.
+
+    lower, upper: (N, *) bounds of the output (the features h for ``model.features``).
+    preactivations: (center, radius) of the input box of every ReLU, in order; used by the
+        warm-up regularisers.
+    point_output: output at ``point`` (N, *) when a point was carried through the pass.
+    """
+
+    lower: Tensor
+    upper: Tensor
+    preactivations: List[Tuple[Tensor, Tensor]] = field(default_factory=list)
+    point_output: Optional[Tensor] = None
+
+    @property
+    def center(self) -> Tensor:
+        return (self.upper + self.lower) / 2
+
+    @property
+    def radius(self) -> Tensor:
+        return (self.upper - self.lower) / 2
+
+
+# A rule maps (layer, center, radius, point) -> (center, radius, point); point may be None.
+Rule = Callable[[nn.Module, Tensor, Tensor, Optional[Tensor]], Tuple[Tensor, Tensor, Optional[Tensor]]]
+_RULES: Dict[Type[nn.Module], Rule] = {}
+
+
+def interval_rule(*types: Type[nn.Module]):
+    """Register the IBP rule of a layer type (auto_LiRPA-style: one rule per layer)."""
+
+    def wrap(fn: Rule) -> Rule:
+        for t in types:
+            _RULES[t] = fn
+        return fn
+
+    return wrap
+
+
+def _rule_for(layer: nn.Module) -> Rule:
+    for t in type(layer).__mro__:
+        if t in _RULES:
+            return _RULES[t]
+    supported = ", ".join(sorted(t.__name__ for t in _RULES))
+    raise TypeError(f"no interval bound rule for layer {type(layer).__name__}; supported: {supported}")
+
+
+@interval_rule(Normalize)
+def _normalize(layer: Normalize, c: Tensor, r: Tensor, p: Optional[Tensor]):
+    std = layer._view(layer.std, c)
+    return layer(c), r / std, (layer(p) if p is not None else None)
+
+
+@interval_rule(nn.Linear)
+def _linear(layer: nn.Linear, c: Tensor, r: Tensor, p: Optional[Tensor]):
+    return layer(c), F.linear(r, layer.weight.abs()), (layer(p) if p is not None else None)
+
+
+@interval_rule(nn.Conv2d)
+def _conv2d(layer: nn.Conv2d, c: Tensor, r: Tensor, p: Optional[Tensor]):
+    if layer.padding_mode != "zeros":
+        raise TypeError("interval bounds support Conv2d with zero padding only")
+    r = F.conv2d(r, layer.weight.abs(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return layer(c), r, (layer(p) if p is not None else None)
+
+
+@interval_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batchnorm(layer: nn.modules.batchnorm._BatchNorm, c: Tensor, r: Tensor, p: Optional[Tensor]):
+    if layer.training:
+        if p is None:
+            raise ValueError("train-mode IBP through BatchNorm needs the point whose batch statistics define "
+                             "the layer (pass point=...), or put the model in eval mode")
+        dims = [0] + list(range(2, p.dim()))
+        mean = p.mean(dims)
+        var = p.var(dims, unbiased=False)
+        p = layer(p)  # same statistics, and updates the running ones as a normal forward does
+    else:
+        mean, var = layer.running_mean, layer.running_var
+    scale = torch.rsqrt(var + layer.eps)
+    if layer.affine:
+        scale = scale * layer.weight
+        shift = layer.bias - mean * scale
+    else:
+        shift = -mean * scale
+    shape = (1, -1) + (1,) * (c.dim() - 2)
+    c = c * scale.view(shape) + shift.view(shape)
+    r = r * scale.abs().view(shape)
+    if p is not None and not layer.training:
+        p = layer(p)
+    return c, r, p
+
+
+@interval_rule(nn.ReLU)
+def _relu(layer: nn.ReLU, c: Tensor, r: Tensor, p: Optional[Tensor]):
+    upper = torch.relu(c + r)
+    lower = torch.relu(c - r)
+    return (upper + lower) / 2, (upper - lower) / 2, (torch.relu(p) if p is not None else None)
+
+
+@interval_rule(nn.Flatten)
+def _flatten(layer: nn.Flatten, c: Tensor, r: Tensor, p: Optional[Tensor]):
+    return layer(c), layer(r), (layer(p) if p is not None else None)
+
+
+@interval_rule(nn.Identity, nn.Dropout)
+def _identity(layer: nn.Module, c: Tensor, r: Tensor, p: Optional[Tensor]):
+    return c, r, (layer(p) if p is not None else None)
+
+
+def interval_bounds(layers: nn.Sequential, lower: Tensor, upper: Tensor, point: Optional[Tensor] = None) -> IntervalBounds:
+    """Propagate the box [lower, upper] (and optionally a point inside it) through ``layers``.
+
+    Args:
+        layers: a sequence of supported layers, e.g. ``model.features``.
+        lower, upper: (N, C, H, W) input box, lower <= upper elementwise.
+        point: (N, C, H, W) optional input whose forward is computed in the same pass; required
+            when the sequence contains train-mode BatchNorm (its batch statistics are used).
+    Returns:
+        :class:`IntervalBounds` of the output of ``layers``.
+    """
+    c, r, p = (upper + lower) / 2, (upper - lower) / 2, point
+    pre: List[Tuple[Tensor, Tensor]] = []
+    for layer in layers:
+        if isinstance(layer, nn.ReLU):
+            pre.append((c, r))
+        c, r, p = _rule_for(layer)(layer, c, r, p)
+    return IntervalBounds(lower=c - r, upper=c + r, preactivations=pre, point_output=p)
+
+
+def elided_lower_bounds(head: nn.Linear, lower: Tensor, upper: Tensor, labels: Tensor) -> Tensor:
+    """Lower bounds of z_y − z_j over a feature box, with the last layer merged into C (SPEC §1.1).
+
+    lb_j = (w_y − w_j)·c + (b_y − b_j) − |w_y − w_j|·r, which is exact for the box [lower, upper].
+
+    Args:
+        head: final affine layer g, weight (K, m).
+        lower, upper: (N, m) feature box.
+        labels: (N,) true classes.
+    Returns:
+        (N, K−1) lower bounds, columns ordered as :func:`certkd.bounds.spec.other_classes`.
+    """
+    c, r = (upper + lower) / 2, (upper - lower) / 2
+    w, b = head.weight, head.bias
+    w_diff = w[labels].unsqueeze(1) - w.unsqueeze(0)  # (N, K, m)
+    lb = torch.einsum("nkm,nm->nk", w_diff, c) - torch.einsum("nkm,nm->nk", w_diff.abs(), r)
+    if b is not None:
+        lb = lb + (b[labels].unsqueeze(1) - b.unsqueeze(0))
+    return drop_label_column(lb, labels)
+
+
+def ibp_logit_difference_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Tensor,
+                                point: Optional[Tensor] = None) -> Tuple[Tensor, IntervalBounds]:
+    """IBP lower bounds on z_y − z_j for a :class:`~certkd.models.CertifiableNet`.
+
+    Returns (lb (N, K−1), feature bounds). ``bounds.point_output`` holds h(point) if given.
+    """
+    feats = interval_bounds(model.features, lower, upper, point)
+    return elided_lower_bounds(model.head, feats.lower, feats.upper, labels), feats

@@ -1,0 +1,201 @@
+"""The ``certkd`` command line (click).
+
+Why click: already a dependency of most of the ecosystem, no extra weight, and its
+``standalone_mode=False`` lets us turn every user mistake into one line and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import click
+
+from certkd.errors import CertkdError
+
+# Options shared by `train` and `teacher`; None means "not given" so presets are not overridden.
+_TRAIN_OPTIONS = [
+    click.option("--preset", help="Preset name from configs/ (or a YAML path); flags override it."),
+    click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, imagefolder, tinyimagenet."),
+    click.option("--data-dir", type=click.Path(), help="Directory holding the dataset files."),
+    click.option("--model", help="Architecture: cnn7, cnn7-imagenet, cnn-small, mlp."),
+    click.option("--method", help="standard, pgd-at, trades, ibp, cc-ibp, mtl-ibp, exp-ibp, sabr, cc-dist, ..."),
+    click.option("--eps", type=float, help="Target L∞ radius in pixel units [0, 1]."),
+    click.option("--alpha", type=float, help="Over-approximation coefficient α (SABR: λ)."),
+    click.option("--beta", type=float, help="Distillation weight β."),
+    click.option("--teacher", type=click.Path(), help="Teacher run directory (distillation methods)."),
+    click.option("--dist-combination", help="CC-Dist combination: literal, box (default) or distance."),
+    click.option("--feature-adapter", help="none or linear (learned map on the teacher side)."),
+    click.option("--epochs", type=int, help="Number of epochs."),
+    click.option("--batch-size", type=int, help="Training batch size."),
+    click.option("--lr", type=float, help="Learning rate."),
+    click.option("--seed", type=int, help="Random seed."),
+    click.option("--device", help="auto (CUDA when present), cpu or cuda[:N]."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable)."),
+    click.option("--out", required=True, type=click.Path(), help="Run directory to write."),
+    click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+    click.option("--force", is_flag=True, help="Overwrite an existing --out."),
+    click.option("--quiet", is_flag=True, help="No progress bars."),
+]
+
+
+def _train_options(fn):
+    for opt in reversed(_TRAIN_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _parse_sets(sets: Sequence[str]) -> Dict[str, Any]:
+    import yaml
+
+    values: Dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
+def _overrides(kw: Dict[str, Any]) -> Dict[str, Any]:
+    keys = ("dataset", "data_dir", "model", "method", "eps", "alpha", "beta", "teacher", "dist_combination",
+            "feature_adapter", "epochs", "batch_size", "lr", "seed", "device")
+    values = {k: kw[k] for k in keys if kw.get(k) is not None}
+    values.update(_parse_sets(kw.get("sets") or ()))
+    return values
+
+
+def _run_training(kw: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Path:
+    from certkd.config import resolve_config
+    from certkd.training import train
+
+    if kw["resume"]:
+        from certkd.config import TrainConfig
+
+        cfg = TrainConfig()  # the stored config of the run is used
+    else:
+        cfg = resolve_config(kw.get("preset"), _overrides(kw), base=base)
+    return train(cfg, kw["out"], resume=kw["resume"], force=kw["force"], progress=not kw["quiet"],
+                 log=click.echo)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="certkd")
+def cli() -> None:
+    """certkd: certified training, CC-Dist distillation and verification."""
+
+
+@cli.command()
+@_train_options
+def train(**kw: Any) -> None:
+    """Train a (certified) model: IBP, CC-IBP, MTL-IBP, Exp-IBP, SABR or a distillation method."""
+    out = _run_training(kw)
+    click.echo(f"run written to {out}; evaluate it with: certkd evaluate {out}")
+
+
+@cli.command()
+@_train_options
+def teacher(**kw: Any) -> None:
+    """Train an empirically robust teacher (PGD-AT by default, or --method trades)."""
+    from certkd.config import TEACHER_DEFAULTS
+
+    out = _run_training(kw, base=TEACHER_DEFAULTS)
+    click.echo(f"teacher written to {out}; distil it with: certkd train --method cc-dist --teacher {out} ...")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--eps", type=float, help="Radius (default: the run's training ε).")
+@click.option("--limit", type=int, help="Evaluate the first N test points only.")
+@click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], data_dir: Optional[str],
+             batch_size: int, device: str) -> None:
+    """Clean / PGD-40 / IBP-verified accuracy of one or more runs (writes evaluation.json)."""
+    from certkd.evaluation import evaluate_run
+    from certkd.reporting import accuracy_table
+
+    results = {}
+    for run in runs:
+        results[str(run)] = evaluate_run(run, eps=eps, limit=limit, data_dir=data_dir, batch_size=batch_size,
+                                         device=device)
+    first = next(iter(results.values()))
+    click.echo(f"eps={first['eps']:g}, n={first['n']}")
+    click.echo(accuracy_table(results))
+
+
+@cli.command()
+def presets() -> None:
+    """List the available presets."""
+    from certkd.config import list_presets
+
+    for name in list_presets():
+        click.echo(name)
+
+
+@cli.command()
+def models() -> None:
+    """List the registered architectures."""
+    from certkd.models import list_models
+
+    for name in list_models():
+        click.echo(name)
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path())
+@click.option("--epochs", type=int, help="Override the epochs of the demo presets.")
+@click.option("--quiet", is_flag=True)
+def demo(out: str, epochs: Optional[int], quiet: bool) -> None:
+    """Teacher (PGD-AT) → CC-IBP and CC-Dist students → evaluation table, on bundled digits."""
+    from certkd.config import TEACHER_DEFAULTS, resolve_config
+    from certkd.evaluation import evaluate_run
+    from certkd.reporting import accuracy_table
+    from certkd.training import train as train_fn
+
+    root = Path(out)
+    extra = {"epochs": epochs} if epochs else {}
+    click.echo("1/4 teacher: PGD adversarial training")
+    t_cfg = resolve_config("digits-small", dict(extra, method="pgd-at"), base=TEACHER_DEFAULTS)
+    train_fn(t_cfg, root / "teacher", force=True, progress=not quiet, log=click.echo)
+    click.echo("2/4 student: CC-IBP")
+    train_fn(resolve_config("digits-small", dict(extra, method="cc-ibp")), root / "cc-ibp", force=True,
+             progress=not quiet, log=click.echo)
+    click.echo("3/4 student: CC-Dist from the teacher")
+    train_fn(resolve_config("digits-small", dict(extra, method="cc-dist", teacher=str(root / "teacher"))),
+             root / "cc-dist", force=True, progress=not quiet, log=click.echo)
+    click.echo("4/4 verification")
+    results = {name: evaluate_run(root / name) for name in ("teacher", "cc-ibp", "cc-dist")}
+    first = next(iter(results.values()))
+    click.echo(f"\ndigits test set, eps={first['eps']:g}, n={first['n']}")
+    click.echo(accuracy_table(results))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point: user mistakes become one line on stderr and exit code 2."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="certkd", standalone_mode=False)
+    except CertkdError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        hint = f" (see 'certkd {e.ctx.info_name} --help')" if e.ctx is not None and e.ctx.parent is not None else \
+            " (see 'certkd --help')"
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted; resume with --resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Typed configuration, YAML presets and overrides.
+
+Resolution order: :class:`TrainConfig` defaults (SPEC §3, §7: the paper's settings) ←
+preset YAML (``configs/NAME.yaml``) ← explicit overrides (CLI flags, ``--set key=value``).
+The resolved config is written next to every run's outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from certkd.errors import CertkdError
+
+CERTIFIED_METHODS = ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr")
+DISTILLATION_METHODS = ("cc-dist", "mtl-dist", "exp-dist", "sabr-dist", "adv-dist", "ibp-dist", "cc-ibp-kd")
+EMPIRICAL_METHODS = ("standard", "pgd-at", "trades")
+METHODS = EMPIRICAL_METHODS + CERTIFIED_METHODS + DISTILLATION_METHODS
+
+
+@dataclass
+class TrainConfig:
+    """One training run (teacher or student). Defaults follow SPEC §3 and the MNIST row of §7."""
+
+    # data
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    batch_size: int = 256
+    augment: bool = True
+    # model
+    model: str = "cnn7"
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    ibp_init: bool = True
+    # objective
+    method: str = "cc-ibp"
+    alpha: float = 0.5              # over-approximation coefficient (ccibp/mtlibp/expibp/sabr λ)
+    l1: float = 1e-5                # repo default of l1_coeff
+    reg_lambda: float = 0.5         # warm-up regularisers λ (0 disables)
+    reg_tol: float = 0.5            # τ
+    trades_beta: float = 6.0
+    # distillation (SPEC §10)
+    teacher: Optional[str] = None
+    beta: float = 1.0
+    dist_combination: str = "box"
+    dist_distance: str = "l2sq"
+    dist_reduction: str = "sum"
+    dist_warmup: bool = True
+    feature_adapter: str = "none"
+    kd_temperature: float = 4.0
+    # ε schedule (SPEC §1.4–1.5)
+    eps: float = 0.1
+    eps_start: int = 1              # S: first epoch of the ramp
+    eps_length: int = 20            # N: ramp length in epochs
+    train_eps_mul: float = 1.0
+    attack_eps_factor: float = 1.0
+    # training attack
+    attack_steps: int = 1
+    attack_step_size: float = 10.0
+    attack_restarts: int = 1
+    # optimisation
+    epochs: int = 70
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_milestones: List[int] = field(default_factory=lambda: [50, 60])
+    lr_gamma: float = 0.2
+    grad_clip: float = 10.0
+    # evaluation during training
+    test_interval: int = 10
+    test_attack_steps: int = 40
+    test_attack_step_size: float = 0.1
+    eval_limit: Optional[int] = None
+    eval_batch_size: int = 256
+    # runtime
+    seed: int = 100
+    device: str = "auto"
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`CertkdError` with a one-line message on the first invalid value."""
+        if self.method not in METHODS:
+            raise CertkdError(f"unknown method '{self.method}'{_did_you_mean(self.method, METHODS)}; "
+                              f"choose one of: {', '.join(METHODS)}")
+        if not (0.0 < self.eps <= 1.0):
+            raise CertkdError(f"eps must be in (0, 1] (pixel units), got {self.eps}; e.g. --eps 0.1 for MNIST")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise CertkdError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.beta < 0:
+            raise CertkdError(f"beta must be >= 0, got {self.beta}")
+        for name in ("batch_size", "epochs", "test_interval", "eval_batch_size", "attack_restarts"):
+            if getattr(self, name) < 1:
+                raise CertkdError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("l1", "reg_lambda", "train_eps_mul", "attack_eps_factor", "grad_clip", "weight_decay",
+                     "trades_beta"):
+            if getattr(self, name) < 0:
+                raise CertkdError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise CertkdError(f"lr must be > 0, got {self.lr}")
+        if self.eps_start < 1 or self.eps_length < 0:
+            raise CertkdError("eps_start must be >= 1 and eps_length >= 0 (epochs)")
+        if self.attack_steps < 0:
+            raise CertkdError(f"attack_steps must be >= 0, got {self.attack_steps}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise CertkdError(f"unknown optimizer '{self.optimizer}'; choose adam or sgd")
+        if self.dist_combination not in ("literal", "box", "distance"):
+            raise CertkdError(f"unknown dist_combination '{self.dist_combination}'; choose literal, box or distance")
+        if self.dist_distance not in ("l2sq", "l1", "l2"):
+            raise CertkdError(f"unknown dist_distance '{self.dist_distance}'; choose l2sq, l1 or l2")
+        if self.dist_reduction not in ("sum", "mean"):
+            raise CertkdError(f"unknown dist_reduction '{self.dist_reduction}'; choose sum or mean")
+        if self.feature_adapter not in ("none", "linear"):
+            raise CertkdError(f"unknown feature_adapter '{self.feature_adapter}'; choose none or linear")
+        if self.method in DISTILLATION_METHODS and not self.teacher:
+            raise CertkdError(f"method '{self.method}' distils a teacher: pass --teacher RUN_DIR "
+                              "(train one with 'certkd teacher')")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise CertkdError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        return apply_overrides(cls(), values)
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, with a one-line error."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        hint = [a for a in args if a is not type(None)][0]
+        origin, args = get_origin(hint), get_args(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return low in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if origin in (list, List):
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            return [_coerce(name, args[0], v) for v in value]
+        if origin in (dict, Dict):
+            if isinstance(value, str):
+                value = yaml.safe_load(value) or {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise CertkdError(f"invalid value {value!r} for '{name}': expected {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
+    """Return a copy of ``cfg`` with ``values`` applied (keys may use '-' or '_')."""
+    hints = get_type_hints(TrainConfig)
+    names = [f.name for f in fields(TrainConfig)]
+    updates = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in hints:
+            raise CertkdError(f"unknown config key '{key}'{_did_you_mean(name, names)}")
+        updates[name] = _coerce(name, hints[name], value)
+    return dataclasses.replace(cfg, **updates)
+
+
+def config_dirs() -> List[Path]:
+    """Where presets are looked up: $CERTKD_CONFIG_DIR, then the repository's ``configs/``."""
+    dirs = []
+    if os.environ.get("CERTKD_CONFIG_DIR"):
+        dirs.append(Path(os.environ["CERTKD_CONFIG_DIR"]))
+    dirs.append(Path(__file__).resolve().parents[2] / "configs")
+    return dirs
+
+
+def list_presets() -> List[str]:
+    names = set()
+    for d in config_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def read_yaml_mapping(path: Path) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CertkdError(f"invalid YAML in {path}{where}: {getattr(e, 'problem', e)}; fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CertkdError(f"preset {path} must be a YAML mapping of config keys to values")
+    return data
+
+
+def load_preset(name_or_path: str) -> Dict[str, Any]:
+    """Preset values by name (``configs/NAME.yaml``) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return read_yaml_mapping(path)
+    for d in config_dirs():
+        candidate = d / f"{name_or_path}.yaml"
+        if candidate.exists():
+            return read_yaml_mapping(candidate)
+    presets = list_presets()
+    raise CertkdError(f"unknown preset '{name_or_path}'{_did_you_mean(name_or_path, presets)}; "
+                      f"available: {', '.join(presets) or 'none found'}")
+
+
+def resolve_config(preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
+                   base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+    """defaults ← ``base`` (e.g. teacher defaults) ← preset ← overrides, then validate."""
+    cfg = TrainConfig()
+    if base:
+        cfg = apply_overrides(cfg, base)
+    if preset:
+        cfg = apply_overrides(cfg, load_preset(preset))
+    if overrides:
+        cfg = apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+    return cfg.validate()
+
+
+# Defaults of ``certkd teacher``: Madry PGD-AT at the target ε (SPEC §11).
+TEACHER_DEFAULTS: Dict[str, Any] = {"method": "pgd-at", "attack_steps": 10, "attack_step_size": 0.25,
+                                    "ibp_init": False, "l1": 0.0, "reg_lambda": 0.0, "eps_length": 0}

@@ -1,0 +1,91 @@
+"""In-memory image datasets and their metadata.
+
+Every certkd dataset is small enough to live in memory (TinyImageNet's 100k
+64×64 RGB training images take 1.2 GB as uint8), so a dataset is just two
+tensors; batching, shuffling and augmentation live in :mod:`certkd.data.batches`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset that models and the trainer need (SPEC §5).
+
+    ``mean``/``std`` are per-channel values for the model's ``Normalize`` layer;
+    inputs themselves always stay in pixel units [0, 1].
+    """
+
+    name: str                 # "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "tinyimagenet"
+    num_classes: int
+    in_channels: int
+    input_size: int           # H == W
+    mean: tuple[float, ...]   # per channel, SPEC §5
+    std: tuple[float, ...]
+    augmentation: str         # "none" | "crop-flip"
+    crop_padding: int         # 0, 2 (CIFAR) or 4 (TinyImageNet/ImageNet64)
+    class_names: tuple[str, ...] = ()
+
+
+class ImageDataset:
+    """In-memory images with integer labels.
+
+    Attributes:
+        images: (N, C, H, W), either uint8 in 0..255 or float32 already in [0, 1].
+            uint8 storage is 4× smaller; it is converted to float only per batch.
+        labels: (N,) int64 class indices.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if images.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f"images must be uint8 or float32, got {images.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"labels must be (N,) with N={images.shape[0]}, got shape {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __repr__(self) -> str:
+        n, c, h, w = self.images.shape
+        return f"ImageDataset(n={n}, shape=({c}, {h}, {w}), dtype={self.images.dtype})"
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    def get(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather a batch by index.
+
+        Args:
+            index: (B,) int64 indices (anything torch indexing accepts also works).
+        Returns:
+            x: (B, C, H, W) float32 in [0, 1]; y: (B,) int64.
+        """
+        return to_unit_float(self.images[index]), self.labels[index]
+
+    def subset(self, n: int) -> "ImageDataset":
+        """The first ``n`` points (no copy); ``n`` larger than the dataset keeps all of it."""
+        return self.take(0, n)
+
+    def take(self, start: int, stop: int | None = None) -> "ImageDataset":
+        """Points ``start:stop`` in stored order (no copy), e.g. the unshuffled
+        80/20 train/validation split of SPEC §5 is ``take(0, k)`` / ``take(k)``."""
+        return ImageDataset(self.images[start:stop], self.labels[start:stop])
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 /255; float input is returned as float32 unchanged. Any shape."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    return images.to(torch.float32)

@@ -1,0 +1,131 @@
+"""Class-folder image datasets (generic ImageFolder and TinyImageNet).
+
+Layout::
+
+    root/train/<class>/**/*.{jpg,jpeg,png}      class order = sorted folder names
+    root/val/<class>/**/*.{jpg,jpeg,png}        (or root/test/ in the same layout)
+
+TinyImageNet's original validation layout is accepted too::
+
+    root/val/images/*.JPEG
+    root/val/val_annotations.txt                "<file>\\t<wnid>\\t..." per line
+
+All images are decoded with PIL, converted to RGB and must share one square size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CertkdError
+from .dataset import ImageDataset
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
+LAYOUT_HINT = ("expected <data-dir>/train/<class>/*.jpg|png and <data-dir>/val/ (or test/) with the same "
+               "class folders, or TinyImageNet's val/images/ + val/val_annotations.txt")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder``, sorted for a deterministic order."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def _scan_train(train_dir: Path) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
+    dirs = _class_dirs(train_dir)
+    if not dirs:
+        raise CertkdError(f"no class folders in {train_dir}; {LAYOUT_HINT}")
+    items: list[tuple[Path, int]] = []
+    for label, d in enumerate(dirs):
+        files = _images_under(d)
+        if not files:
+            raise CertkdError(f"class folder {d} has no .jpg/.jpeg/.png images; add some or remove the folder")
+        items.extend((f, label) for f in files)
+    return tuple(d.name for d in dirs), items
+
+
+def _scan_annotations(val_dir: Path, class_index: dict[str, int]) -> list[tuple[Path, int]]:
+    """TinyImageNet's ``val/images`` + ``val_annotations.txt`` layout."""
+    ann = val_dir / "val_annotations.txt"
+    items: list[tuple[Path, int]] = []
+    for lineno, line in enumerate(ann.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise CertkdError(f"{ann}:{lineno} is not '<file>\\t<wnid>\\t...'; the file is corrupt, re-download it")
+        name, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in class_index:
+            raise CertkdError(f"{ann}:{lineno} names class {wnid!r}, which has no folder in train/; "
+                              "use the matching train/ and val/ of one dataset")
+        path = val_dir / "images" / name
+        if not path.is_file():
+            raise CertkdError(f"{path} is listed in {ann} but missing; re-extract the dataset")
+        items.append((path, class_index[wnid]))
+    if not items:
+        raise CertkdError(f"{ann} lists no images; re-extract the dataset")
+    return items
+
+
+def _scan_eval(eval_dir: Path, class_index: dict[str, int]) -> list[tuple[Path, int]]:
+    if (eval_dir / "val_annotations.txt").is_file():
+        return _scan_annotations(eval_dir, class_index)
+    items: list[tuple[Path, int]] = []
+    for d in _class_dirs(eval_dir):
+        if d.name not in class_index:
+            raise CertkdError(f"{d} is a class folder that train/ lacks; the evaluation split must use "
+                              "the training classes (rename or remove it)")
+        items.extend((f, class_index[d.name]) for f in _images_under(d))
+    if not items:
+        raise CertkdError(f"no images found in {eval_dir}; {LAYOUT_HINT}")
+    return items
+
+
+def _decode(items: list[tuple[Path, int]], size: tuple[int, int] | None,
+            ref: Path | None) -> tuple[ImageDataset, tuple[int, int], Path]:
+    """Decode to uint8 (N, 3, H, W). ``size`` (W, H) and ``ref`` fix the size other splits must match."""
+    from PIL import Image, UnidentifiedImageError  # optional dependency ("vision" extra)
+
+    out: np.ndarray | None = None
+    for i, (path, _) in enumerate(items):
+        try:
+            with Image.open(path) as im:
+                rgb = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise CertkdError(f"cannot read image {path} ({exc}); delete or replace the file") from exc
+        if size is None:
+            size, ref = rgb.size, path
+        elif rgb.size != size:
+            raise CertkdError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} but {ref} is {size[0]}x{size[1]}; "
+                              "all images must have the same size, resize them first")
+        if out is None:
+            if size[0] != size[1]:
+                raise CertkdError(f"image {path} is {size[0]}x{size[1]}; certkd needs square images, "
+                                  "resize or crop them first")
+            # Preallocate (N, H, W, 3): one big array instead of N small ones to stack.
+            out = np.empty((len(items), size[1], size[0], 3), dtype=np.uint8)
+        out[i] = np.asarray(rgb, dtype=np.uint8)
+    assert out is not None and size is not None and ref is not None  # callers pass non-empty lists
+    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return ImageDataset(images, labels), size, ref
+
+
+def load_image_folder(root: Path) -> tuple[ImageDataset, ImageDataset, tuple[str, ...]]:
+    """(train, eval, class names) from ``root/train`` and ``root/val`` (else ``root/test``)."""
+    train_dir = root / "train"
+    eval_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    if not train_dir.is_dir() or eval_dir is None:
+        missing = "train/" if not train_dir.is_dir() else "val/ or test/"
+        raise CertkdError(f"{root} has no {missing}; {LAYOUT_HINT}")
+    class_names, train_items = _scan_train(train_dir)
+    eval_items = _scan_eval(eval_dir, {c: i for i, c in enumerate(class_names)})
+    train, size, ref = _decode(train_items, None, None)
+    test, _, _ = _decode(eval_items, size, ref)
+    return train, test, class_names

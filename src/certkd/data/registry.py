@@ -1,0 +1,107 @@
+"""``load_dataset``: dataset names -> (train, test, info), with SPEC §5 constants."""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CertkdError
+from .cifar import CIFAR_DIRNAME, load_cifar10
+from .dataset import DatasetInfo, ImageDataset
+from .idx import FASHION_CLASSES, MNIST_FILES, load_mnist_like
+from .imagefolder import LAYOUT_HINT, load_image_folder
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "tinyimagenet")
+
+# Common spellings users type; mapped to the canonical names above.
+_ALIASES: dict[str, str] = {
+    "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
+    "cifar-10": "cifar10", "cifar_10": "cifar10",
+    "tiny-imagenet": "tinyimagenet", "tiny_imagenet": "tinyimagenet",
+    "image-folder": "imagefolder", "image_folder": "imagefolder",
+}
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+TINYIMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
+TINYIMAGENET_STD = (0.2302, 0.2265, 0.2262)
+
+DIGITS_TRAIN = 1437  # of 1797; the remaining 360 are the test set
+
+# What each on-disk dataset expects, for the missing-directory error.
+_EXPECTED: dict[str, str] = {
+    "mnist": ", ".join(f + "[.gz]" for f in MNIST_FILES) + " (or torchvision's MNIST/raw/ layout)",
+    "fashion-mnist": ", ".join(f + "[.gz]" for f in MNIST_FILES) + " (or torchvision's FashionMNIST/raw/ layout)",
+    "cifar10": f"{CIFAR_DIRNAME}/data_batch_1..5 and test_batch",
+    "imagefolder": LAYOUT_HINT.removeprefix("expected "),
+    "tinyimagenet": LAYOUT_HINT.removeprefix("expected "),
+}
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        close = difflib.get_close_matches(key, DATASETS + tuple(_ALIASES), n=1)
+        hint = f"did you mean {_ALIASES.get(close[0], close[0])!r}? " if close else ""
+        raise CertkdError(f"unknown dataset {name!r}; {hint}choose one of: {', '.join(DATASETS)}")
+    return key
+
+
+def _require_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is None:
+        raise CertkdError(f"dataset {name!r} needs --data-dir: a directory holding {_EXPECTED[name]}")
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise CertkdError(f"data directory {path} does not exist; dataset {name!r} expects it to hold "
+                          f"{_EXPECTED[name]}, pass --data-dir pointing at it")
+    return path
+
+
+def _load_digits() -> tuple[ImageDataset, ImageDataset]:
+    """sklearn's 8×8 digits as float32 (N, 1, 8, 8) in [0, 1]; fixed RandomState(0) split 1437/360."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+
+    bunch = load_digits()
+    images = (bunch.images.astype(np.float32) / 16.0)[:, None]    # pixel values are 0..16
+    labels = bunch.target.astype(np.int64)
+    perm = np.random.RandomState(0).permutation(len(labels))
+    tr, te = perm[:DIGITS_TRAIN], perm[DIGITS_TRAIN:]
+    train = ImageDataset(torch.from_numpy(images[tr]), torch.from_numpy(labels[tr]))
+    test = ImageDataset(torch.from_numpy(images[te]), torch.from_numpy(labels[te]))
+    return train, test
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None
+                 ) -> tuple[ImageDataset, ImageDataset, DatasetInfo]:
+    """Load a dataset fully into memory.
+
+    Args:
+        name: one of :data:`DATASETS` (case-insensitive; a few aliases such as "cifar-10" work).
+        data_dir: directory with the files; ignored for "digits".
+    Returns:
+        (train, test, info). Images are (N, C, H, W) uint8, except digits (float32 in [0, 1]);
+        labels (N,) int64. Unknown name or missing/broken files raise :class:`CertkdError`.
+    """
+    key = _canonical(name)
+    if key == "digits":
+        train, test = _load_digits()
+        info = DatasetInfo("digits", 10, 1, 8, (0.0,), (1.0,), "none", 0, tuple(str(i) for i in range(10)))
+        return train, test, info
+
+    root = _require_dir(key, data_dir)
+    if key in ("mnist", "fashion-mnist"):
+        train, test = load_mnist_like(root, "MNIST" if key == "mnist" else "FashionMNIST")
+        classes = tuple(str(i) for i in range(10)) if key == "mnist" else FASHION_CLASSES
+        info = DatasetInfo(key, 10, 1, int(train.images.shape[-1]), (0.0,), (1.0,), "none", 0, classes)
+    elif key == "cifar10":
+        train, test, classes = load_cifar10(root)
+        info = DatasetInfo("cifar10", 10, 3, 32, CIFAR10_MEAN, CIFAR10_STD, "crop-flip", 2, classes)
+    else:  # imagefolder / tinyimagenet: same reader, TinyImageNet constants for both
+        train, test, classes = load_image_folder(root)
+        info = DatasetInfo(key, len(classes), 3, int(train.images.shape[-1]),
+                           TINYIMAGENET_MEAN, TINYIMAGENET_STD, "crop-flip", 4, classes)
+    return train, test, info

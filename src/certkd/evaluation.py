@@ -1,0 +1,49 @@
+"""Evaluate a trained run: the `certkd evaluate` command as a function."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+from certkd.checkpoints import atomic_write_json, load_model, resolve_checkpoint
+from certkd.data import load_dataset
+from certkd.errors import CertkdError
+
+
+def run_directory(path) -> Optional[Path]:
+    """The run directory owning a checkpoint path (None for a bare release folder)."""
+    ck = resolve_checkpoint(path)
+    if ck.parent.name == "checkpoints":
+        return ck.parent.parent
+    return ck if Path(path).resolve() == ck.resolve() and (ck / "config.yaml").exists() else None
+
+
+def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = None, data_dir: Optional[str] = None,
+                 batch_size: int = 256, attack_steps: int = 40, attack_step_size: float = 0.1, device: str = "auto",
+                 write: bool = True, progress: bool = False) -> Dict[str, float]:
+    """Clean / PGD / IBP-verified accuracy of a run at its training ε over the test set.
+
+    Writes ``evaluation.json`` into the run directory when ``write`` is true.
+    """
+    from certkd.training import resolve_device
+    from certkd.verification import evaluate_accuracy
+
+    dev = resolve_device(device)
+    model = load_model(path, device=dev)
+    cfg = model.certkd_meta.get("config", {})
+    eps = float(cfg.get("eps")) if eps is None else float(eps)
+    if not 0.0 < eps <= 1.0:
+        raise CertkdError(f"eps must be in (0, 1] (pixel units), got {eps}")
+    if limit is not None and limit < 1:
+        raise CertkdError(f"--limit must be >= 1, got {limit}")
+    _, test_set, info = load_dataset(cfg.get("dataset", "digits"), data_dir or cfg.get("data_dir"))
+    if info.input_size != model.spec.input_size or info.in_channels != model.spec.in_channels:
+        raise CertkdError(f"model expects {model.spec.in_channels}×{model.spec.input_size}×{model.spec.input_size} "
+                          f"inputs but the data is {info.in_channels}×{info.input_size}×{info.input_size}")
+    result = evaluate_accuracy(model, test_set, eps, limit=limit, batch_size=batch_size, attack_steps=attack_steps,
+                               attack_step_size=attack_step_size, device=dev, progress=progress)
+    result["method"] = cfg.get("method")
+    result["checkpoint_epoch"] = model.certkd_meta.get("epoch")
+    run = run_directory(path)
+    if write and run is not None:
+        atomic_write_json(run / "evaluation.json", result)
+    return result

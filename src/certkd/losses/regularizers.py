@@ -1,0 +1,42 @@
+"""Warm-up regularisers of Shi et al. 2021 (SPEC §3.2), from IBP pre-activation bounds."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _symmetrize(r: Tensor) -> Tensor:
+    return torch.minimum(r, 1.0 / torch.clamp(r, min=1e-12))
+
+
+def warmup_regularizer(preactivations: Sequence[Tuple[Tensor, Tensor]], input_radius: Tensor,
+                       tol: float = 0.5) -> Tensor:
+    """Tightness + ReLU-balance terms, each averaged over ReLU layers, then summed.
+
+    Args:
+        preactivations: (center, radius) of the IBP box at every ReLU input, any shape (N, *).
+        input_radius: δ0, the mean half-width of the input box in normalised space (scalar tensor).
+        tol: τ.
+    Returns:
+        scalar tensor (0 if there is no ReLU). The caller scales it by λ·(1 − ε_s/ε_max).
+    """
+    tightness: List[Tensor] = []
+    balance: List[Tensor] = []
+    for c, delta in preactivations:
+        tightness.append(torch.relu(tol - input_radius / torch.clamp(delta.mean(), min=1e-12)) / tol)
+        lower, upper = c - delta, c + delta
+        active, inactive = (lower > 0).to(c.dtype), (upper < 0).to(c.dtype)
+        r1 = _symmetrize((c * active).mean() / -(c * inactive).mean())
+        centered = (c - c.mean()) ** 2
+        r2 = _symmetrize((centered * active).sum() / (centered * inactive).sum())
+        term = (torch.relu(tol - r1) + torch.relu(tol - r2)) / tol
+        if bool(torch.isfinite(term)):  # SPEC: skipped when NaN or Inf
+            balance.append(term)
+    total = torch.zeros((), device=input_radius.device)
+    if tightness:
+        total = total + torch.stack(tightness).mean()
+    if balance:
+        total = total + torch.stack(balance).mean()
+    return total

@@ -1,0 +1,219 @@
+"""The training loop, shared by teachers and students.
+
+config → data → model (+ teacher) → per-batch loss (:mod:`certkd.training.step`) →
+optimizer → per-epoch evaluation → atomic checkpoint. ``resume=True`` continues from the
+last complete checkpoint with the optimiser and RNG state restored, so an interrupted run
+ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from certkd.attacks import PGD
+from certkd.checkpoints import (append_jsonl, atomic_write_text, latest_checkpoint, load_model, load_weights,
+                                optimizer_from_tensors, read_meta, read_tensors, save_checkpoint)
+from certkd.config import DISTILLATION_METHODS, TrainConfig
+from certkd.data import iterate_batches, load_dataset, num_batches
+from certkd.errors import CertkdError
+from certkd.models import create_model, ibp_initialize
+from certkd.schedules import SmoothedEpsilonSchedule, multistep_lr
+from certkd.training.step import Teacher, training_loss
+from certkd.verification import evaluate_accuracy
+
+
+class NonFiniteError(CertkdError):
+    """A loss or gradient became NaN/Inf; the last good checkpoint is left intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CertkdError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CertkdError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run by accident; --force starts afresh, --resume continues."""
+    if resume and force:
+        raise CertkdError("--resume and --force contradict each other; pass only one")
+    if out.exists() and not out.is_dir():
+        raise CertkdError(f"output path {out} exists and is not a directory; choose another --out")
+    if resume:
+        if latest_checkpoint(out) is None:
+            raise CertkdError(f"--resume: no checkpoint in {out}; start a new run without --resume")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise CertkdError(f"output directory {out} already exists; pass --resume to continue it or --force to overwrite")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CertkdError(f"cannot write to output directory {out} ({e.strerror}); choose a writable --out") from None
+
+
+def load_teacher(cfg: TrainConfig, student: nn.Module, device: torch.device) -> Optional[Teacher]:
+    """Load and freeze the teacher of a distillation method; check it fits the student."""
+    if cfg.method not in DISTILLATION_METHODS:
+        return None
+    model = load_model(cfg.teacher, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if model.num_classes != student.num_classes:
+        raise CertkdError(f"teacher {cfg.teacher} predicts {model.num_classes} classes but the student "
+                          f"{student.num_classes}; use a teacher trained on the same dataset")
+    adapter = None
+    if cfg.method != "cc-ibp-kd" and model.feature_dim != student.feature_dim:
+        if cfg.feature_adapter != "linear":
+            raise CertkdError(f"teacher features have {model.feature_dim} dimensions but student features have "
+                              f"{student.feature_dim}; pass --feature-adapter linear or use a teacher with matching features")
+    if cfg.feature_adapter == "linear" and cfg.method != "cc-ibp-kd":
+        adapter = nn.Linear(model.feature_dim, student.feature_dim).to(device)
+    return Teacher(model=model, adapter=adapter)
+
+
+def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _mean_logs(acc: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float]:
+    return {k: acc[k] / counts[k] for k in acc}
+
+
+def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> Path:
+    """Train a model as ``cfg`` says and write the run to ``out_dir``; returns the run directory."""
+    cfg.validate()
+    out = Path(out_dir)
+    prepare_run_dir(out, resume, force)
+    if resume:  # the stored config wins: a resumed run must be the same run
+        stored = yaml.safe_load((out / "config.yaml").read_text())
+        cfg = TrainConfig.from_dict(stored).validate()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_dir)
+    model = create_model(cfg.model, info.in_channels, info.input_size, info.num_classes, info.mean, info.std,
+                         **cfg.model_kwargs)
+    if cfg.ibp_init:
+        ibp_initialize(model)
+    model.to(device)
+    teacher = load_teacher(cfg, model, device)
+    if teacher is not None and teacher.model.spec.input_size != info.input_size:
+        raise CertkdError(f"teacher expects {teacher.model.spec.input_size}×{teacher.model.spec.input_size} inputs "
+                          f"but {cfg.dataset} has {info.input_size}×{info.input_size}; use a teacher of this dataset")
+    params = list(model.parameters()) + (list(teacher.adapter.parameters()) if teacher and teacher.adapter else [])
+    optimizer = _make_optimizer(cfg, params)
+
+    steps_per_epoch = num_batches(len(train_set), cfg.batch_size)
+    schedule = SmoothedEpsilonSchedule(cfg.eps, cfg.eps_start, cfg.eps_length, steps_per_epoch)
+    attack = PGD(cfg.attack_steps, cfg.attack_step_size, cfg.attack_restarts)
+    model_meta = {"model": model.spec.to_dict(), "config": cfg.to_dict(), "dataset": info.name}
+
+    start_epoch = 1
+    if resume:
+        ckpt = latest_checkpoint(out)
+        meta = read_meta(ckpt)
+        load_weights(model, ckpt / "model.safetensors")
+        tensors = read_tensors(ckpt / "optimizer.safetensors")
+        extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        optimizer_from_tensors(optimizer, {k: v for k, v in tensors.items() if not k.startswith("extra.")},
+                               meta["optimizer"])
+        if teacher is not None and teacher.adapter is not None:
+            teacher.adapter.load_state_dict({k[len("adapter."):]: v for k, v in extra.items() if k.startswith("adapter.")})
+        torch.set_rng_state(extra["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in extra:
+            torch.cuda.set_rng_state(extra["rng_cuda"])
+        start_epoch = int(meta["epoch"]) + 1
+        log(f"resuming {out} from epoch {meta['epoch']}")
+    else:
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        lr = multistep_lr(cfg.lr, epoch, cfg.lr_milestones, cfg.lr_gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        reg_active = epoch <= schedule.ramp_end_epoch()
+        model.train()
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        start = time.perf_counter()
+        batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                                  augmentation=info.augmentation if cfg.augment else "none",
+                                  crop_padding=info.crop_padding, device=device)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                       dynamic_ncols=True)
+            batches = bar
+        for i, (x, y) in enumerate(batches):
+            q = (epoch - 1) * steps_per_epoch + i
+            eps_sched = schedule(q)
+            loss, logs = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher)
+            if not torch.isfinite(loss):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                raise NonFiniteError(f"non-finite loss at epoch {epoch}, batch {i + 1} ({terms}); the last good "
+                                     "checkpoint is kept; lower --lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if not torch.isfinite(norm):
+                    raise NonFiniteError(f"non-finite gradient at epoch {epoch}, batch {i + 1} (loss {loss.item():.4g}); "
+                                         "the last good checkpoint is kept; lower --lr")
+            optimizer.step()
+            logs["loss"] = loss.item()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{logs['loss']:.3f}", eps=f"{logs.get('eps', 0.0):.4f}",
+                                acc=f"{logs.get('acc_clean', float('nan')):.2f}")
+        if bar is not None:
+            bar.close()
+        record: Dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(time.perf_counter() - start, 3),
+                                  "train": _mean_logs(sums, counts)}
+        if epoch % cfg.test_interval == 0 or epoch == cfg.epochs:
+            record["test"] = evaluate_accuracy(model, test_set, cfg.eps, limit=cfg.eval_limit,
+                                               batch_size=cfg.eval_batch_size, attack_steps=cfg.test_attack_steps,
+                                               attack_step_size=cfg.test_attack_step_size, device=device,
+                                               seed=cfg.seed)
+        extra = {"rng_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            extra["rng_cuda"] = torch.cuda.get_rng_state()
+        if teacher is not None and teacher.adapter is not None:
+            extra.update({f"adapter.{k}": v for k, v in teacher.adapter.state_dict().items()})
+        save_checkpoint(out, epoch, model, model_meta, optimizer, extra)
+        append_jsonl(out / "metrics.jsonl", record)
+        log(_epoch_line(record))
+    return out
+
+
+def _epoch_line(record: Dict[str, Any]) -> str:
+    tr = record["train"]
+    line = f"epoch {record['epoch']}: loss {tr.get('loss', float('nan')):.4f} eps {tr.get('eps', 0.0):.4f} " \
+           f"({record['time_s']:.1f}s)"
+    if "test" in record:
+        t = record["test"]
+        line += (f" | test clean {t['clean_accuracy']:.3f} pgd {t['pgd_accuracy']:.3f} "
+                 f"ibp-verified {t['ibp_verified_accuracy']:.3f}")
+    return line

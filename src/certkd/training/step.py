@@ -1,0 +1,219 @@
+"""One training batch: the per-batch procedure of SPEC §2.1 for every method.
+
+Order matters for BatchNorm: clean forward (train mode) → attack (eval mode) → adversarial
+forward in train mode, carried through the same IBP pass, so the bounds use the batch
+statistics of the adversarial batch. The loss formulas themselves are the pure functions of
+:mod:`certkd.losses`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certkd.attacks import PGD, linf_box
+from certkd.bounds import ibp_logit_difference_bounds, logit_differences
+from certkd.config import DISTILLATION_METHODS, TrainConfig
+from certkd.losses import certified as L
+from certkd.losses import distillation as D
+from certkd.losses.regularizers import warmup_regularizer
+
+WARMUP_EPS = 1e-50     # below this a batch is "natural" (SPEC §1.4)
+REG_BOX_EPS = 1e-6     # box used for the regularisers on warm-up batches
+
+# Robust-loss family and the α used by each distillation method.
+_FAMILY = {"cc-ibp": "cc", "mtl-ibp": "mtl", "exp-ibp": "exp", "sabr": "sabr", "ibp": "ibp",
+           "cc-dist": "cc", "mtl-dist": "mtl", "exp-dist": "exp", "sabr-dist": "sabr",
+           "adv-dist": "cc", "ibp-dist": "cc", "cc-ibp-kd": "cc"}
+
+
+def effective_alpha(cfg: TrainConfig) -> float:
+    """The endpoints adv-dist (α=0) and ibp-dist (α=1) fix α; other methods use cfg.alpha."""
+    return {"adv-dist": 0.0, "ibp-dist": 1.0}.get(cfg.method, cfg.alpha)
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher (eval mode, no gradient) and the optional learned adapter on its side."""
+
+    model: nn.Module
+    adapter: Optional[nn.Module] = None
+
+    def targets(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            t = self.model.features(x)
+        return self.adapter(t) if self.adapter is not None else t
+
+    def logits(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+
+def _input_radius(model: nn.Module, lower: Tensor, upper: Tensor) -> Tensor:
+    """δ0: mean half-width of the input box in normalised space."""
+    norm = model.normalize
+    return ((upper - lower) / 2 / norm._view(norm.std, lower)).mean()
+
+
+def _accuracy(logits: Tensor, y: Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def training_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, eps_sched: float,
+                  reg_active: bool, attack: PGD, teacher: Optional[Teacher] = None) -> Tuple[Tensor, Dict[str, float]]:
+    """Loss of one batch and the numbers to log.
+
+    Args:
+        model: the network being trained (train mode).
+        x, y: batch in pixel space (N, C, H, W) and labels (N,).
+        eps_sched: ε_s from the schedule; the IBP radius is ε_s·train_eps_mul and the
+            attack radius that times attack_eps_factor (SPEC §1.4).
+        reg_active: whether this epoch is in warm-up + ramp (regularisers on).
+        attack: the training attack.
+        teacher: frozen teacher for distillation methods.
+    """
+    method = cfg.method
+    eps_tr = eps_sched * cfg.train_eps_mul
+    eps_att = eps_tr * cfg.attack_eps_factor
+    warmup = eps_tr < WARMUP_EPS
+    logs: Dict[str, float] = {"eps": eps_tr}
+
+    if method == "standard":
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        logs.update(ce_clean=loss.item(), acc_clean=_accuracy(logits, y))
+        return loss, logs
+
+    if method in ("pgd-at", "trades"):
+        logits = model(x)
+        ce_clean = F.cross_entropy(logits, y)
+        logs.update(ce_clean=ce_clean.item(), acc_clean=_accuracy(logits, y))
+        if warmup:
+            return ce_clean, logs
+        lo, hi = linf_box(x, eps_att)
+        if method == "pgd-at":
+            x_adv = attack(model, x, y, lo, hi)
+            adv_logits = model(x_adv)
+            loss = F.cross_entropy(adv_logits, y)
+            logs.update(ce_adv=loss.item(), acc_adv=_accuracy(adv_logits, y))
+            return loss, logs
+        target = logits.detach()
+        kl_attack = PGD(attack.steps, attack.step_size, loss_fn=lambda z, t: L.trades_kl(z, t))
+        x_adv = kl_attack(model, x, target, lo, hi)
+        kl = L.trades_kl(model(x_adv), logits).mean()
+        logs.update(kl=kl.item())
+        return ce_clean + cfg.trades_beta * kl, logs
+
+    return _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_active, attack, teacher, logs)
+
+
+def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_active, attack, teacher, logs):
+    method, family, alpha = cfg.method, _FAMILY[cfg.method], effective_alpha(cfg)
+    distil = method in DISTILLATION_METHODS
+    use_reg = reg_active and cfg.reg_lambda > 0
+    t = teacher.targets(x) if (distil and teacher is not None and method != "cc-ibp-kd") else None
+    reg = torch.zeros((), device=x.device)
+
+    if warmup:
+        if use_reg:
+            lo, hi = linf_box(x, REG_BOX_EPS)
+            _, fb = ibp_logit_difference_bounds(model, lo, hi, y, point=x)
+            feats = fb.point_output
+            reg = warmup_regularizer(fb.preactivations, _input_radius(model, lo, hi), cfg.reg_tol)
+        else:
+            feats = model.features(x)
+        logits = model.head(feats)
+        loss = F.cross_entropy(logits, y)
+        logs.update(ce_clean=loss.item(), acc_clean=_accuracy(logits, y))
+        if distil and cfg.dist_warmup and cfg.beta > 0 and t is not None:
+            dist = D.feature_distance(feats, t, cfg.dist_distance, cfg.dist_reduction).mean()
+            loss = loss + cfg.beta * dist
+            logs["dist"] = dist.item()
+    else:
+        lo_tr, hi_tr = linf_box(x, eps_tr)
+        if family == "ibp":
+            lb, fb = ibp_logit_difference_bounds(model, lo_tr, hi_tr, y, point=x)
+            logits = model.head(fb.point_output)
+            loss = L.ibp_loss(lb)
+            logs.update(acc_clean=_accuracy(logits, y), ibp_loss=loss.item(),
+                        acc_ibp=(lb.min(1).values > 0).float().mean().item())
+        else:
+            logits = model(x)  # clean forward: running BN statistics and clean accuracy
+            logs.update(ce_clean=F.cross_entropy(logits, y).item(), acc_clean=_accuracy(logits, y))
+            lo_att, hi_att = linf_box(x, eps_att)
+            x_adv = attack(model, x, y, lo_att, hi_att)
+            if family == "sabr":
+                lo_b, hi_b = L.sabr_box(x_adv, lo_att, hi_att, cfg.alpha, eps_att)
+            else:
+                lo_b, hi_b = lo_tr, hi_tr
+            # SPEC §10.6: distillation needs the adversarial point inside the IBP box.
+            project = distil and family != "sabr" and cfg.attack_eps_factor > 1.0
+            need_bounds = alpha > 0 or use_reg or family in ("sabr",) or (distil and family in ("mtl", "exp"))
+            if need_bounds or project:
+                n = x.shape[0]
+                if project:  # carry the projected point as a zero-width box in the same pass
+                    x_proj = D.project_to_box(x_adv, lo_b, hi_b)
+                    lo_b, hi_b = torch.cat([lo_b, x_proj]), torch.cat([hi_b, x_proj])
+                lb, fb = ibp_logit_difference_bounds(model, lo_b, hi_b, torch.cat([y, y]) if project else y,
+                                                     point=x_adv)
+                if project:
+                    lb = lb[:n]
+                    a_dist = fb.lower[n:]
+                    fb.lower, fb.upper = fb.lower[:n], fb.upper[:n]
+                a = fb.point_output
+                if not project:
+                    a_dist = a
+            else:
+                lb, fb = None, None
+                a = model.features(x_adv)
+                a_dist = a
+            adv_logits = model.head(a)
+            d_adv = logit_differences(adv_logits, y)
+            logs.update(acc_adv=_accuracy(adv_logits, y))
+            if lb is not None:
+                logs["acc_ibp"] = (lb.min(1).values > 0).float().mean().item()
+            if family == "cc":
+                loss = L.cc_ibp_loss(lb, d_adv, alpha) if alpha > 0 else L.adversarial_loss(d_adv)
+            elif family == "mtl":
+                loss = L.mtl_ibp_loss(lb, d_adv, alpha)
+            elif family == "exp":
+                loss = L.exp_ibp_loss(lb, d_adv, alpha)
+            else:  # sabr: the small-box bound alone
+                loss = L.ibp_loss(lb)
+            logs["robust_loss"] = loss.item()
+            if distil and cfg.beta > 0:
+                if method == "cc-ibp-kd":
+                    dist = D.logit_distillation_loss(adv_logits, teacher.logits(x_adv), cfg.kd_temperature)
+                elif family == "cc":
+                    if alpha > 0:
+                        dist = D.cc_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_combination,
+                                                  cfg.dist_distance, cfg.dist_reduction).mean()
+                    else:
+                        dist = D.feature_distance(a_dist, t, cfg.dist_distance, cfg.dist_reduction).mean()
+                elif family == "mtl":
+                    dist = D.mtl_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_distance,
+                                               cfg.dist_reduction).mean()
+                elif family == "exp":
+                    dist = D.exp_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_distance,
+                                               cfg.dist_reduction)
+                else:  # sabr-dist: worst case over the small-box features
+                    dist = D.worst_case_feature_distance(fb.lower, fb.upper, t, cfg.dist_distance,
+                                                         cfg.dist_reduction).mean()
+                loss = loss + cfg.beta * dist
+                logs["dist"] = dist.item()
+            if use_reg:
+                reg = warmup_regularizer(fb.preactivations, _input_radius(model, lo_b[: x.shape[0]], hi_b[: x.shape[0]]),
+                                         cfg.reg_tol)
+        if family == "ibp" and use_reg:
+            reg = warmup_regularizer(fb.preactivations, _input_radius(model, lo_tr, hi_tr), cfg.reg_tol)
+
+    if use_reg:
+        scale = cfg.reg_lambda * (1.0 - eps_sched / cfg.eps)
+        loss = loss + scale * reg
+        logs["reg"] = reg.item()
+    if family != "ibp" and cfg.l1 > 0:
+        loss = loss + cfg.l1 * L.l1_penalty(model)
+    return loss, logs
