@@ -90,16 +90,16 @@ class TrainConfig:
             raise CertkdError(f"eps must be in (0, 1] (pixel units), got {self.eps}; e.g. --eps 0.1 for MNIST")
         if not (0.0 <= self.alpha <= 1.0):
             raise CertkdError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.beta < 0:
+        if not self.beta >= 0:
             raise CertkdError(f"beta must be >= 0, got {self.beta}")
         for name in ("batch_size", "epochs", "test_interval", "eval_batch_size", "attack_restarts"):
             if getattr(self, name) < 1:
                 raise CertkdError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("l1", "reg_lambda", "train_eps_mul", "attack_eps_factor", "grad_clip", "weight_decay",
                      "trades_beta"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # also rejects NaN
                 raise CertkdError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise CertkdError(f"lr must be > 0, got {self.lr}")
         if self.eps_start < 1 or self.eps_length < 0:
             raise CertkdError("eps_start must be >= 1 and eps_length >= 0 (epochs)")

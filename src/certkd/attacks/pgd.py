@@ -30,12 +30,13 @@ def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily put a model in eval mode (restoring the previous mode afterwards)."""
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BN stays frozen
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 class PGD:

@@ -37,6 +37,6 @@ def warmup_regularizer(preactivations: Sequence[Tuple[Tensor, Tensor]], input_ra
     total = torch.zeros((), device=input_radius.device)
     if tightness:
         total = total + torch.stack(tightness).mean()
-    if balance:
-        total = total + torch.stack(balance).mean()
+    if balance:  # skipped layers count as 0 in the average over all ReLU layers (Shi et al.)
+        total = total + torch.stack(balance).sum() / len(preactivations)
     return total

@@ -116,7 +116,8 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
     if cfg.ibp_init:
         ibp_initialize(model)
     model.to(device)
-    teacher = load_teacher(cfg, model, device)
+    with torch.random.fork_rng(devices=[]):  # loading a teacher must not change the student's random stream
+        teacher = load_teacher(cfg, model, device)
     if teacher is not None and teacher.model.spec.input_size != info.input_size:
         raise CertkdError(f"teacher expects {teacher.model.spec.input_size}×{teacher.model.spec.input_size} inputs "
                           f"but {cfg.dataset} has {info.input_size}×{info.input_size}; use a teacher of this dataset")

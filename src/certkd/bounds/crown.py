@@ -1,0 +1,561 @@
+"""CROWN and α-CROWN: backward linear bound propagation (SPEC §6 step 3, §11).
+
+What is computed
+----------------
+Lower bounds of ``C · f(x)`` over the pixel-space box ``lower <= x <= upper`` for a
+:class:`~certkd.models.CertifiableNet` ``f = head ∘ features`` in eval mode.
+
+* The head is merged into the specification (last-layer elision, as in IBP): the backward
+  pass starts from ``C · W_head`` with bias ``C · b_head``.
+* Each layer of ``features`` has one backward rule mapping the coefficients ``A`` of a linear
+  lower bound ``A · y + bias`` on its output ``y`` to coefficients on its input
+  (auto_LiRPA style). Affine layers (Normalize, Conv2d, Linear, eval BatchNorm) are exact;
+  ReLU uses the triangle relaxation: upper = chord ``u/(u−l)·(z−l)``, lower = ``α·z`` with
+  ``α ∈ [0, 1]`` (CROWN: ``α = 1`` if ``u >= |l|`` else 0). Stable neurons (``l >= 0`` or
+  ``u <= 0``) are exactly linear (slope 1) or zero.
+* The final linear function of ``x`` is concretised against the box:
+  ``lb = A·c − |A|·r + bias`` with centre ``c`` and radius ``r``.
+
+Intermediate (pre-ReLU) bounds
+------------------------------
+Computed layer by layer, ReLU by ReLU. For every ReLU ``k`` the IBP bounds of its input are
+obtained by propagating the (already tightened) box ``[relu(l_{k−1}), relu(u_{k−1})]`` through
+the affine layers in between; with ``intermediate="crown"`` a full backward CROWN pass from
+that pre-activation is run for the neurons that IBP leaves unstable, and the two are
+intersected (both are sound). CROWN passes are chunked over neurons so that one coefficient
+tensor holds at most ``chunk_elements`` numbers. CROWN is skipped where IBP is already exact
+(no ReLU before and at most one non-diagonal affine layer, e.g. Normalize→Conv→BN).
+
+Split constraints / fixed bounds (for branch and bound)
+-------------------------------------------------------
+``intermediate_overrides`` maps a ReLU index ``k`` (0-based position among the ``nn.ReLU``
+modules of ``model.features``, the same order as :attr:`CrownResult.intermediate`) to a pair
+``(l, u)`` of tensors of shape (N, *neuron_shape) (or broadcastable to it). For an overridden
+layer no CROWN pass is run; its bounds are ``max(l, l_ibp)``, ``min(u, u_ibp)`` where the IBP
+bounds come from the earlier (possibly overridden) layers. To split neuron ``j`` of layer
+``k`` active use ``l[j] = max(l[j], 0)``; inactive ``u[j] = min(u[j], 0)``. A sub-domain whose
+bounds cross (``l > u`` somewhere) is empty; :attr:`CrownResult.infeasible` flags it and the
+returned bound for it is meaningless (any value is "sound" for an empty set).
+
+Not differentiable w.r.t. model parameters: layer weights are read detached (verification use;
+α-CROWN differentiates w.r.t. α only).
+
+Shapes: N = batch, S = rows of the specification, K = classes, neuron_shape = per-sample shape
+of a ReLU's input (e.g. (C, H, W) or (m,)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certkd.bounds.spec import specification_matrix
+from certkd.models.layers import Normalize
+
+Bounds = Tuple[Tensor, Tensor]
+
+#: default cap on the number of entries of one coefficient tensor in an intermediate CROWN pass
+DEFAULT_CHUNK_ELEMENTS = 2 ** 25
+
+
+@dataclass
+class CrownResult:
+    """Everything a bound computation produced.
+
+    lower: (N, S) lower bounds of C·f(x) over the box.
+    intermediate: per ReLU layer k, (l_k, u_k) each (N, *neuron_shape): the pre-activation
+        bounds used for the relaxation (CROWN ∩ IBP, with overrides applied).
+    alpha: α-CROWN only: per ReLU layer, the α (N, S, *neuron_shape) that gave the best bound of
+        each (sample, row); None entries for layers without unstable neurons. None for CROWN.
+    infeasible: (N,) bool, True where some intermediate lower bound exceeds its upper bound
+        (only possible with split overrides: the sub-domain is empty).
+    """
+
+    lower: Tensor
+    intermediate: List[Bounds]
+    alpha: Optional[List[Optional[Tensor]]] = None
+    infeasible: Optional[Tensor] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Layer plan: one small object per layer with an IBP rule and a backward (CROWN) rule.
+# A: (N, S, *out_shape) coefficients, bias: (N, S). Rules return (A on the input, bias).
+# --------------------------------------------------------------------------------------------
+
+class _Op:
+    diagonal = True  # IBP through a diagonal map composed with one general affine map is exact
+
+    def ibp(self, c: Tensor, r: Tensor) -> Bounds:
+        raise NotImplementedError
+
+    def backward(self, A: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class _ChannelAffine(_Op):
+    """y = x·scale_c + shift_c per channel (Normalize, eval-mode BatchNorm1d/2d)."""
+
+    def __init__(self, scale: Tensor, shift: Tensor, in_shape: Tuple[int, ...]):
+        view = (-1,) + (1,) * (len(in_shape) - 1)
+        channels = in_shape[0]
+        scale, shift = scale.reshape(-1).expand(channels), shift.reshape(-1).expand(channels)
+        self.scale, self.shift = scale.reshape(view), shift.reshape(view)
+        self.extra = len(in_shape) - 1  # number of non-channel dims
+
+    def ibp(self, c, r):
+        return c * self.scale + self.shift, r * self.scale.abs()
+
+    def backward(self, A, bias):
+        per_channel = A.sum(dim=tuple(range(3, A.dim()))) if self.extra else A  # (N, S, C)
+        bias = bias + per_channel @ self.shift.reshape(-1)
+        return A * self.scale, bias
+
+
+class _Linear(_Op):
+    diagonal = False
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
+        self.weight, self.bias = weight, bias
+
+    def ibp(self, c, r):
+        return F.linear(c, self.weight, self.bias), F.linear(r, self.weight.abs())
+
+    def backward(self, A, bias):
+        if self.bias is not None:
+            bias = bias + A @ self.bias
+        return A @ self.weight, bias
+
+
+class _Conv2d(_Op):
+    diagonal = False
+
+    def __init__(self, layer: nn.Conv2d, weight: Tensor, b: Optional[Tensor], in_shape, out_shape):
+        if layer.padding_mode != "zeros":
+            raise TypeError("CROWN supports Conv2d with zero padding only")
+        padding = layer.padding
+        if isinstance(padding, str):
+            if padding != "valid":
+                raise TypeError("CROWN supports Conv2d with explicit (or 'valid') padding only")
+            padding = (0, 0)
+        self.weight, self.bias = weight, b
+        self.stride, self.padding, self.dilation, self.groups = layer.stride, padding, layer.dilation, layer.groups
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        # conv_transpose2d must reproduce the input size exactly (stride > 1 loses the remainder)
+        k = layer.kernel_size
+        self.output_padding = tuple(
+            in_shape[1 + d] - ((out_shape[1 + d] - 1) * self.stride[d] - 2 * padding[d]
+                               + self.dilation[d] * (k[d] - 1) + 1)
+            for d in range(2))
+
+    def ibp(self, c, r):
+        c2 = F.conv2d(c, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        r2 = F.conv2d(r, self.weight.abs(), None, self.stride, self.padding, self.dilation, self.groups)
+        return c2, r2
+
+    def backward(self, A, bias):
+        n, s = A.shape[:2]
+        if self.bias is not None:
+            bias = bias + A.sum(dim=(3, 4)) @ self.bias
+        A = F.conv_transpose2d(A.reshape(n * s, *self.out_shape), self.weight, None, self.stride, self.padding,
+                               self.output_padding, self.groups, self.dilation)
+        return A.reshape(n, s, *self.in_shape), bias
+
+
+class _Reshape(_Op):
+    """Flatten (or any reshape that keeps the batch dimension)."""
+
+    def __init__(self, in_shape, out_shape):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def ibp(self, c, r):
+        return c.reshape(c.shape[0], *self.out_shape), r.reshape(r.shape[0], *self.out_shape)
+
+    def backward(self, A, bias):
+        return A.reshape(A.shape[0], A.shape[1], *self.in_shape), bias
+
+
+class _Identity(_Op):
+    def ibp(self, c, r):
+        return c, r
+
+    def backward(self, A, bias):
+        return A, bias
+
+
+class _ReLU(_Op):
+    """Marker; the relaxation lives in :class:`_Relaxation` (it depends on the bounds)."""
+
+    def __init__(self, index: int, shape):
+        self.index, self.shape = index, tuple(shape)
+
+
+def _flatten_layers(layers: nn.Module) -> List[nn.Module]:
+    out: List[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, nn.Sequential):
+            out.extend(_flatten_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def _out_shape(layer: nn.Module, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Per-sample output shape of a non-ReLU, non-BatchNorm layer (computed, not probed)."""
+    if isinstance(layer, nn.Linear):
+        return shape[:-1] + (layer.out_features,)
+    if isinstance(layer, nn.Conv2d):
+        pad = (0, 0) if isinstance(layer.padding, str) else layer.padding
+        size = tuple((shape[1 + d] + 2 * pad[d] - layer.dilation[d] * (layer.kernel_size[d] - 1) - 1)
+                     // layer.stride[d] + 1 for d in range(2))
+        return (layer.out_channels,) + size
+    if isinstance(layer, nn.Flatten):
+        return tuple(torch.empty((1,) + shape, device="meta").flatten(layer.start_dim, layer.end_dim).shape[1:])
+    return shape
+
+
+def _build_plan(features: nn.Module, sample_shape, dtype, device) -> List[_Op]:
+    """Translate ``features`` (eval mode) into backward/IBP rules with detached parameters."""
+
+    def param(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.detach().to(device=device, dtype=dtype)
+
+    ops: List[_Op] = []
+    shape = tuple(sample_shape)
+    relu_count = 0
+    with torch.no_grad():
+        for layer in _flatten_layers(features):
+            if isinstance(layer, nn.ReLU):
+                ops.append(_ReLU(relu_count, shape))
+                relu_count += 1
+                continue
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                if layer.training:
+                    raise ValueError("CROWN bounds use eval-mode BatchNorm (running statistics); call model.eval()")
+                scale = torch.rsqrt(param(layer.running_var) + layer.eps)
+                if layer.affine:
+                    scale = scale * param(layer.weight)
+                    shift = param(layer.bias) - param(layer.running_mean) * scale
+                else:
+                    shift = -param(layer.running_mean) * scale
+                ops.append(_ChannelAffine(scale, shift, shape))
+                continue
+            out_shape = _out_shape(layer, shape)
+            if isinstance(layer, Normalize):
+                std, mean = param(layer.std), param(layer.mean)
+                ops.append(_ChannelAffine(1.0 / std, -mean / std, shape))
+            elif isinstance(layer, nn.Linear):
+                ops.append(_Linear(param(layer.weight), param(layer.bias)))
+            elif isinstance(layer, nn.Conv2d):
+                ops.append(_Conv2d(layer, param(layer.weight), param(layer.bias), shape, out_shape))
+            elif isinstance(layer, nn.Flatten):
+                ops.append(_Reshape(shape, out_shape))
+            elif isinstance(layer, (nn.Identity, nn.Dropout)):
+                ops.append(_Identity())
+            else:
+                raise TypeError(f"no CROWN rule for layer {type(layer).__name__}; supported: Normalize, Linear, "
+                                "Conv2d, BatchNorm1d/2d (eval), ReLU, Flatten, Identity, Dropout")
+            shape = out_shape
+    return ops
+
+
+# --------------------------------------------------------------------------------------------
+# ReLU relaxation
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Relaxation:
+    """Triangle relaxation of one ReLU layer; all tensors (N, *neuron_shape).
+
+    lower_slope: 1 (active), 0 (inactive), CROWN adaptive slope (unstable).
+    upper_slope / upper_bias: 1/0 (active), 0/0 (inactive), chord (unstable).
+    unstable: bool mask l < 0 < u.
+    """
+
+    lower_slope: Tensor
+    upper_slope: Tensor
+    upper_bias: Tensor
+    unstable: Tensor
+
+    @classmethod
+    def from_bounds(cls, l: Tensor, u: Tensor) -> "_Relaxation":
+        active = l >= 0
+        unstable = (l < 0) & (u > 0)
+        width = torch.where(unstable, u - l, torch.ones_like(u))
+        chord = u / width
+        upper_slope = torch.where(unstable, chord, active.to(l.dtype))
+        upper_bias = torch.where(unstable, -l * chord, torch.zeros_like(l))
+        adaptive = (u >= -l).to(l.dtype)
+        lower_slope = torch.where(unstable, adaptive, active.to(l.dtype))
+        return cls(lower_slope, upper_slope, upper_bias, unstable)
+
+    def backward(self, A: Tensor, bias: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """A (N, S, *shape) on the ReLU output -> A on its input (lower bound direction)."""
+        if alpha is None:
+            lo = self.lower_slope.unsqueeze(1)
+        else:
+            lo = torch.where(self.unstable.unsqueeze(1), alpha.clamp(0.0, 1.0), self.lower_slope.unsqueeze(1))
+        pos, neg = A.clamp(min=0), A.clamp(max=0)
+        bias = bias + (neg * self.upper_bias.unsqueeze(1)).flatten(2).sum(-1)
+        return pos * lo + neg * self.upper_slope.unsqueeze(1), bias
+
+
+# --------------------------------------------------------------------------------------------
+# Core passes
+# --------------------------------------------------------------------------------------------
+
+def _backward(ops: Sequence[_Op], end: int, A: Tensor, bias: Tensor, relax: Sequence[_Relaxation],
+              alpha: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[Tensor, Tensor]:
+    """Propagate A (on the output of ops[end−1]) back to the input of ops[0]."""
+    for op in reversed(ops[:end]):
+        if isinstance(op, _ReLU):
+            a = None if alpha is None else alpha[op.index]
+            A, bias = relax[op.index].backward(A, bias, a)
+        else:
+            A, bias = op.backward(A, bias)
+    return A, bias
+
+
+def _concretize(A: Tensor, bias: Tensor, c: Tensor, r: Tensor) -> Tensor:
+    """min over the box of A·x + bias: A (N, S, *in), c/r (N, *in) -> (N, S)."""
+    A = A.flatten(2)
+    return bias + torch.einsum("nsd,nd->ns", A, c.flatten(1)) - torch.einsum("nsd,nd->ns", A.abs(), r.flatten(1))
+
+
+def _crown_layer_bounds(ops, end, shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements):
+    """Tighten (l, u) (N, *shape) of the output of ops[end−1] by CROWN, unstable neurons only."""
+    n = l.shape[0]
+    unstable = ((l < 0) & (u > 0)).reshape(n, -1).any(0)
+    idx = unstable.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return l, u
+    numel = max([math.prod(shape)] + [math.prod(op.in_shape) for op in ops[:end] if hasattr(op, "in_shape")]
+                + [math.prod(op.shape) for op in ops[:end] if isinstance(op, _ReLU)] + [c_in[0].numel()])
+    if chunk_size is None:
+        chunk_size = max(1, chunk_elements // (2 * n * numel))
+    d = math.prod(shape)
+    l_flat, u_flat = l.reshape(n, d).clone(), u.reshape(n, d).clone()
+    # Going backward, the affine layers before the first ReLU act identically on the rows for
+    # the lower (+e_j) and upper (−e_j) bound: propagate +e_j alone and negate afterwards.
+    first = end
+    while first > 0 and not isinstance(ops[first - 1], _ReLU):
+        first -= 1
+    for start in range(0, idx.numel(), chunk_size):
+        sel = idx[start:start + chunk_size]
+        k = sel.numel()
+        A = torch.zeros(n, k, d, dtype=l.dtype, device=l.device)
+        A[:, torch.arange(k, device=l.device), sel] = 1.0
+        A, bias = A.reshape(n, k, *shape), torch.zeros(n, k, dtype=l.dtype, device=l.device)
+        for op in reversed(ops[first:end]):
+            A, bias = op.backward(A, bias)
+        A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)
+        A, bias = _backward(ops, first, A, bias, relax)
+        lb = _concretize(A, bias, c_in, r_in)
+        del A
+        l_flat[:, sel] = torch.maximum(l_flat[:, sel], lb[:, :k])
+        u_flat[:, sel] = torch.minimum(u_flat[:, sel], -lb[:, k:])
+    return l_flat.reshape(l.shape), u_flat.reshape(u.shape)
+
+
+def _intermediate(ops, lower, upper, method, overrides, chunk_size, chunk_elements):
+    """Pre-activation bounds of every ReLU (list of (l, u)) and their relaxations."""
+    n_relu = sum(isinstance(op, _ReLU) for op in ops)
+    if isinstance(method, str):
+        if method not in ("crown", "ibp"):
+            raise ValueError(f"intermediate must be 'crown', 'ibp' or a collection of ReLU indices, got {method!r}")
+        crown_layers = set(range(n_relu)) if method == "crown" else set()
+    else:
+        crown_layers = {int(k) for k in method}
+        if any(not 0 <= k < n_relu for k in crown_layers):
+            raise ValueError(f"intermediate ReLU indices {sorted(crown_layers)} out of range for {n_relu} ReLU layers")
+    overrides = dict(overrides or {})
+    bad = [k for k in overrides if not 0 <= int(k) < n_relu]
+    if bad:
+        raise ValueError(f"intermediate_overrides has ReLU indices {bad}; the model has {n_relu} ReLU layers")
+    c_in, r_in = (upper + lower) / 2, (upper - lower) / 2
+    c, r = c_in, r_in
+    bounds: List[Bounds] = []
+    relax: List[_Relaxation] = []
+    seen_relu, general = False, 0
+    for i, op in enumerate(ops):
+        if not isinstance(op, _ReLU):
+            general += 0 if op.diagonal else 1
+            c, r = op.ibp(c, r)
+            continue
+        l, u = c - r, c + r
+        if op.index in overrides:
+            ol, ou = overrides[op.index]
+            l = torch.maximum(l, ol.to(l))
+            u = torch.minimum(u, ou.to(u))
+        elif op.index in crown_layers and (seen_relu or general > 1):
+            l, u = _crown_layer_bounds(ops, i, op.shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements)
+        bounds.append((l, u))
+        relax.append(_Relaxation.from_bounds(l, u))
+        seen_relu = True
+        lo, hi = l.clamp(min=0), u.clamp(min=0)
+        c, r = (hi + lo) / 2, (hi - lo) / 2
+    return bounds, relax
+
+
+def _prepare(model, lower, upper, labels, C):
+    """Plan, specification (N, S, K) and the head merged with it: A0 (N, S, m), bias0 (N, S)."""
+    if lower.shape != upper.shape:
+        raise ValueError(f"lower and upper must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}")
+    head = model.head
+    if not isinstance(head, nn.Linear):
+        raise TypeError("CROWN expects model.head to be nn.Linear")
+    n, dtype, device = lower.shape[0], lower.dtype, lower.device
+    k = head.out_features
+    if labels is not None and C is not None:
+        raise ValueError("pass either labels or C, not both")
+    if labels is not None:
+        C = specification_matrix(labels.to(device), k).to(dtype)
+    elif C is None:
+        C = torch.eye(k, dtype=dtype, device=device).expand(n, k, k)
+    else:
+        C = C.to(device=device, dtype=dtype)
+        if C.dim() == 2:
+            C = C.expand(n, *C.shape)
+        if C.dim() != 3 or C.shape[0] != n or C.shape[2] != k:
+            raise ValueError(f"C must be (S, K) or (N, S, K) with N={n}, K={k}; got {tuple(C.shape)}")
+    ops = _build_plan(model.features, lower.shape[1:], dtype, device)
+    w = head.weight.detach().to(device=device, dtype=dtype)
+    A0 = C @ w
+    bias0 = C @ head.bias.detach().to(device=device, dtype=dtype) if head.bias is not None \
+        else torch.zeros(C.shape[:2], dtype=dtype, device=device)
+    return ops, A0, bias0
+
+
+def _infeasible(bounds: Sequence[Bounds], n: int, device) -> Tensor:
+    bad = torch.zeros(n, dtype=torch.bool, device=device)
+    for l, u in bounds:
+        bad |= (l > u).reshape(n, -1).any(1)
+    return bad
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Optional[Tensor] = None,
+                 C: Optional[Tensor] = None, *, intermediate: str = "crown",
+                 alpha: Optional[Sequence[Optional[Tensor]]] = None,
+                 intermediate_overrides: Optional[Dict[int, Bounds]] = None,
+                 return_intermediate: bool = False, chunk_size: Optional[int] = None,
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """CROWN lower bounds of C·f(x) over the box [lower, upper] (model in eval mode).
+
+    Args:
+        model: a :class:`~certkd.models.CertifiableNet` (``features`` + linear ``head``).
+        lower, upper: (N, C, H, W) pixel-space box (or (N, d) for a flat input).
+        labels: (N,) true classes: C = C(y) of :func:`~certkd.bounds.spec.specification_matrix`,
+            so the result is (N, K−1) bounds of z_y − z_j, j ≠ y in increasing order.
+        C: instead of labels, a specification (S, K) or (N, S, K). Neither: bounds of the logits (S = K).
+        intermediate: "crown" (full backward pass per ReLU layer, intersected with IBP), "ibp", or
+            a collection of ReLU indices whose bounds get a CROWN pass (the others use IBP), e.g.
+            ``{n_relu − 1}`` to refine only the (cheap, narrow) last layer on CPU.
+        alpha: optional lower ReLU slopes, one entry per ReLU layer (None = CROWN adaptive), each
+            broadcastable to (N, S, *neuron_shape); clamped to [0, 1]; used only on unstable neurons,
+            only in the final pass (the intermediate bounds always use adaptive slopes).
+        intermediate_overrides: {relu_index: (l, u)} fixed/split pre-activation bounds (see module doc).
+        return_intermediate: return a :class:`CrownResult` instead of the bare tensor.
+        chunk_size: neurons per intermediate CROWN pass (None: from ``chunk_elements``).
+        chunk_elements: cap on entries of one coefficient tensor when chunk_size is None.
+    Returns:
+        (N, S) lower bounds, or a :class:`CrownResult` if ``return_intermediate``.
+    """
+    ops, A0, bias0 = _prepare(model, lower, upper, labels, C)
+    with torch.no_grad():
+        bounds, relax = _intermediate(ops, lower, upper, intermediate, intermediate_overrides,
+                                      chunk_size, chunk_elements)
+    c_in, r_in = (upper + lower) / 2, (upper - lower) / 2
+    A, bias = _backward(ops, len(ops), A0, bias0, relax, alpha)
+    lb = _concretize(A, bias, c_in, r_in)
+    if not return_intermediate:
+        return lb
+    return CrownResult(lower=lb, intermediate=bounds, alpha=None,
+                       infeasible=_infeasible(bounds, lower.shape[0], lower.device))
+
+
+def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Optional[Tensor] = None,
+                       C: Optional[Tensor] = None, *, iterations: int = 20, lr: float = 0.1,
+                       intermediate: str = "crown", intermediate_overrides: Optional[Dict[int, Bounds]] = None,
+                       alpha_init: Optional[Sequence[Optional[Tensor]]] = None, return_intermediate: bool = False,
+                       chunk_size: Optional[int] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """α-CROWN: CROWN with the lower ReLU slopes α ∈ [0, 1] optimised for the final bound.
+
+    α has one entry per (sample, specification row, ReLU neuron): per ReLU layer a tensor
+    (N, S, *neuron_shape), initialised to the CROWN adaptive slopes (or to ``alpha_init``, e.g.
+    the :attr:`CrownResult.alpha` of a parent sub-domain, broadcastable to that shape). Adam
+    ascends the sum of the bounds (rows are independent, so this ascends each one), followed by
+    projection onto [0, 1]. The intermediate bounds are computed once (adaptive slopes) and kept
+    fixed. The best bound seen for each (sample, row) is kept, so the result is never below
+    CROWN with the same intermediate bounds. Gradients are taken w.r.t. α only
+    (``torch.autograd.grad``); model parameters are read detached and get no ``.grad``.
+
+    Args: as :func:`crown_bounds`; iterations: number of Adam steps (0 gives CROWN); lr: Adam step.
+    Returns:
+        (N, S) lower bounds, or a :class:`CrownResult` (with the best α) if ``return_intermediate``.
+    """
+    if iterations < 0:
+        raise ValueError("iterations must be >= 0")
+    ops, A0, bias0 = _prepare(model, lower, upper, labels, C)
+    lower, upper = lower.detach(), upper.detach()
+    with torch.no_grad():
+        bounds, relax = _intermediate(ops, lower, upper, intermediate, intermediate_overrides,
+                                      chunk_size, chunk_elements)
+    n, s = A0.shape[:2]
+    c_in, r_in = (upper + lower) / 2, (upper - lower) / 2
+    A0, bias0 = A0.detach(), bias0.detach()
+
+    alphas: List[Optional[Tensor]] = []
+    for k, rel in enumerate(relax):
+        if not bool(rel.unstable.any()):
+            alphas.append(None)
+            continue
+        full = (n, s) + tuple(rel.lower_slope.shape[1:])
+        init = rel.lower_slope.unsqueeze(1) if alpha_init is None or alpha_init[k] is None else alpha_init[k]
+        alphas.append(init.detach().to(A0).expand(full).clamp(0.0, 1.0).clone().requires_grad_(True))
+    params = [a for a in alphas if a is not None]
+
+    best = torch.full((n, s), -math.inf, dtype=A0.dtype, device=A0.device)
+    best_alpha = [None if a is None else a.detach().clone() for a in alphas]
+    optimizer = torch.optim.Adam(params, lr=lr) if params else None
+    for it in range(iterations + 1):
+        with torch.enable_grad():
+            A, bias = _backward(ops, len(ops), A0, bias0, relax, alphas)
+            lb = _concretize(A, bias, c_in, r_in)
+        improved = lb.detach() > best
+        best = torch.where(improved, lb.detach(), best)
+        for k, a in enumerate(alphas):
+            if a is not None:
+                mask = improved.view(n, s, *([1] * (a.dim() - 2)))
+                best_alpha[k] = torch.where(mask, a.detach(), best_alpha[k])
+        if it == iterations or optimizer is None:
+            break
+        grads = torch.autograd.grad(-lb.sum(), params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        with torch.no_grad():
+            for p in params:
+                p.clamp_(0.0, 1.0)
+        del A, bias, lb
+    for p in params:
+        p.grad = None
+    if not return_intermediate:
+        return best
+    return CrownResult(lower=best, intermediate=bounds, alpha=best_alpha,
+                       infeasible=_infeasible(bounds, n, lower.device))
+
+
+def relu_layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> List[Tuple[int, ...]]:
+    """Per-sample neuron shapes of the ReLU layers of ``model.features`` (the override keys' order)."""
+    ops = _build_plan(model.features, tuple(input_shape), torch.float32, torch.device("cpu"))
+    return [op.shape for op in ops if isinstance(op, _ReLU)]
+
+
+__all__ = ["CrownResult", "DEFAULT_CHUNK_ELEMENTS", "alpha_crown_bounds", "crown_bounds", "relu_layer_shapes"]
