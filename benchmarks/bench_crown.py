@@ -5,7 +5,7 @@ Each configuration runs in its own subprocess so that its peak resident memory
 the process after model/data setup, the mean lower bound, and the number of unstable ReLU
 neurons per layer (after the intermediate bounds).
 
-Model: ``create_model("cnn7", 1, 28, 10, width=64, linear=512)`` with IBP initialisation and
+Model (unless ``--checkpoint``): ``create_model("cnn7", 1, 28, 10, width=64, linear=512)`` with IBP initialisation and
 BatchNorm running statistics calibrated on a few batches (MNIST if ``--data-dir`` is given,
 else uniform noise). Untrained, so many ReLUs are unstable: a worst case for the cost of
 CROWN intermediate bounds, which is proportional to the number of unstable neurons.
@@ -15,6 +15,8 @@ Usage::
     .venv/bin/python benchmarks/bench_crown.py                                  # ibp vs last vs crown
     .venv/bin/python benchmarks/bench_crown.py --modes ibp,crown --eps 0.1 --data-dir ../shared/data/mnist
     .venv/bin/python benchmarks/bench_crown.py --width 16 --linear 128          # smaller CNN7
+    .venv/bin/python benchmarks/bench_crown.py --channels 3 --size 32           # CIFAR-size CNN7
+    .venv/bin/python benchmarks/bench_crown.py --checkpoint runs/cc --eps 0.1   # a trained model
 
 Modes: ``ibp`` (IBP intermediates, CROWN final pass), ``last`` (CROWN only for the last
 ReLU layer), ``crown`` (CROWN for every ReLU layer), ``alpha-ibp`` / ``alpha-last`` (α-CROWN,
@@ -47,17 +49,25 @@ def peak_rss_mb() -> float:
 
 def build(args):
     torch.manual_seed(args.seed)
-    model = create_model("cnn7", 1, args.size, 10, width=args.width, linear=args.linear)
-    ibp_initialize(model, torch.Generator().manual_seed(args.seed))
+    if args.checkpoint:
+        from certkd.checkpoints import load_model
+        model = load_model(args.checkpoint)
+        args.channels, args.size = model.spec.in_channels, model.spec.input_size
+    else:
+        model = create_model("cnn7", args.channels, args.size, 10, width=args.width, linear=args.linear)
+        ibp_initialize(model, torch.Generator().manual_seed(args.seed))
     images = None
-    if args.data_dir:
+    if args.data_dir or (args.size == 8 and args.channels == 1):
         from certkd.data import load_dataset
-        _, test, _ = load_dataset("mnist", args.data_dir)
-        images = test.images[:256].float() / 255.0
+        _, test, _ = load_dataset("digits" if args.size == 8 else "mnist", args.data_dir)
+        images = test.images[:256].float()
+        images = images / 255.0 if test.images.dtype == torch.uint8 else images
         labels = test.labels[:256]
-    if images is None or images.shape[-1] != args.size:
-        images = torch.rand(256, 1, args.size, args.size)
+    if images is None or tuple(images.shape[1:]) != (args.channels, args.size, args.size):
+        images = torch.rand(256, args.channels, args.size, args.size)
         labels = torch.randint(0, 10, (256,))
+    if args.checkpoint:
+        return model.eval(), images, labels
     for m in model.modules():  # calibrate BN running statistics (cumulative average)
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.momentum = None
@@ -75,6 +85,8 @@ def worker(args) -> dict:
     x, y = images[args.index:args.index + args.batch], labels[args.index:args.index + args.batch]
     lo, hi = (x - args.eps).clamp(0, 1), (x + args.eps).clamp(0, 1)
     n_relu = sum(isinstance(m, torch.nn.ReLU) for m in model.features)
+    if args.batch > 1 and args.batch > len(images) - args.index:
+        raise SystemExit("not enough images for that batch")
     inter = {"ibp": "ibp", "crown": "crown", "last": [n_relu - 1]}[args.mode.replace("alpha-", "")]
     base = peak_rss_mb()
     t0 = time.perf_counter()
@@ -104,6 +116,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--linear", type=int, default=512)
     p.add_argument("--size", type=int, default=28)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--checkpoint", default=None, help="benchmark a trained model (run dir or checkpoint) instead")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--index", type=int, default=0)
@@ -118,7 +132,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     forwarded = [a for a in sys.argv[1:]]
-    print(f"cnn7 1x{args.size}x{args.size} width={args.width} linear={args.linear} eps={args.eps} "
+    what = args.checkpoint or f"cnn7 {args.channels}x{args.size}x{args.size}"
+    arch = "" if args.checkpoint else f" width={args.width} linear={args.linear}"
+    print(f"{what}{arch} eps={args.eps} "
           f"batch={args.batch} threads={args.threads} torch={torch.__version__}")
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, *forwarded, "--mode", mode]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from certkd import load_model, resolve_config, train
 from certkd.checkpoints import atomic_write_json, atomic_write_text, latest_checkpoint, read_meta
-from certkd.config import TEACHER_DEFAULTS
 from certkd.evaluation import evaluate_run
 from certkd.reporting import accuracy_table
 
@@ -45,6 +44,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
     ap.add_argument("--out", default="runs/distillation_mnist")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--betas", default="0.01,0.1,1.0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test points (default all)")
@@ -54,7 +54,7 @@ def main() -> None:
     common = {"data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed}
     runs = {}
     timings = {}
-    t_cfg = resolve_config("mnist-0.1-cpu", dict(common, method="pgd-at"), base=TEACHER_DEFAULTS)
+    t_cfg = resolve_config("mnist-0.1-cpu", dict(common, method="pgd-at", epochs=args.teacher_epochs), teacher=True)
     timings["teacher (pgd-at)"] = train_once(t_cfg, root / "teacher")
     runs["teacher (pgd-at)"] = root / "teacher"
     timings["cc-ibp"] = train_once(resolve_config("mnist-0.1-cpu", dict(common, method="cc-ibp")), root / "cc-ibp")

@@ -76,8 +76,15 @@ def test_defaults_follow_spec():
 
 
 def test_teacher_defaults_validate():
-    cfg = resolve_config(base=TEACHER_DEFAULTS)
+    cfg = resolve_config(teacher=True)
     assert cfg.method == "pgd-at" and cfg.ibp_init is False and cfg.eps_length == 0
+
+
+def test_teacher_defaults_win_over_a_student_preset_but_not_over_flags():
+    cfg = resolve_config("digits-small", teacher=True)
+    assert cfg.method == "pgd-at" and cfg.attack_steps == TEACHER_DEFAULTS["attack_steps"]
+    assert cfg.eps == 0.05 and cfg.model == "cnn-small"  # the student's task is kept
+    assert resolve_config("digits-small", {"method": "trades", "attack_steps": 3}, teacher=True).attack_steps == 3
 
 
 # --------------------------------------------------------------------------- overrides

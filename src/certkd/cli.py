@@ -65,7 +65,7 @@ def _overrides(kw: Dict[str, Any]) -> Dict[str, Any]:
     return values
 
 
-def _run_training(kw: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Path:
+def _run_training(kw: Dict[str, Any], teacher: bool = False) -> Path:
     from certkd.config import resolve_config
     from certkd.training import train
 
@@ -74,7 +74,7 @@ def _run_training(kw: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> 
 
         cfg = TrainConfig()  # the stored config of the run is used
     else:
-        cfg = resolve_config(kw.get("preset"), _overrides(kw), base=base)
+        cfg = resolve_config(kw.get("preset"), _overrides(kw), teacher=teacher)
     return train(cfg, kw["out"], resume=kw["resume"], force=kw["force"], progress=not kw["quiet"],
                  log=click.echo)
 
@@ -97,9 +97,7 @@ def train(**kw: Any) -> None:
 @_train_options
 def teacher(**kw: Any) -> None:
     """Train an empirically robust teacher (PGD-AT by default, or --method trades)."""
-    from certkd.config import TEACHER_DEFAULTS
-
-    out = _run_training(kw, base=TEACHER_DEFAULTS)
+    out = _run_training(kw, teacher=True)
     click.echo(f"teacher written to {out}; distil it with: certkd train --method cc-dist --teacher {out} ...")
 
 
@@ -149,7 +147,7 @@ def models() -> None:
 @click.option("--quiet", is_flag=True)
 def demo(out: str, epochs: Optional[int], quiet: bool) -> None:
     """Teacher (PGD-AT) → CC-IBP and CC-Dist students → evaluation table, on bundled digits."""
-    from certkd.config import TEACHER_DEFAULTS, resolve_config
+    from certkd.config import resolve_config
     from certkd.evaluation import evaluate_run
     from certkd.reporting import accuracy_table
     from certkd.training import train as train_fn
@@ -157,7 +155,7 @@ def demo(out: str, epochs: Optional[int], quiet: bool) -> None:
     root = Path(out)
     extra = {"epochs": epochs} if epochs else {}
     click.echo("1/4 teacher: PGD adversarial training")
-    t_cfg = resolve_config("digits-small", dict(extra, method="pgd-at"), base=TEACHER_DEFAULTS)
+    t_cfg = resolve_config("digits-small", dict(extra, method="pgd-at"), teacher=True)
     train_fn(t_cfg, root / "teacher", force=True, progress=not quiet, log=click.echo)
     click.echo("2/4 student: CC-IBP")
     train_fn(resolve_config("digits-small", dict(extra, method="cc-ibp")), root / "cc-ibp", force=True,

@@ -234,13 +234,22 @@ def load_preset(name_or_path: str) -> Dict[str, Any]:
 
 
 def resolve_config(preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
-                   base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
-    """defaults ← ``base`` (e.g. teacher defaults) ← preset ← overrides, then validate."""
+                   teacher: bool = False) -> TrainConfig:
+    """defaults ← preset ← overrides, then validate.
+
+    With ``teacher=True`` (the ``certkd teacher`` command) :data:`TEACHER_DEFAULTS` apply too:
+    below a teacher preset (method standard/pgd-at/trades), above a student preset, so that
+    ``certkd teacher --preset mnist-0.1-cpu`` trains a PGD-AT teacher at the student's ε.
+    """
     cfg = TrainConfig()
-    if base:
-        cfg = apply_overrides(cfg, base)
-    if preset:
-        cfg = apply_overrides(cfg, load_preset(preset))
+    values = load_preset(preset) if preset else {}
+    if teacher:
+        if values.get("method", "pgd-at") in EMPIRICAL_METHODS:
+            cfg = apply_overrides(apply_overrides(cfg, TEACHER_DEFAULTS), values)
+        else:
+            cfg = apply_overrides(apply_overrides(cfg, values), TEACHER_DEFAULTS)
+    else:
+        cfg = apply_overrides(cfg, values)
     if overrides:
         cfg = apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
     return cfg.validate()
@@ -248,4 +257,5 @@ def resolve_config(preset: Optional[str] = None, overrides: Optional[Mapping[str
 
 # Defaults of ``certkd teacher``: Madry PGD-AT at the target ε (SPEC §11).
 TEACHER_DEFAULTS: Dict[str, Any] = {"method": "pgd-at", "attack_steps": 10, "attack_step_size": 0.25,
-                                    "ibp_init": False, "l1": 0.0, "reg_lambda": 0.0, "eps_length": 0}
+                                    "train_eps_mul": 1.0, "attack_eps_factor": 1.0, "ibp_init": False,
+                                    "l1": 0.0, "reg_lambda": 0.0, "eps_length": 0}

@@ -450,3 +450,29 @@ def test_alpha_is_clamped_and_layer_selection():
     assert (l_last >= l_ibp - 1e-6).all() and (u_last <= u_ibp + 1e-6).all()
     with pytest.raises(ValueError):
         crown_bounds(model, lo, hi, y, intermediate=[n_relu])
+
+
+@pytest.mark.parametrize("builder", [net_conv_bn, net_dilated_groups,
+                                     lambda: (create_model("cnn7", 1, 12, 10, width=4, linear=16), (1, 12, 12)),
+                                     lambda: (create_model("cnn-small", 1, 9, 10, width=4, linear=16), (1, 9, 9))],
+                         ids=["conv_bn", "dilated_groups", "cnn7", "cnn-small"])
+def test_windowed_conv_pass_equals_dense(builder):
+    """The receptive-field (windowed) backward pass of conv layers gives the dense pass's bounds."""
+    from certkd.bounds import crown as crown_module
+    torch.manual_seed(27)
+    model, shape = builder()
+    model = randomize_batchnorm(model, seed=28).eval().double()
+    x, lo, hi = make_box((2,) + shape, 0.1, seed=29, dtype=torch.float64)
+    ops = crown_module._build_plan(model.features, shape, torch.float64, torch.device("cpu"))
+    bounds, relax = crown_module._intermediate(ops, lo, hi, "crown", None, 5, 0)
+    c, r = (hi + lo) / 2, (hi - lo) / 2
+    relu_at = [i for i, op in enumerate(ops) if isinstance(op, crown_module._ReLU)]
+    checked = 0
+    for k, i in enumerate(relu_at):
+        l0 = torch.full_like(bounds[k][0], -1e9)  # every neuron "unstable": all get a CROWN pass
+        got = [crown_module._crown_layer_bounds(ops, i, ops[i].shape, l0, -l0, relax[:k], c, r, 7, 0, windows=w)
+               for w in (True, False)]
+        torch.testing.assert_close(got[0][0], got[1][0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(got[0][1], got[1][1], atol=1e-10, rtol=1e-10)
+        checked += len(ops[i].shape) == 3
+    assert checked >= 2

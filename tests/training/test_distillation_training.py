@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 from certkd import evaluate_run, resolve_config, train
 from certkd.attacks import PGD
 from certkd.cli import main
-from certkd.config import TEACHER_DEFAULTS
 from certkd.errors import CertkdError
 from certkd.models import create_model
 from certkd.training.step import Teacher, training_loss
@@ -25,8 +24,8 @@ def _weights(run):
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     common = {"epochs": 15, "eps": 0.1}
-    train(resolve_config("digits-small", dict(common, method="pgd-at"), base=TEACHER_DEFAULTS), root / "pgd", **QUIET)
-    train(resolve_config("digits-small", dict(common, method="standard"), base=TEACHER_DEFAULTS), root / "std", **QUIET)
+    train(resolve_config("digits-small", dict(common, method="pgd-at"), teacher=True), root / "pgd", **QUIET)
+    train(resolve_config("digits-small", dict(common, method="standard"), teacher=True), root / "std", **QUIET)
     return root
 
 

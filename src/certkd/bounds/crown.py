@@ -241,7 +241,15 @@ def _build_plan(features: nn.Module, sample_shape, dtype, device) -> List[_Op]:
                     shift = param(layer.bias) - param(layer.running_mean) * scale
                 else:
                     shift = -param(layer.running_mean) * scale
-                ops.append(_ChannelAffine(scale, shift, shape))
+                prev = ops[-1] if ops else None
+                foldable = isinstance(prev, _Conv2d) or (isinstance(prev, _Linear) and len(shape) == 1)
+                if foldable and not getattr(prev, "folded", False):
+                    # fold into the preceding conv/linear: W' = s·W (per output channel), b' = s·b + t
+                    w = prev.weight * scale.view(-1, *([1] * (prev.weight.dim() - 1)))
+                    b = shift if prev.bias is None else prev.bias * scale + shift
+                    prev.weight, prev.bias, prev.folded = w, b, True
+                else:
+                    ops.append(_ChannelAffine(scale, shift, shape))
                 continue
             out_shape = _out_shape(layer, shape)
             if isinstance(layer, Normalize):
@@ -298,9 +306,8 @@ class _Relaxation:
             lo = self.lower_slope.unsqueeze(1)
         else:
             lo = torch.where(self.unstable.unsqueeze(1), alpha.clamp(0.0, 1.0), self.lower_slope.unsqueeze(1))
-        pos, neg = A.clamp(min=0), A.clamp(max=0)
-        bias = bias + (neg * self.upper_bias.unsqueeze(1)).flatten(2).sum(-1)
-        return pos * lo + neg * self.upper_slope.unsqueeze(1), bias
+        bias = bias + torch.einsum("nsd,nd->ns", A.clamp(max=0).flatten(2), self.upper_bias.flatten(1))
+        return A * torch.where(A >= 0, lo, self.upper_slope.unsqueeze(1)), bias
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,42 +332,169 @@ def _concretize(A: Tensor, bias: Tensor, c: Tensor, r: Tensor) -> Tensor:
     return bias + torch.einsum("nsd,nd->ns", A, c.flatten(1)) - torch.einsum("nsd,nd->ns", A.abs(), r.flatten(1))
 
 
-def _crown_layer_bounds(ops, end, shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements):
-    """Tighten (l, u) (N, *shape) of the output of ops[end−1] by CROWN, unstable neurons only."""
-    n = l.shape[0]
-    unstable = ((l < 0) & (u > 0)).reshape(n, -1).any(0)
-    idx = unstable.nonzero().squeeze(1)
-    if idx.numel() == 0:
-        return l, u
-    numel = max([math.prod(shape)] + [math.prod(op.in_shape) for op in ops[:end] if hasattr(op, "in_shape")]
-                + [math.prod(op.shape) for op in ops[:end] if isinstance(op, _ReLU)] + [c_in[0].numel()])
-    if chunk_size is None:
-        chunk_size = max(1, chunk_elements // (2 * n * numel))
-    d = math.prod(shape)
-    l_flat, u_flat = l.reshape(n, d).clone(), u.reshape(n, d).clone()
-    # Going backward, the affine layers before the first ReLU act identically on the rows for
-    # the lower (+e_j) and upper (−e_j) bound: propagate +e_j alone and negate afterwards.
-    first = end
+# --------------------------------------------------------------------------------------------
+# Windowed ("patches") backward pass for intermediate bounds of conv layers.
+# Going backward from a single conv neuron, its coefficients are non-zero only on its receptive
+# field. Rows are kept as windows A (N, R, C, Py, Px) with per-row top-left offsets (oy, ox) in
+# the current layer (a window may stick out of the image; A is kept zero there). Convs act on
+# windows by conv_transpose2d without padding; ReLU/BN read their per-position values at the
+# window. When a window covers the whole layer it is scattered into a dense tensor.
+# --------------------------------------------------------------------------------------------
+
+def _win_index(o: Tensor, size_win: int, size: int) -> Tuple[Tensor, Tensor]:
+    pos = o[:, None] + torch.arange(size_win, device=o.device)  # (P, w)
+    return pos.clamp(0, size - 1), (pos >= 0) & (pos < size)
+
+
+def _win_gather(t: Tensor, oy: Tensor, ox: Tensor, py: int, px: int) -> Tensor:
+    """t (N, C, H, W) read at P windows -> (N, P, 1, C, py, px), zero outside the image."""
+    h, w = t.shape[-2:]
+    ys, vy = _win_index(oy, py, h)
+    xs, vx = _win_index(ox, px, w)
+    g = t[:, :, ys[:, :, None], xs[:, None, :]]  # (N, C, P, py, px)
+    g = g * (vy[:, :, None] & vx[:, None, :]).to(t.dtype)
+    return g.transpose(1, 2).unsqueeze(2)
+
+
+def _win_valid(oy: Tensor, ox: Tensor, py: int, px: int, h: int, w: int, dtype) -> Tensor:
+    _, vy = _win_index(oy, py, h)
+    _, vx = _win_index(ox, px, w)
+    return (vy[:, :, None] & vx[:, None, :]).to(dtype)[None, :, None, None]  # (1, P, 1, 1, py, px)
+
+
+def _win_to_dense(A: Tensor, oy: Tensor, ox: Tensor, h: int, w: int) -> Tensor:
+    """(N, P, G, C, py, px) windows -> dense (N, P·G, C, h, w) (A is zero outside the image)."""
+    n, p, g, c, py, px = A.shape
+    ys, _ = _win_index(oy, py, h)
+    xs, _ = _win_index(ox, px, w)
+    dense = A.new_zeros(p, h, w, n, g, c)
+    rows = torch.arange(p, device=A.device)[:, None, None]
+    dense.index_put_((rows, ys[:, :, None], xs[:, None, :]), A.permute(1, 4, 5, 0, 2, 3), accumulate=True)
+    return dense.permute(3, 0, 4, 5, 1, 2).reshape(n, p * g, c, h, w)
+
+
+def _win_ok(op: _Op) -> bool:
+    return (isinstance(op, (_Conv2d, _Identity)) or (isinstance(op, _ChannelAffine) and op.extra == 2)
+            or (isinstance(op, _ReLU) and len(op.shape) == 3))
+
+
+def _window_lower(ops, end, shape, positions, n, relax, c_in, r_in) -> Tuple[Tensor, Tensor]:
+    """CROWN bounds of every channel of the conv neurons at spatial ``positions`` (flat h·W+w) of
+    the output of ops[end−1] (shape (C, H, W)), by receptive-field windows.
+
+    Rows are grouped by position (A is (N, P, G, C, py, px) with G rows per position), so the
+    per-position values that ReLU/BN/the input box contribute are read once per position.
+    Returns lower and upper bounds, each (N, C0, P).
+    """
+    dtype, device = c_in.dtype, c_in.device
+    c0, h, w = shape
+    p = positions.numel()
+    oy, ox = positions // w, positions % w
+    A = torch.eye(c0, dtype=dtype, device=device).view(1, 1, c0, c0, 1, 1).expand(n, p, c0, c0, 1, 1)
+    bias = torch.zeros(n, p, c0, dtype=dtype, device=device)
+    size = (h, w)
+    doubled, j = False, end - 1
+    while j >= 0:
+        op = ops[j]
+        if isinstance(op, _ReLU) and not doubled:
+            # Affine layers so far act identically on the rows for the lower (+z) and upper (−z)
+            # bound: propagate +z alone up to the first ReLU, then negate.
+            A, bias, doubled = torch.cat([A, -A], 2), torch.cat([bias, -bias], 2), True
+        if not _win_ok(op) or A.shape[-2] >= size[0] or A.shape[-1] >= size[1]:
+            break  # a window covering the whole layer: continue densely
+        py, px = A.shape[-2:]
+        if isinstance(op, _ReLU):
+            rel = relax[op.index]
+            lo, up, ub = (_win_gather(t, oy, ox, py, px) for t in (rel.lower_slope, rel.upper_slope, rel.upper_bias))
+            bias = bias + torch.einsum("npgd,npd->npg", A.clamp(max=0).flatten(3), ub.flatten(3).squeeze(2))
+            A = A * torch.where(A >= 0, lo, up)
+        elif isinstance(op, _ChannelAffine):
+            bias = bias + A.sum((4, 5)) @ op.shift.reshape(-1)
+            A = A * op.scale
+        elif isinstance(op, _Conv2d):
+            if op.bias is not None:
+                bias = bias + A.sum((4, 5)) @ op.bias
+            g = A.shape[2]
+            A = F.conv_transpose2d(A.reshape(n * p * g, *A.shape[3:]), op.weight, None, op.stride, 0, 0,
+                                   op.groups, op.dilation)
+            A = A.reshape(n, p, g, *A.shape[1:])
+            oy, ox = oy * op.stride[0] - op.padding[0], ox * op.stride[1] - op.padding[1]
+            size = op.in_shape[1:]
+            if (min(int(oy.min()), int(ox.min())) < 0 or int(oy.max()) + A.shape[-2] > size[0]
+                    or int(ox.max()) + A.shape[-1] > size[1]):
+                A = A * _win_valid(oy, ox, A.shape[-2], A.shape[-1], size[0], size[1], A.dtype)
+        j -= 1
+    if not doubled:
+        A, bias, doubled = torch.cat([A, -A], 2), torch.cat([bias, -bias], 2), True
+    g = A.shape[2]
+    if j >= 0:
+        A = _win_to_dense(A, oy, ox, *size)
+        A, bias = _backward(ops, j + 1, A, bias.reshape(n, p * g), relax)
+        lb = _concretize(A, bias, c_in, r_in).view(n, p, g)
+    else:
+        py, px = A.shape[-2:]
+        cw, rw = _win_gather(c_in, oy, ox, py, px), _win_gather(r_in, oy, ox, py, px)
+        lb = bias + (A * cw).sum((3, 4, 5)) - (A.abs() * rw).sum((3, 4, 5))
+    return lb[:, :, :c0].transpose(1, 2), -lb[:, :, c0:].transpose(1, 2)
+
+
+def _dense_lower(ops, end, shape, sel, n, relax, c_in, r_in) -> Tuple[Tensor, Tensor]:
+    """CROWN bounds of the neurons ``sel`` (flat indices into ``shape``) of the output of
+    ops[end−1] by a dense backward pass: lower and upper, each (N, k)."""
+    k, dtype, device = sel.numel(), c_in.dtype, c_in.device
+    A = torch.zeros(n, k, math.prod(shape), dtype=dtype, device=device)
+    A[:, torch.arange(k, device=device), sel] = 1.0
+    A, bias = A.reshape(n, k, *shape), torch.zeros(n, k, dtype=dtype, device=device)
+    first = end  # shared affine prefix for the +z and −z rows (see _window_lower)
     while first > 0 and not isinstance(ops[first - 1], _ReLU):
         first -= 1
+    for op in reversed(ops[first:end]):
+        A, bias = op.backward(A, bias)
+    A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)
+    A, bias = _backward(ops, first, A, bias, relax)
+    lb = _concretize(A, bias, c_in, r_in)
+    return lb[:, :k], -lb[:, k:]
+
+
+def _crown_layer_bounds(ops, end, shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements, windows=True):
+    """Tighten (l, u) (N, *shape) of the output of ops[end−1] by CROWN, unstable neurons only.
+
+    Conv layers (when every layer below is spatial) use receptive-field windows and bound all
+    channels at each spatial position that has an unstable neuron; other layers use dense rows.
+    """
+    n = l.shape[0]
+    unstable = (l < 0) & (u > 0)
+    if not bool(unstable.any()):
+        return l, u
+    if chunk_size is None:  # sized for dense rows (windows are smaller)
+        numel = max([math.prod(shape), c_in[0].numel()]
+                    + [math.prod(op.in_shape) for op in ops[:end] if hasattr(op, "in_shape")]
+                    + [math.prod(op.shape) for op in ops[:end] if isinstance(op, _ReLU)])
+        chunk_size = max(1, chunk_elements // (2 * n * numel))
+    windowed = windows and len(shape) == 3 and c_in.dim() == 4 and _win_ok(ops[end - 1])
+    if windowed:
+        c0, h, w = shape
+        lv, uv = l.reshape(n, c0, h * w).clone(), u.reshape(n, c0, h * w).clone()
+        positions = unstable.reshape(n, c0, h * w).any(1).any(0).nonzero().squeeze(1)
+        step = max(1, chunk_size // c0)
+        for start in range(0, positions.numel(), step):
+            pos = positions[start:start + step]
+            lo, up = _window_lower(ops, end, shape, pos, n, relax, c_in, r_in)
+            lv[:, :, pos] = torch.maximum(lv[:, :, pos], lo)
+            uv[:, :, pos] = torch.minimum(uv[:, :, pos], up)
+        return lv.reshape(l.shape), uv.reshape(u.shape)
+    d = math.prod(shape)
+    idx = unstable.reshape(n, d).any(0).nonzero().squeeze(1)
+    lv, uv = l.reshape(n, d).clone(), u.reshape(n, d).clone()
     for start in range(0, idx.numel(), chunk_size):
         sel = idx[start:start + chunk_size]
-        k = sel.numel()
-        A = torch.zeros(n, k, d, dtype=l.dtype, device=l.device)
-        A[:, torch.arange(k, device=l.device), sel] = 1.0
-        A, bias = A.reshape(n, k, *shape), torch.zeros(n, k, dtype=l.dtype, device=l.device)
-        for op in reversed(ops[first:end]):
-            A, bias = op.backward(A, bias)
-        A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)
-        A, bias = _backward(ops, first, A, bias, relax)
-        lb = _concretize(A, bias, c_in, r_in)
-        del A
-        l_flat[:, sel] = torch.maximum(l_flat[:, sel], lb[:, :k])
-        u_flat[:, sel] = torch.minimum(u_flat[:, sel], -lb[:, k:])
-    return l_flat.reshape(l.shape), u_flat.reshape(u.shape)
+        lo, up = _dense_lower(ops, end, shape, sel, n, relax, c_in, r_in)
+        lv[:, sel] = torch.maximum(lv[:, sel], lo)
+        uv[:, sel] = torch.minimum(uv[:, sel], up)
+    return lv.reshape(l.shape), uv.reshape(u.shape)
 
 
-def _intermediate(ops, lower, upper, method, overrides, chunk_size, chunk_elements):
+def _intermediate(ops, lower, upper, method, overrides, chunk_size, chunk_elements, windows=True):
     """Pre-activation bounds of every ReLU (list of (l, u)) and their relaxations."""
     n_relu = sum(isinstance(op, _ReLU) for op in ops)
     if isinstance(method, str):
@@ -391,7 +525,8 @@ def _intermediate(ops, lower, upper, method, overrides, chunk_size, chunk_elemen
             l = torch.maximum(l, ol.to(l))
             u = torch.minimum(u, ou.to(u))
         elif op.index in crown_layers and (seen_relu or general > 1):
-            l, u = _crown_layer_bounds(ops, i, op.shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements)
+            l, u = _crown_layer_bounds(ops, i, op.shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements,
+                                       windows)
         bounds.append((l, u))
         relax.append(_Relaxation.from_bounds(l, u))
         seen_relu = True

@@ -9,10 +9,10 @@ Design notes
   mode the point's batch statistics normalise both the point and the box, and the running
   statistics are updated exactly as in a normal forward. The point's features come back
   for free (the CC-IBP and CC-Dist losses need them), so no forward is done twice.
-* Speed (``benchmarks/bench_bounds.py``): an affine layer followed by BatchNorm is
-  propagated as one fused affine map (the BN scale/shift folded into the weights), in eval
-  mode with the running statistics and in train mode with the point's batch statistics, so
-  the box costs two convolutions per layer and no extra elementwise passes; the ReLU rule
+* Speed (``benchmarks/bench_bounds.py``): a Conv2d followed by BatchNorm2d is propagated
+  as one fused affine map (the BN scale/shift folded into the conv weights), in eval mode
+  with the running statistics and in train mode with the point's batch statistics, so the
+  box costs two convolutions per layer and no extra elementwise passes; the ReLU rule
   allocates as few full-size temporaries as autograd allows. The fused map equals the
   layer-by-layer one up to float32 rounding.
 * Why not auto_LiRPA: the PyPI ``auto-lirpa`` 0.3 does not import on torch 2.x, and a
@@ -136,20 +136,22 @@ def _batchnorm(layer: nn.modules.batchnorm._BatchNorm, c: Tensor, r: Tensor, p: 
 
 
 def _fusable(layer: nn.Module, bn: Optional[nn.Module]) -> bool:
-    """Whether ``layer`` → ``bn`` can be propagated as one fused affine map."""
-    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or _rule_for(bn) is not _batchnorm:
+    """Whether ``layer`` → ``bn`` is propagated as one fused affine map.
+
+    Only Conv2d → BatchNorm2d: there the activations dwarf the weights, so folding BN into the
+    weights saves full-size passes. A Linear's weight is usually larger than its (N, m)
+    activations, so Linear → BatchNorm1d keeps the plain rules.
+    """
+    if not isinstance(bn, nn.BatchNorm2d) or _rule_for(bn) is not _batchnorm:
         return False
     if not bn.training and (bn.running_mean is None or bn.running_var is None):
         return False  # eval mode with batch statistics: leave it to the plain rule (and its error)
-    rule = _rule_for(layer)
-    if rule is _conv2d:
-        return layer.padding_mode == "zeros" and isinstance(bn, nn.BatchNorm2d)
-    return rule is _linear and isinstance(bn, nn.BatchNorm1d)
+    return _rule_for(layer) is _conv2d and layer.padding_mode == "zeros"
 
 
-def _affine_batchnorm(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, c: Tensor, r: Tensor,
+def _affine_batchnorm(layer: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, c: Tensor, r: Tensor,
                       p: Optional[Tensor]):
-    """Conv2d/Linear followed by BatchNorm as one affine map (BN folded into the weights).
+    """Conv2d followed by BatchNorm2d as one affine map (BN folded into the weights).
 
     In train mode the statistics are those of the point's pre-BN activations, as in the
     layer-by-layer rules; the point itself goes through the unfused layers, so its output and
@@ -162,12 +164,10 @@ def _affine_batchnorm(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, c: 
         if p is not None:
             p = bn(layer(p))
     scale, shift = _bn_affine(bn, mean, var)
-    weight = layer.weight * scale.view((-1,) + (1,) * (layer.weight.dim() - 1))
+    weight = layer.weight * scale.view(-1, 1, 1, 1)
     bias = shift if layer.bias is None else torch.addcmul(shift, layer.bias, scale)
-    if isinstance(layer, nn.Conv2d):
-        args = (layer.stride, layer.padding, layer.dilation, layer.groups)
-        return F.conv2d(c, weight, bias, *args), F.conv2d(r, weight.abs(), None, *args), p
-    return F.linear(c, weight, bias), F.linear(r, weight.abs()), p
+    args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.conv2d(c, weight, bias, *args), F.conv2d(r, weight.abs(), None, *args), p
 
 
 def _grad_through(*ts: Tensor) -> bool:
