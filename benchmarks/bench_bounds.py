@@ -57,41 +57,41 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+def measure(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
+            device: torch.device) -> Dict[str, Dict[str, List[float]]]:
+    """``warmup`` untimed rounds, then ``repeats`` timed rounds of every fn, order alternating per round.
+
+    Returns per fn the wall-clock times and the process CPU times (all threads) of each round.
+    CPU time is the steadier figure on a machine shared with other jobs.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def run(fn: Callable[[], object]) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    return run
-
-
-def measure(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> Dict[str, List[float]]:
-    """Run every fn ``warmup`` times, then ``repeats`` rounds of all fns in turn (interleaved)."""
-    run = timer(device)
     for _ in range(warmup):
         for fn in fns.values():
-            run(fn)
-    times: Dict[str, List[float]] = {k: [] for k in fns}
+            fn()
+    times: Dict[str, Dict[str, List[float]]] = {k: {"wall": [], "cpu": []} for k in fns}
+    names = list(fns)
     for i in range(repeats):
-        order = list(fns) if i % 2 == 0 else list(reversed(list(fns)))  # alternate order: no fixed position bias
-        for k in order:
-            times[k].append(run(fns[k]))
+        for k in (names if i % 2 == 0 else names[::-1]):
+            sync()
+            w0, c0 = time.perf_counter(), time.process_time()
+            fns[k]()
+            sync()
+            times[k]["wall"].append(time.perf_counter() - w0)
+            times[k]["cpu"].append(time.process_time() - c0)
     return times
 
 
-def summary(times: List[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+def summary(t: Dict[str, List[float]]) -> dict:
+    return {"median_wall_s": statistics.median(t["wall"]), "min_wall_s": min(t["wall"]),
+            "max_wall_s": max(t["wall"]), "median_cpu_s": statistics.median(t["cpu"]), "n": len(t["wall"])}
 
 
-def ratio(times: Dict[str, List[float]], num: str, den: str) -> dict:
-    per_round = [a / b for a, b in zip(times[num], times[den])]
-    return {"ratio_of_medians": statistics.median(times[num]) / statistics.median(times[den]),
-            "median_of_round_ratios": statistics.median(per_round)}
+def ratio(times: Dict[str, Dict[str, List[float]]], num: str, den: str) -> dict:
+    """Ratio of the medians (the headline), the median of the per-round ratios and the CPU-time ratio."""
+    a, b = times[num], times[den]
+    return {"ratio_of_medians": statistics.median(a["wall"]) / statistics.median(b["wall"]),
+            "median_of_round_ratios": statistics.median(x / y for x, y in zip(a["wall"], b["wall"])),
+            "cpu_time_ratio": statistics.median(a["cpu"]) / statistics.median(b["cpu"])}
 
 
 def main(argv=None) -> dict:
@@ -114,6 +114,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    load0 = list(os.getloadavg())
     torch.manual_seed(0)
     model = create_model(args.model, args.channels, args.size, args.classes).to(device)
     x = torch.rand(args.batch, args.channels, args.size, args.size, device=device)
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
 
     print(f"bench_bounds: model={args.model} input={args.batch}x{args.channels}x{args.size}x{args.size} "
           f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"repeats={args.repeats} warmup={args.warmup}")
+          f"repeats={args.repeats} warmup={args.warmup} loadavg={load0[0]:.1f}")
 
     # Warm the BN running statistics with a few train-mode batches so eval mode is realistic.
     with torch.no_grad():
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
         "repeats": args.repeats, "warmup": args.warmup, "eps": args.eps,
         "eval": {"forward": summary(times["forward"]), "ibp": summary(times["ibp"]),
                  "ibp/forward": ratio(times, "ibp", "forward")},
-        "target_eval_ratio": 2.5,
+        "target_eval_ratio": 2.5, "loadavg_start": load0,
     }
 
     if not args.skip_train:
@@ -166,15 +167,17 @@ def main(argv=None) -> dict:
         result["train"] = {"forward": summary(ttimes["forward"]), "combined": summary(ttimes["combined"]),
                            "combined/forward": ratio(ttimes, "combined", "forward")}
         r = result["train"]["combined/forward"]
-        print(f"train mode (autograd on): forward {ttimes['forward'] and statistics.median(ttimes['forward']) * 1e3:.1f} ms, "
-              f"point+box pass {statistics.median(ttimes['combined']) * 1e3:.1f} ms (medians, shown for context)")
-        print(f"train combined(point+box)/forward ratio: {r['ratio_of_medians']:.2f} "
-              f"(median of per-round ratios {r['median_of_round_ratios']:.2f}; floor ~3)")
+        print(f"train mode (autograd on): forward {statistics.median(ttimes['forward']['wall']) * 1e3:.0f} ms, "
+              f"point+box pass {statistics.median(ttimes['combined']['wall']) * 1e3:.0f} ms (medians, for context)")
+        print(f"train combined(point+box)/forward ratio: {r['ratio_of_medians']:.2f} (median of per-round ratios "
+              f"{r['median_of_round_ratios']:.2f}, CPU-time ratio {r['cpu_time_ratio']:.2f}; floor ~3)")
 
     r = result["eval"]["ibp/forward"]
-    print(f"eval mode (no_grad): forward {statistics.median(times['forward']) * 1e3:.1f} ms, "
-          f"IBP {statistics.median(times['ibp']) * 1e3:.1f} ms (medians, shown for context)")
-    print(f"eval ibp/forward median of per-round ratios: {r['median_of_round_ratios']:.2f} (target <= 2.5, floor ~2)")
+    print(f"eval mode (no_grad): forward {statistics.median(times['forward']['wall']) * 1e3:.0f} ms, "
+          f"IBP {statistics.median(times['ibp']['wall']) * 1e3:.0f} ms (medians, for context)")
+    print(f"eval ibp/forward: median of per-round ratios {r['median_of_round_ratios']:.2f}, CPU-time ratio "
+          f"{r['cpu_time_ratio']:.2f} (target <= 2.5, floor ~2)")
+    result["loadavg_end"] = list(os.getloadavg())
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_bounds_{args.model}.json"
     atomic_write_json(out, result)
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")

@@ -22,6 +22,7 @@ BAD_INPUTS = [
     (["train", "--preset", "digits-small", "--model", "resnet", "--out", "{tmp}/a"], "unknown model 'resnet'"),
     (["train", "--bogus"], "No such option"),
     (["evaluate", "{tmp}/nothing"], "no such run or checkpoint"),
+    (["export", "{tmp}/nothing", "--onnx", "{tmp}/m.onnx", "--vnnlib-dir", "{tmp}/p"], "no such run or checkpoint"),
 ]
 
 

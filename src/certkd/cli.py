@@ -123,6 +123,30 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
     click.echo(accuracy_table(results))
 
 
+@cli.command("export")
+@click.argument("run", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(),
+              help="ONNX file to write: the whole model, normalisation included (input in pixel units [0, 1]).")
+@click.option("--vnnlib-dir", required=True, type=click.Path(),
+              help="Folder for prop_{i}.vnnlib and instances.csv (created if missing).")
+@click.option("--eps", type=float, help="L∞ radius in pixel units (default: the run's training ε).")
+@click.option("--limit", type=int, default=100, show_default=True, help="Export the first N test points.")
+@click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Per-instance timeout in seconds, written to instances.csv.")
+def export_cmd(run: str, onnx_path: str, vnnlib_dir: str, eps: Optional[float], limit: int,
+               data_dir: Optional[str], timeout: float) -> None:
+    """Export a run for external verifiers: ONNX model + VNN-LIB robustness properties (VNN-COMP layout)."""
+    from certkd.export import export_run
+
+    s = export_run(run, onnx_path, vnnlib_dir, eps=eps, limit=limit, data_dir=data_dir, timeout=timeout)
+    shape = "×".join(str(d) for d in s["input_shape"])
+    click.echo(f"model: {s['onnx']} (input {shape}, pixel units [0, 1]; output {s['num_classes']} logits)")
+    click.echo(f"properties: {s['n']} at eps={s['eps']:g} in {s['vnnlib_dir']}; {s['correct']}/{s['n']} points are "
+               "classified correctly (the others are violated trivially)")
+    click.echo(f"instances: {s['instances']}")
+
+
 @cli.command()
 def presets() -> None:
     """List the available presets."""

@@ -29,6 +29,7 @@ def teachers(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_pgd_at_teacher_is_more_robust_than_standard(teachers):
     pgd = evaluate_run(teachers / "pgd", eps=0.1)
     std = evaluate_run(teachers / "std", eps=0.1)
@@ -36,6 +37,7 @@ def test_pgd_at_teacher_is_more_robust_than_standard(teachers):
     assert pgd["pgd_accuracy"] >= std["pgd_accuracy"] + 0.15, (pgd, std)
 
 
+@pytest.mark.slow
 def test_beta_zero_reproduces_ccibp_weights(teachers, tmp_path):
     common = {"epochs": 3, "eps_start": 1, "eps_length": 2, "test_interval": 3, "eval_limit": 20}
     a = train(resolve_config("digits-small", dict(common, method="cc-ibp")), tmp_path / "cc", **QUIET)
@@ -67,6 +69,7 @@ def test_beta_zero_same_loss_and_gradients():
     assert all(torch.equal(g1, g2) for g1, g2 in zip(out["cc-ibp"][1], out["cc-dist"][1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["cc-dist", "mtl-dist", "exp-dist", "sabr-dist", "adv-dist", "ibp-dist", "cc-ibp-kd"])
 def test_every_distillation_method_trains(teachers, tmp_path, method):
     cfg = resolve_config("digits-small", {"method": method, "teacher": str(teachers / "pgd"), "epochs": 2,
@@ -78,6 +81,7 @@ def test_every_distillation_method_trains(teachers, tmp_path, method):
     assert last["train"]["loss"] == last["train"]["loss"]
 
 
+@pytest.mark.slow
 def test_distillation_during_warmup_uses_clean_features(teachers, tmp_path):
     cfg = resolve_config("digits-small", {"method": "cc-dist", "teacher": str(teachers / "pgd"), "epochs": 1,
                                           "eps_start": 2, "eps_length": 1, "eval_limit": 10})
@@ -86,6 +90,7 @@ def test_distillation_during_warmup_uses_clean_features(teachers, tmp_path):
     assert rec["train"]["eps"] == 0.0 and rec["train"]["dist"] > 0
 
 
+@pytest.mark.slow
 def test_projection_when_attack_box_is_larger(teachers, tmp_path):
     cfg = resolve_config("digits-small", {"method": "cc-dist", "teacher": str(teachers / "pgd"), "epochs": 2,
                                           "eps_start": 1, "eps_length": 1, "attack_eps_factor": 2.1,
@@ -111,6 +116,7 @@ def test_feature_dimension_mismatch_is_a_clear_error(tmp_path, capsys):
     assert (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_teacher_command_and_side_by_side_table(teachers, tmp_path, capsys):
     out = tmp_path / "t"
     main(["teacher", "--preset", "digits-small", "--epochs", "1", "--out", str(out), "--quiet",

@@ -110,6 +110,26 @@ def training_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, eps_
     return _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_active, attack, teacher, logs)
 
 
+def _adversarial_pass(model, x_adv, y, lower, upper, project: bool):
+    """Train-mode pass of x_adv (its batch fixes BN statistics) carrying the IBP box.
+
+    Returns (lb, feature bounds, h(x_adv), features for distillation). With ``project``, the
+    projection of x_adv onto the box rides along as a zero-width box under the same
+    statistics, so its features lie in [l, u] (SPEC §10.6) without a second forward.
+    """
+    n = x_adv.shape[0]
+    if not project:
+        lb, fb = ibp_logit_difference_bounds(model, lower, upper, y, point=x_adv)
+        return lb, fb, fb.point_output, fb.point_output
+    x_proj = D.project_to_box(x_adv, lower, upper)
+    lb, fb = ibp_logit_difference_bounds(model, torch.cat([lower, x_proj]), torch.cat([upper, x_proj]),
+                                         torch.cat([y, y]), point=x_adv)
+    a_dist = fb.lower[n:]
+    fb.lower, fb.upper = fb.lower[:n], fb.upper[:n]
+    fb.preactivations = [(c[:n], r[:n]) for c, r in fb.preactivations]
+    return lb[:n], fb, fb.point_output, a_dist
+
+
 def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_active, attack, teacher, logs):
     method, family, alpha = cfg.method, _FAMILY[cfg.method], effective_alpha(cfg)
     distil = method in DISTILLATION_METHODS
@@ -149,27 +169,14 @@ def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_ac
                 lo_b, hi_b = L.sabr_box(x_adv, lo_att, hi_att, cfg.alpha, eps_att)
             else:
                 lo_b, hi_b = lo_tr, hi_tr
-            # SPEC §10.6: distillation needs the adversarial point inside the IBP box.
+            # SPEC §10.6: the distillation term needs the adversarial point inside the IBP box.
             project = distil and family != "sabr" and cfg.attack_eps_factor > 1.0
-            need_bounds = alpha > 0 or use_reg or family in ("sabr",) or (distil and family in ("mtl", "exp"))
+            need_bounds = alpha > 0 or use_reg or family == "sabr" or (distil and family in ("mtl", "exp"))
             if need_bounds or project:
-                n = x.shape[0]
-                if project:  # carry the projected point as a zero-width box in the same pass
-                    x_proj = D.project_to_box(x_adv, lo_b, hi_b)
-                    lo_b, hi_b = torch.cat([lo_b, x_proj]), torch.cat([hi_b, x_proj])
-                lb, fb = ibp_logit_difference_bounds(model, lo_b, hi_b, torch.cat([y, y]) if project else y,
-                                                     point=x_adv)
-                if project:
-                    lb = lb[:n]
-                    a_dist = fb.lower[n:]
-                    fb.lower, fb.upper = fb.lower[:n], fb.upper[:n]
-                a = fb.point_output
-                if not project:
-                    a_dist = a
-            else:
+                lb, fb, a, a_dist = _adversarial_pass(model, x_adv, y, lo_b, hi_b, project)
+            else:  # α = 0 without regularisers: no bound is used, skip the IBP pass
                 lb, fb = None, None
-                a = model.features(x_adv)
-                a_dist = a
+                a = a_dist = model.features(x_adv)
             adv_logits = model.head(a)
             d_adv = logit_differences(adv_logits, y)
             logs.update(acc_adv=_accuracy(adv_logits, y))
@@ -205,8 +212,7 @@ def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_ac
                 loss = loss + cfg.beta * dist
                 logs["dist"] = dist.item()
             if use_reg:
-                reg = warmup_regularizer(fb.preactivations, _input_radius(model, lo_b[: x.shape[0]], hi_b[: x.shape[0]]),
-                                         cfg.reg_tol)
+                reg = warmup_regularizer(fb.preactivations, _input_radius(model, lo_b, hi_b), cfg.reg_tol)
         if family == "ibp" and use_reg:
             reg = warmup_regularizer(fb.preactivations, _input_radius(model, lo_tr, hi_tr), cfg.reg_tol)
 

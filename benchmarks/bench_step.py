@@ -1,0 +1,214 @@
+"""Cost of a CC-Dist training step relative to a CC-IBP step, measured side by side.
+
+One step = ``training_loss`` + ``backward`` + gradient clipping + ``optimizer.step()``, exactly
+as ``certkd.training.loop`` does it, in the robust phase (ε_s = ε) with the paper's training
+attack PGD(1 step, step size 10). The two methods train their own copy of the same student
+(same initialisation, each with its own Adam); CC-Dist also runs a frozen eval-mode teacher of
+the same architecture. The methods' repetitions are interleaved (alternating order) so that
+machine drift cancels, and two variants are timed: ``reg_active`` False (after the ε ramp, the
+bulk of training) and True (during the ramp, warm-up regularisers on).
+
+Also timed in the same rounds: the teacher's feature forward alone (``Teacher.targets``), which
+is the part of CC-Dist that CC-IBP does not do, so the overhead can be attributed.
+
+The final line reports the ``reg_active=False`` variant:
+``cc-dist/cc-ibp step ratio: X.XX``  (target <= 1.2).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_step.py                          # cnn-small, 256 x 1x28x28
+    .venv/bin/python benchmarks/bench_step.py --model cnn7 --channels 3 --size 32 --batch 32
+
+Writes ``benchmarks/results/bench_step_<model>.json`` (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from certkd.attacks import PGD  # noqa: E402
+from certkd.checkpoints import atomic_write_json  # noqa: E402
+from certkd.config import TrainConfig  # noqa: E402
+from certkd.models import create_model, ibp_initialize  # noqa: E402
+from certkd.training.step import Teacher, training_loss  # noqa: E402
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_step(model, cfg: TrainConfig, x, y, eps_sched: float, reg_active: bool, attack: PGD, teacher) -> Callable[[], float]:
+    """One training step as in ``certkd.training.loop.train``."""
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+
+    def step() -> float:
+        loss, _ = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def measure(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
+            device: torch.device) -> Dict[str, Dict[str, List[float]]]:
+    """``warmup`` untimed rounds, then ``repeats`` timed rounds of every fn, order alternating per round.
+
+    Returns per fn the wall-clock times and the process CPU times (all threads) of each round.
+    CPU time is the steadier figure on a machine shared with other jobs.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, Dict[str, List[float]]] = {k: {"wall": [], "cpu": []} for k in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            sync()
+            w0, c0 = time.perf_counter(), time.process_time()
+            fns[k]()
+            sync()
+            times[k]["wall"].append(time.perf_counter() - w0)
+            times[k]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+def summary(t: Dict[str, List[float]]) -> dict:
+    return {"median_wall_s": statistics.median(t["wall"]), "min_wall_s": min(t["wall"]),
+            "max_wall_s": max(t["wall"]), "median_cpu_s": statistics.median(t["cpu"]), "n": len(t["wall"])}
+
+
+def ratio(times: Dict[str, Dict[str, List[float]]], num: str, den: str) -> dict:
+    """Ratio of the medians (the headline), the median of the per-round ratios and the CPU-time ratio."""
+    a, b = times[num], times[den]
+    return {"ratio_of_medians": statistics.median(a["wall"]) / statistics.median(b["wall"]),
+            "median_of_round_ratios": statistics.median(x / y for x, y in zip(a["wall"], b["wall"])),
+            "cpu_time_ratio": statistics.median(a["cpu"]) / statistics.median(b["cpu"])}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="cnn-small")
+    ap.add_argument("--channels", type=int, default=None, help="input channels (default 1; 3 for cnn7)")
+    ap.add_argument("--size", type=int, default=None, help="input height = width (default 28; 32 for cnn7)")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=None, help="default 256 (32 for cnn7)")
+    ap.add_argument("--eps", type=float, default=None, help="default 0.1 (MNIST); 8/255 for 3-channel input")
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps per method and variant (>= 5)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", default="false,true", help="reg_active values to time: false,true")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    ap.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: core count)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step_<model>.json)")
+    args = ap.parse_args(argv)
+    if args.repeats < 5:
+        ap.error("--repeats must be >= 5 (medians of at least 5)")
+    big = args.model.startswith("cnn7")
+    channels = args.channels or (3 if big else 1)
+    size = args.size or (32 if big else 28)
+    batch = args.batch or (32 if big else 256)
+    eps = args.eps if args.eps is not None else (0.1 if channels == 1 else 8 / 255)
+    variants = [v.strip().lower() in ("true", "1", "yes") for v in args.variants.split(",") if v.strip()]
+
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    load0 = list(os.getloadavg())
+    torch.manual_seed(0)
+    student = ibp_initialize(create_model(args.model, channels, size, args.classes)).to(device)
+    teacher_model = create_model(args.model, channels, size, args.classes).to(device)
+    with torch.no_grad():  # give the teacher's BN non-trivial running statistics, then freeze it
+        for _ in range(2):
+            teacher_model(torch.rand(batch, channels, size, size, device=device))
+    teacher_model.eval()
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    teacher = Teacher(model=teacher_model)
+    x = torch.rand(batch, channels, size, size, device=device)
+    y = torch.randint(0, args.classes, (batch,), device=device)
+    attack = PGD(1, 10.0)
+    base = dict(model=args.model, alpha=0.5, eps=eps, batch_size=batch)
+    cfgs = {"cc-ibp": TrainConfig(method="cc-ibp", **base).validate(),
+            "cc-dist": TrainConfig(method="cc-dist", teacher="benchmark-teacher", **base).validate()}
+
+    print(f"bench_step: model={args.model} input={batch}x{channels}x{size}x{size} eps={eps:.4g} device={device} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} warmup={args.warmup} loadavg={load0[0]:.1f}")
+    result = {
+        "benchmark": "bench_step", "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "model": args.model, "input_shape": [batch, channels, size, size], "eps": eps,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "repeats": args.repeats, "warmup": args.warmup, "attack": repr(attack), "alpha": 0.5,
+        "target_ratio": 1.2, "loadavg_start": load0, "variants": {},
+    }
+    headline = None
+    for reg_active in variants:
+        steps = {}
+        for name, cfg in cfgs.items():
+            model = copy.deepcopy(student).train()  # same initialisation for both methods
+            steps[name] = make_step(model, cfg, x, y, cfg.eps, reg_active, attack,
+                                    teacher if name == "cc-dist" else None)
+
+        def teacher_forward():
+            return teacher.targets(x)
+
+        times = measure({**steps, "teacher_forward": teacher_forward}, args.repeats, args.warmup, device)
+        med = {k: statistics.median(v["wall"]) for k, v in times.items()}
+        cpu = {k: statistics.median(v["cpu"]) for k, v in times.items()}
+        r = ratio(times, "cc-dist", "cc-ibp")
+        teacher_share = med["teacher_forward"] / med["cc-ibp"]
+        residual = (med["cc-dist"] - med["cc-ibp"] - med["teacher_forward"]) / med["cc-ibp"]
+        key = f"reg_active={str(reg_active).lower()}"
+        result["variants"][key] = {
+            **{k: summary(v) for k, v in times.items()},
+            "cc-dist/cc-ibp": r, "teacher_forward/cc-ibp": teacher_share,
+            "teacher_forward/cc-ibp_cpu_time": cpu["teacher_forward"] / cpu["cc-ibp"],
+            "other_overhead/cc-ibp": residual,
+        }
+        print(f"[{key}] cc-ibp {med['cc-ibp'] * 1e3:.0f} ms, cc-dist {med['cc-dist'] * 1e3:.0f} ms, teacher forward "
+              f"{med['teacher_forward'] * 1e3:.0f} ms (medians, for context)")
+        print(f"[{key}] cc-dist/cc-ibp {r['ratio_of_medians']:.2f} (median of per-round ratios "
+              f"{r['median_of_round_ratios']:.2f}, CPU-time ratio {r['cpu_time_ratio']:.2f}); overhead = teacher "
+              f"forward {teacher_share:+.2f} (CPU {cpu['teacher_forward'] / cpu['cc-ibp']:+.2f}) + rest {residual:+.2f} "
+              f"(fractions of a cc-ibp step)")
+        ratio_headline = r["ratio_of_medians"]
+        if not reg_active or headline is None:
+            headline = ratio_headline
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_step_{args.model}.json"
+    result["headline"] = {"variant": "reg_active=false" if False in variants else f"reg_active={str(variants[0]).lower()}",
+                          "cc-dist/cc-ibp": headline}
+    result["loadavg_end"] = list(os.getloadavg())
+    atomic_write_json(out, result)
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(f"cc-dist/cc-ibp step ratio: {headline:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

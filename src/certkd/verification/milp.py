@@ -1,0 +1,647 @@
+"""Exact verification by mixed-integer linear programming (Tjeng et al., ICLR 2019; SPEC §11).
+
+The network is the referee for small models: ``milp_verify`` decides whether
+min over the box of min_{j≠y} (z_y − z_j) is positive, or returns a counterexample.
+
+Encoding
+--------
+* **Affine maps.** Between two ReLUs, the layers (Normalize, Conv2d, eval-mode BatchNorm,
+  Flatten, Linear, Identity/Dropout) are composed into one sparse affine map
+  ``v ↦ M v + b`` in float64 on C-order flattened vectors (a Conv2d becomes its sparse
+  matrix, built by index arithmetic; BatchNorm and Normalize are diagonal). Everything after
+  the last ReLU, the head included, is composed into the map to the logits. A float64 forward
+  through these maps is compared with the PyTorch forward before solving (a wrong encoding
+  raises instead of giving a wrong answer).
+* **Intermediate bounds.** Interval bounds of every pre-activation are propagated in float64
+  through the composed maps (the same IBP rule as :mod:`certkd.bounds.ibp`, applied to the
+  composed maps, so never looser than the layer-by-layer float32 IBP up to rounding), widened by
+  a relative 1e-9 (plus 1e-8 absolute) against rounding. Optional caller-supplied bounds (e.g.
+  CROWN, in float32) are widened by a relative 1e-6 and intersected with them; the intersected
+  post-activation box is used for the following layers.
+* **Variables.** Inputs in the pixel box; per ReLU neuron a pre-activation variable z ∈ [l, u]
+  tied to the previous layer by an equality. Stably inactive (u ≤ 0): no variable, post = 0.
+  Stably active (l ≥ 0): post = z, no binary. Unstable (l < 0 < u): post h ∈ [0, u] and a binary
+  a with the big-M constraints h ≥ z, h ≤ z − l(1 − a), h ≤ u·a (exact for z ∈ [l, u]).
+* **Property.** The minimum over j is split into K−1 MILPs ``min z_y − z_j`` (one per class,
+  same constraints, different objective). It is simpler than one MILP with selection binaries,
+  and each LP relaxation is tighter. Classes are solved in increasing order of their clean margin
+  (the likeliest counterexample first); the first confirmed counterexample stops everything.
+  With ``early_stop`` (the default) a class whose float64 IBP lower bound already exceeds the
+  tolerance is not solved, and each solve is interrupted (HiGHS MIP-interrupt callback) as soon
+  as its dual bound exceeds the tolerance; the reported margin is then a proven *lower bound*
+  (min over classes of the bounds that proved them). With ``early_stop=False`` every class is
+  solved to optimality (``mip_rel_gap`` 0, ``mip_abs_gap`` 1e-9) and the margin is the exact
+  minimum (up to the solver tolerances).
+
+Soundness rules
+---------------
+* ``"verified"`` only when, for every class, either the float64 IBP bound or HiGHS's MIP dual
+  bound (``mip_dual_bound``) exceeds ``margin_tol`` (default 1e-6): a safety margin for the
+  solver's feasibility/optimality tolerances (1e-7 primal/dual, 1e-6 integrality) and for the
+  float32 arithmetic of the real network. As a last guard, a proven margin larger than the clean
+  point's float32 margin (beyond 1e-4 relative) is reported as inconsistent, never as verified.
+* ``"falsified"`` only for a point that a **float32 PyTorch forward** confirms: the MILP
+  solution's input, cast to float32 and clipped to the box, must give z_y − max_{j≠y} z_j ≤ 0.
+  Candidates are checked in the improving-solution callback and at the end of each solve. A
+  MILP "counterexample" that does not survive the check (a margin within the solver tolerances
+  of 0) leaves the point undecided: status ``"timeout"`` with an explanatory ``note``.
+* ``"timeout"``: the time limit ran out (HiGHS ``time_limit`` is set to the remaining budget of
+  each solve), or the point could not be decided within the tolerances (see ``note``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+
+from certkd.attacks.pgd import eval_mode, linf_box
+from certkd.models.layers import Normalize
+
+_VERIFIED, _FALSIFIED, _TIMEOUT = "verified", "falsified", "timeout"
+
+
+@dataclass
+class MilpResult:
+    """Outcome of :func:`milp_verify`.
+
+    status: "verified" | "falsified" | "timeout" ("timeout" also covers points left undecided by
+        numerical tolerances; ``note`` says which).
+    margin: when verified, a proven lower bound of min_j (z_y − z_j) over the box (exact minimum
+        with ``early_stop=False``); when falsified, the float32 margin of the counterexample (≤ 0);
+        otherwise the best proven lower bound found so far, or None.
+    counterexample: pixel-space input (C, H, W), float32, inside the box, when falsified.
+    time_s: wall time of the whole call. nodes: branch-and-bound nodes over all solves.
+    note: why the point is undecided, or other remarks. num_binaries: unstable ReLUs encoded.
+    """
+
+    status: str
+    margin: Optional[float]
+    counterexample: Optional[Tensor]
+    time_s: float
+    nodes: Optional[int]
+    note: str = ""
+    num_binaries: int = 0
+
+
+# --------------------------------------------------------------------------- network as affine maps
+
+@dataclass
+class _Affine:
+    """v ↦ matrix @ v + bias on C-order flattened vectors (float64)."""
+
+    matrix: sp.csr_matrix
+    bias: np.ndarray
+
+    def then(self, other: "_Affine") -> "_Affine":
+        """other ∘ self."""
+        return _Affine(sp.csr_matrix(other.matrix @ self.matrix), other.matrix @ self.bias + other.bias)
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        return self.matrix @ v + self.bias
+
+
+def _identity(n: int) -> _Affine:
+    return _Affine(sp.identity(n, dtype=np.float64, format="csr"), np.zeros(n))
+
+
+def _channel_diag(scale: np.ndarray, shift: np.ndarray, shape: Tuple[int, ...]) -> _Affine:
+    """Per-channel v·scale + shift for a vector of shape (C, *rest) (channels first)."""
+    rest = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    s, b = np.repeat(scale, rest), np.repeat(shift, rest)
+    return _Affine(sp.diags(s, format="csr"), b)
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _conv_padding(layer: nn.Conv2d, in_hw: Tuple[int, int]) -> Tuple[int, int]:
+    """Top/left zero padding of a Conv2d (the bottom/right amount only changes the output size)."""
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return 0, 0
+        dh, dw = _pair(layer.dilation)
+        kh, kw = _pair(layer.kernel_size)
+        return (dh * (kh - 1)) // 2, (dw * (kw - 1)) // 2  # torch's 'same': the smaller half first
+    return _pair(layer.padding)
+
+
+def _conv_affine(layer: nn.Conv2d, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...]) -> _Affine:
+    """The sparse matrix of a zero-padded Conv2d, by index arithmetic."""
+    if layer.padding_mode != "zeros":
+        raise TypeError("MILP encoding supports Conv2d with zero padding only")
+    cin, hin, win = in_shape
+    cout, hout, wout = out_shape
+    w = layer.weight.detach().double().cpu().numpy()  # (cout, cin/groups, kh, kw)
+    groups = layer.groups
+    cin_g, cout_g = cin // groups, cout // groups
+    kh, kw = w.shape[2:]
+    sh, sw = _pair(layer.stride)
+    dh, dw = _pair(layer.dilation)
+    ph, pw = _conv_padding(layer, (hin, win))
+    co, ci, ki, kj, oh, ow = np.meshgrid(np.arange(cout), np.arange(cin_g), np.arange(kh), np.arange(kw),
+                                         np.arange(hout), np.arange(wout), indexing="ij")
+    ih, iw = oh * sh - ph + ki * dh, ow * sw - pw + kj * dw
+    ok = (ih >= 0) & (ih < hin) & (iw >= 0) & (iw < win)
+    co, ci, ki, kj, oh, ow, ih, iw = (a[ok] for a in (co, ci, ki, kj, oh, ow, ih, iw))
+    cin_abs = (co // cout_g) * cin_g + ci
+    rows = (co * hout + oh) * wout + ow
+    cols = (cin_abs * hin + ih) * win + iw
+    vals = w[co, ci, ki, kj]
+    mat = sp.csr_matrix((vals, (rows, cols)), shape=(cout * hout * wout, cin * hin * win))
+    mat.sum_duplicates()
+    bias = (np.zeros(cout) if layer.bias is None else layer.bias.detach().double().cpu().numpy())
+    return _Affine(mat, np.repeat(bias, hout * wout))
+
+
+def _layer_affine(layer: nn.Module, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...]) -> _Affine:
+    n_in = int(np.prod(in_shape))
+    if isinstance(layer, Normalize):
+        mean = layer.mean.detach().double().cpu().numpy()
+        std = layer.std.detach().double().cpu().numpy()
+        c = in_shape[0]
+        mean, std = np.broadcast_to(mean, (c,)), np.broadcast_to(std, (c,))
+        return _channel_diag(1.0 / std, -mean / std, in_shape)
+    if isinstance(layer, nn.Conv2d):
+        return _conv_affine(layer, in_shape, out_shape)
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if layer.running_mean is None or layer.running_var is None:
+            raise TypeError("MILP encoding needs BatchNorm with running statistics (eval mode)")
+        var = layer.running_var.detach().double().cpu().numpy()
+        mean = layer.running_mean.detach().double().cpu().numpy()
+        scale = 1.0 / np.sqrt(var + layer.eps)
+        if layer.affine:
+            scale = scale * layer.weight.detach().double().cpu().numpy()
+            shift = layer.bias.detach().double().cpu().numpy() - mean * scale
+        else:
+            shift = -mean * scale
+        return _channel_diag(scale, shift, in_shape)
+    if isinstance(layer, nn.Linear):
+        if len(in_shape) != 1:
+            raise TypeError(f"MILP encoding supports Linear on flat inputs only, got shape {in_shape}")
+        w = layer.weight.detach().double().cpu().numpy()
+        b = np.zeros(w.shape[0]) if layer.bias is None else layer.bias.detach().double().cpu().numpy()
+        return _Affine(sp.csr_matrix(w), b)
+    if isinstance(layer, (nn.Flatten, nn.Identity, nn.Dropout)):
+        return _identity(n_in)  # C-order flattening keeps the vector as it is
+    raise TypeError(f"MILP encoding does not support layer {type(layer).__name__}")
+
+
+def _network_maps(model: nn.Module, in_shape: Tuple[int, ...]) -> Tuple[List[_Affine], _Affine]:
+    """Affine maps to each ReLU's pre-activation, and the map from the last post-activation to logits."""
+    blocks: List[_Affine] = []
+    shape = tuple(in_shape)
+    current = _identity(int(np.prod(shape)))
+    layers = list(model.features) + [model.head]
+    with torch.no_grad():
+        for layer in layers:
+            if isinstance(layer, nn.ReLU):
+                blocks.append(current)
+                current = _identity(current.matrix.shape[0])
+                continue
+            out_shape = tuple(layer(torch.zeros((1,) + shape)).shape[1:])
+            current = current.then(_layer_affine(layer, shape, out_shape))
+            shape = out_shape
+    return blocks, current
+
+
+# --------------------------------------------------------------------------- bounds
+
+def _interval(blk: _Affine, plo: np.ndarray, phi: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """float64 interval bounds of blk(v) for v in [plo, phi], widened against rounding."""
+    c, r = (phi + plo) / 2, (phi - plo) / 2
+    zc = blk.apply(c)
+    zr = abs(blk.matrix) @ r
+    slack = 1e-9 * (np.abs(zc) + zr) + 1e-8
+    return zc - zr - slack, zc + zr + slack
+
+
+def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndarray,
+                          extra: Optional[Sequence[Tuple[Tensor, Tensor]]], tighten: str,
+                          deadline: float, threads: int) -> Tuple[list, np.ndarray, np.ndarray]:
+    """Bounds of every pre-activation, layer by layer, and the box of the last post-activation.
+
+    Each layer: float64 interval bounds from the previous layer's box, intersected with the
+    caller's bounds (``extra``); with ``tighten="lp"`` the still-unstable neurons of layers ≥ 2
+    are then bounded by LP over the relaxation of the layers before (see :func:`_lp_tighten`).
+    """
+    if extra is not None and len(extra) != len(blocks):
+        raise ValueError(f"preactivation_bounds has {len(extra)} entries, the model has {len(blocks)} ReLUs")
+    bounds: list = []
+    plo, phi = lo, hi
+    for k, blk in enumerate(blocks):
+        l, u = _interval(blk, plo, phi)
+        if extra is not None:
+            el = extra[k][0].detach().double().cpu().reshape(-1).numpy()
+            eu = extra[k][1].detach().double().cpu().reshape(-1).numpy()
+            if el.shape != l.shape or eu.shape != u.shape:
+                raise ValueError(f"preactivation_bounds[{k}] has {el.size} entries, the layer has {l.size}")
+            l = np.maximum(l, el - 1e-6 * (1 + np.abs(el)))
+            u = np.minimum(u, eu + 1e-6 * (1 + np.abs(eu)))
+            if np.any(l > u):
+                raise ValueError(f"preactivation_bounds[{k}] do not intersect the interval bounds: "
+                                 "they cannot be valid bounds for this box")
+        if tighten == "lp" and k >= 1 and time.perf_counter() < deadline:
+            l, u = _lp_tighten(blocks[:k], bounds, blk, l, u, lo, hi, deadline, threads)
+        bounds.append((l, u))
+        plo, phi = np.maximum(l, 0.0), np.maximum(u, 0.0)
+    return bounds, plo, phi
+
+
+class _LpRelaxation:
+    """The LP relaxation of an encoding (binaries in [0, 1]), for rigorous bounds on linear objectives.
+
+    Each bound is made valid independently of the LP solver's tolerances (Neumaier–Shcherbina):
+    for any row multipliers y, c·v = y·(Av) + (c − Aᵀy)·v, and both terms are bounded below over
+    the finite row and column bounds; HiGHS's optimal duals only serve as a good choice of y.
+    The only error left is float64 rounding, covered by a relative 1e-9 slack.
+    """
+
+    def __init__(self, enc: "_Encoding", threads: int):
+        import highspy
+
+        self._hs = highspy
+        self.enc = enc
+        self.h = highspy.Highs()
+        self.h.silent()
+        self.h.setOptionValue("threads", int(threads))
+        self.h.passModel(_highs_lp(enc, np.zeros(enc.num_col), 0.0, relax=True))
+        self.a_t = enc.rows.T.tocsr()
+        self.rl = np.where(np.isfinite(enc.row_lower), enc.row_lower, 0.0)
+        self.ru = np.where(np.isfinite(enc.row_upper), enc.row_upper, 0.0)
+        self.has_rl, self.has_ru = np.isfinite(enc.row_lower), np.isfinite(enc.row_upper)
+        self._prev = np.zeros(0, np.int32)
+
+    def lower_bound(self, cols: np.ndarray, vals: np.ndarray, deadline: float) -> float:
+        """A rigorous lower bound of Σ vals·v[cols] over the relaxation (−inf if the LP fails)."""
+        h = self.h
+        cols = np.asarray(cols, np.int32)
+        h.changeColsCost(self._prev.size, self._prev, np.zeros(self._prev.size))
+        h.changeColsCost(cols.size, cols, np.asarray(vals, np.float64))
+        self._prev = cols
+        h.setOptionValue("time_limit", max(deadline - time.perf_counter(), 1e-3))
+        h.run()
+        if h.getModelStatus() != self._hs.HighsModelStatus.kOptimal:
+            return -math.inf
+        y = np.asarray(h.getSolution().row_dual, dtype=np.float64)
+        y = np.where(((y > 0) & ~self.has_rl) | ((y < 0) & ~self.has_ru), 0.0, y)
+        cost = np.zeros(self.enc.num_col)
+        np.add.at(cost, cols, vals)
+        d = cost - self.a_t @ y
+        terms = np.concatenate([np.where(y > 0, y * self.rl, y * self.ru),
+                                np.where(d > 0, d * self.enc.col_lower, d * self.enc.col_upper)])
+        return float(terms.sum() - 1e-9 * np.abs(terms).sum() - 1e-12)
+
+
+def _lp_tighten(prefix: Sequence[_Affine], prefix_bounds: list, blk: _Affine, l: np.ndarray, u: np.ndarray,
+                lo: np.ndarray, hi: np.ndarray, deadline: float, threads: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Tighten the unstable neurons of ``blk`` by LP over the big-M relaxation of the layers before.
+
+    Both sides are tightened even when the first shows the neuron stable: the other side still
+    feeds the interval bounds of the next layers (and the head's bound).
+    """
+    unstable = np.flatnonzero((l < 0) & (u > 0))
+    if unstable.size == 0:
+        return l, u
+    relax = _LpRelaxation(_encode(prefix, prefix_bounds, lo, hi), threads)
+    post = relax.enc.post_cols
+    live = np.flatnonzero(post >= 0)
+    mat = blk.matrix[unstable][:, live].tocsr()
+    l, u = l.copy(), u.copy()
+    for q, i in enumerate(unstable):
+        row = slice(mat.indptr[q], mat.indptr[q + 1])
+        cols, vals = post[live[mat.indices[row]]], mat.data[row]
+        if time.perf_counter() >= deadline:
+            break
+        l[i] = max(l[i], relax.lower_bound(cols, vals, deadline) + blk.bias[i])
+        u[i] = min(u[i], -relax.lower_bound(cols, -vals, deadline) + blk.bias[i])
+    return l, u
+
+
+# --------------------------------------------------------------------------- MILP assembly
+
+@dataclass
+class _Encoding:
+    num_col: int
+    col_lower: np.ndarray
+    col_upper: np.ndarray
+    integer: np.ndarray  # bool per column
+    rows: sp.csr_matrix
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    post_cols: np.ndarray  # columns of the last post-activation (−1: constant 0)
+    num_inputs: int
+    num_binaries: int
+
+
+def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndarray) -> _Encoding:
+    col_lo: List[np.ndarray] = [lo]
+    col_hi: List[np.ndarray] = [hi]
+    integ: List[np.ndarray] = [np.zeros(lo.size, bool)]
+    n_col = lo.size
+    post = np.arange(lo.size)  # columns holding the previous post-activation
+    r_idx, c_idx, vals, r_lo, r_hi = [], [], [], [], []
+    n_row = 0
+    n_bin = 0
+
+    def add_cols(lower, upper, is_int):
+        nonlocal n_col
+        idx = np.arange(n_col, n_col + lower.size)
+        col_lo.append(np.asarray(lower, float))
+        col_hi.append(np.asarray(upper, float))
+        integ.append(np.full(lower.size, is_int))
+        n_col += lower.size
+        return idx
+
+    def add_rows(rr, cc, vv, lower, upper):
+        nonlocal n_row
+        r_idx.append(np.asarray(rr) + n_row)
+        c_idx.append(np.asarray(cc))
+        vals.append(np.asarray(vv, float))
+        r_lo.append(np.asarray(lower, float))
+        r_hi.append(np.asarray(upper, float))
+        n_row += len(lower)
+
+    for blk, (l, u) in zip(blocks, bounds):
+        n = l.size
+        inactive, active = u <= 0, l >= 0
+        unstable = ~inactive & ~active
+        live = np.flatnonzero(~inactive)
+        alive_prev = post >= 0
+        z = np.full(n, -1)
+        z[live] = add_cols(l[live], u[live], False)
+        # z_i − Σ_j M_ij post_j = b_i for every neuron with a variable.
+        m = blk.matrix[live][:, np.flatnonzero(alive_prev)].tocoo()
+        prev_cols = post[alive_prev]
+        k = live.size
+        add_rows(np.concatenate([np.arange(k), m.row]), np.concatenate([z[live], prev_cols[m.col]]),
+                 np.concatenate([np.ones(k), -m.data]), blk.bias[live], blk.bias[live])
+        new_post = np.full(n, -1)
+        new_post[active] = z[active]
+        uns = np.flatnonzero(unstable)
+        if uns.size:
+            lu, uu, zu = l[uns], u[uns], z[uns]
+            h = add_cols(np.zeros(uns.size), uu, False)
+            a = add_cols(np.zeros(uns.size), np.ones(uns.size), True)
+            new_post[uns] = h
+            q = np.arange(uns.size)
+            one = np.ones(uns.size)
+            # h − z ≥ 0
+            add_rows(np.concatenate([q, q]), np.concatenate([h, zu]), np.concatenate([one, -one]),
+                     np.zeros(uns.size), np.full(uns.size, np.inf))
+            # h − z − l·a ≤ −l   (a = 0 ⇒ h ≤ z − l, i.e. no constraint; a = 1 ⇒ h ≤ z)
+            add_rows(np.concatenate([q, q, q]), np.concatenate([h, zu, a]), np.concatenate([one, -one, -lu]),
+                     np.full(uns.size, -np.inf), -lu)
+            # h − u·a ≤ 0
+            add_rows(np.concatenate([q, q]), np.concatenate([h, a]), np.concatenate([one, -uu]),
+                     np.full(uns.size, -np.inf), np.zeros(uns.size))
+            n_bin += uns.size
+        post = new_post
+
+    rows = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0),
+                          (np.concatenate(r_idx) if r_idx else np.zeros(0, int),
+                           np.concatenate(c_idx) if c_idx else np.zeros(0, int))), shape=(n_row, n_col))
+    rows.sum_duplicates()
+    return _Encoding(n_col, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ), rows,
+                     np.concatenate(r_lo) if r_lo else np.zeros(0), np.concatenate(r_hi) if r_hi else np.zeros(0),
+                     post, lo.size, n_bin)
+
+
+def _highs_lp(enc: _Encoding, cost: np.ndarray, offset: float, relax: bool = False):
+    import highspy
+
+    lp = highspy.HighsLp()
+    lp.num_col_ = enc.num_col
+    lp.num_row_ = enc.rows.shape[0]
+    lp.col_cost_ = cost
+    lp.col_lower_ = enc.col_lower
+    lp.col_upper_ = enc.col_upper
+    lp.row_lower_ = enc.row_lower
+    lp.row_upper_ = enc.row_upper
+    lp.offset_ = float(offset)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_ = enc.rows.indptr.astype(np.int32)
+    lp.a_matrix_.index_ = enc.rows.indices.astype(np.int32)
+    lp.a_matrix_.value_ = enc.rows.data
+    lp.a_matrix_.num_col_ = enc.num_col
+    lp.a_matrix_.num_row_ = enc.rows.shape[0]
+    if enc.integer.any() and not relax:
+        lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                           for i in enc.integer]
+    return lp
+
+
+# --------------------------------------------------------------------------- float32 re-check
+
+def _float32_margin(model: nn.Module, point: Tensor, label: int) -> float:
+    with torch.no_grad():
+        z = model(point.unsqueeze(0))[0]
+    others = torch.cat([z[:label], z[label + 1:]])
+    return float(z[label] - others.max())
+
+
+# --------------------------------------------------------------------------- main entry
+
+def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = None,
+                lower: Optional[Tensor] = None, upper: Optional[Tensor] = None, *, timeout: float = 60.0,
+                preactivation_bounds: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, threads: int = 1,
+                early_stop: bool = True, margin_tol: float = 1e-6, tighten: str = "lp") -> MilpResult:
+    """Decide robustness of ``model`` at ``x`` (class ``label``) on an L∞ box by MILP.
+
+    Args:
+        model: a :class:`~certkd.models.CertifiableNet` (run in eval mode here; BN uses running stats).
+        x: (C, H, W) pixel-space input (a leading batch dimension of 1 is accepted).
+        label: true class y.
+        eps: radius of the box ``linf_box(x, eps)`` (clipped to [0, 1]); or give ``lower``/``upper``.
+        timeout: wall-clock budget in seconds for the whole call (HiGHS ``time_limit`` is set to
+            what is left before each solve).
+        preactivation_bounds: optional list, one (lower, upper) pair per ReLU in ``model.features``,
+            of valid bounds on that ReLU's input (any shape with the layer's number of elements);
+            intersected with the float64 interval bounds.
+        threads: HiGHS threads.
+        early_stop: stop each class as soon as its bound exceeds ``margin_tol`` (margin is then a
+            lower bound); False solves every class to optimality (exact margin).
+        margin_tol: safety margin; "verified" needs every class's proven bound > ``margin_tol``.
+    Returns:
+        :class:`MilpResult`.
+    """
+    import highspy
+
+    start = time.perf_counter()
+    deadline = start + float(timeout)
+    x = x.detach()
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError("milp_verify takes a single input")
+        x = x[0]
+    label = int(label)
+    if lower is None or upper is None:
+        if eps is None:
+            raise ValueError("give eps or both lower and upper")
+        lower, upper = linf_box(x, float(eps))
+    lower = lower.detach().reshape(x.shape).to(torch.float32)
+    upper = upper.detach().reshape(x.shape).to(torch.float32)
+    if torch.any(lower > upper):
+        raise ValueError("empty input box: lower > upper somewhere")
+
+    def elapsed() -> float:
+        return time.perf_counter() - start
+
+    with eval_mode(model):
+        point = torch.max(torch.min(x.to(torch.float32), upper), lower)
+        clean = _float32_margin(model, point, label)
+        if clean <= 0:
+            return MilpResult(_FALSIFIED, clean, point.clone(), elapsed(), 0,
+                              note="the input (clipped to the box) is already misclassified")
+
+        blocks, head = _network_maps(model, tuple(x.shape))
+        lo = lower.double().reshape(-1).numpy()
+        hi = upper.double().reshape(-1).numpy()
+        _check_encoding(model, blocks, head, point)
+        bounds, flo, fhi = _preactivation_bounds(blocks, lo, hi, preactivation_bounds, tighten, deadline, threads)
+
+        num_classes = head.matrix.shape[0]
+        w = head.matrix.toarray()
+        others = [j for j in range(num_classes) if j != label]
+        diff_w = {j: w[label] - w[j] for j in others}
+        diff_b = {j: float(head.bias[label] - head.bias[j]) for j in others}
+        fc, fr = (fhi + flo) / 2, (fhi - flo) / 2
+        ibp_lb = {j: float(diff_w[j] @ fc - np.abs(diff_w[j]) @ fr + diff_b[j]) - 1e-9 * (1 + abs(diff_b[j]))
+                  for j in others}
+        with torch.no_grad():
+            z_clean = model(point.unsqueeze(0))[0].double().numpy()
+        order = sorted(others, key=lambda j: z_clean[label] - z_clean[j])
+
+        enc = _encode(blocks, bounds, lo, hi)
+        live = enc.post_cols >= 0
+        relax: Optional[_LpRelaxation] = None
+        proven = {}
+        nodes = 0
+        undecided = []
+        for j in order:
+            if early_stop and ibp_lb[j] > margin_tol:
+                proven[j] = ibp_lb[j]
+                continue
+            if early_stop and time.perf_counter() < deadline:  # the LP relaxation may already prove class j
+                relax = relax or _LpRelaxation(enc, threads)
+                lp_lb = relax.lower_bound(enc.post_cols[live], diff_w[j][live], deadline) + diff_b[j]
+                if lp_lb > margin_tol:
+                    proven[j] = lp_lb
+                    continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return MilpResult(_TIMEOUT, _partial_margin(proven, others), None, elapsed(), nodes,
+                                  note="time limit reached", num_binaries=enc.num_binaries)
+            cost = np.zeros(enc.num_col)
+            np.add.at(cost, enc.post_cols[live], diff_w[j][live])
+            out = _solve_class(highspy, enc, cost, diff_b[j], model, lower, upper, label, remaining, threads,
+                               early_stop, margin_tol)
+            nodes += out["nodes"]
+            if out["counterexample"] is not None:
+                return MilpResult(_FALSIFIED, out["cex_margin"], out["counterexample"], elapsed(), nodes,
+                                  note=f"counterexample found for class {j}", num_binaries=enc.num_binaries)
+            if out["timeout"]:
+                return MilpResult(_TIMEOUT, _partial_margin(proven, others), None, elapsed(), nodes,
+                                  note=f"time limit reached on class {j}", num_binaries=enc.num_binaries)
+            if out["dual_bound"] > margin_tol:
+                proven[j] = out["dual_bound"]
+            else:
+                undecided.append((j, out))
+
+        if undecided:
+            j, out = undecided[0]
+            note = (f"class {j}: optimum {out['primal']:.3g} with dual bound {out['dual_bound']:.3g} lies within "
+                    f"the tolerance of 0 and no float32-confirmed counterexample exists ({out['status']})")
+            return MilpResult(_TIMEOUT, None, None, elapsed(), nodes, note=note, num_binaries=enc.num_binaries)
+        margin = min(proven.values())
+        if margin > clean + 1e-4 * (1 + abs(clean)):
+            return MilpResult(_TIMEOUT, None, None, elapsed(), nodes,
+                              note=f"inconsistent: proven margin {margin:.6g} exceeds the clean margin {clean:.6g}",
+                              num_binaries=enc.num_binaries)
+        return MilpResult(_VERIFIED, margin, None, elapsed(), nodes, num_binaries=enc.num_binaries)
+
+
+def _partial_margin(proven: dict, others: list) -> Optional[float]:
+    return min(proven.values()) if len(proven) == len(others) and proven else None
+
+
+def _check_encoding(model: nn.Module, blocks: Sequence[_Affine], head: _Affine, point: Tensor) -> None:
+    """Compare a float64 forward through the composed maps with the PyTorch forward."""
+    v = point.double().reshape(-1).numpy()
+    for blk in blocks:
+        v = np.maximum(blk.apply(v), 0.0)
+    z = head.apply(v)
+    with torch.no_grad():
+        ref = model(point.unsqueeze(0))[0].double().numpy()
+    if not np.allclose(z, ref, rtol=1e-3, atol=1e-3):
+        raise RuntimeError(f"MILP encoding disagrees with the model: max |Δlogit| = {np.abs(z - ref).max():.3g}")
+
+
+def _solve_class(highspy, enc: _Encoding, cost: np.ndarray, offset: float, model: nn.Module, lower: Tensor,
+                 upper: Tensor, label: int, time_limit: float, threads: int, early_stop: bool,
+                 margin_tol: float) -> dict:
+    h = highspy.Highs()
+    h.silent()
+    h.setOptionValue("threads", int(threads))
+    h.setOptionValue("time_limit", max(float(time_limit), 1e-3))
+    h.setOptionValue("random_seed", 0)
+    if not early_stop:
+        h.setOptionValue("mip_rel_gap", 0.0)
+        h.setOptionValue("mip_abs_gap", 1e-9)
+    h.passModel(_highs_lp(enc, cost, offset))
+    n_in = enc.num_inputs
+    found = {"counterexample": None, "cex_margin": None}
+    checked = set()
+
+    def check(sol) -> bool:
+        cand = torch.as_tensor(np.asarray(sol[:n_in], dtype=np.float64), dtype=torch.float32).reshape(lower.shape)
+        cand = torch.max(torch.min(cand, upper), lower)
+        key = cand.numpy().tobytes()
+        if key in checked:
+            return False
+        checked.add(key)
+        m = _float32_margin(model, cand, label)
+        if m <= 0:
+            found["counterexample"], found["cex_margin"] = cand, m
+            return True
+        return False
+
+    def on_solution(e):
+        if e.data_out.objective_function_value < 0 and found["counterexample"] is None:
+            if check(e.data_out.mip_solution):
+                e.interrupt()
+
+    def on_interrupt(e):
+        if found["counterexample"] is not None:
+            e.interrupt()
+        elif early_stop and e.data_out.mip_dual_bound > margin_tol:
+            e.interrupt()
+
+    h.cbMipImprovingSolution.subscribe(on_solution)
+    h.cbMipInterrupt.subscribe(on_interrupt)
+    h.run()
+    status = h.getModelStatus()
+    info = h.getInfo()
+    has_sol = int(info.primal_solution_status) == int(highspy.kSolutionStatusFeasible)
+    primal = info.objective_function_value if has_sol else math.inf
+    if found["counterexample"] is None and has_sol and primal < 0:
+        check(h.getSolution().col_value)
+    dual = info.mip_dual_bound
+    if status == highspy.HighsModelStatus.kOptimal and enc.integer.sum() == 0:
+        dual = info.objective_function_value  # pure LP (no unstable ReLU): the optimum is the bound
+    if status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+        raise RuntimeError("the MILP is infeasible: the intermediate bounds exclude the input box "
+                           "(invalid preactivation_bounds?)")
+    timed_out = status == highspy.HighsModelStatus.kTimeLimit
+    if status == highspy.HighsModelStatus.kInterrupt and found["counterexample"] is None and not dual > margin_tol:
+        timed_out = True
+    return {"counterexample": found["counterexample"], "cex_margin": found["cex_margin"],
+            "dual_bound": float(dual) if dual is not None and math.isfinite(dual) else -math.inf,
+            "primal": float(primal), "nodes": int(max(info.mip_node_count, 0)), "timeout": timed_out,
+            "status": h.modelStatusToString(status)}
