@@ -43,18 +43,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
     ap.add_argument("--out", default="runs/distillation_mnist")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--teacher-epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--teacher-epochs", type=int, default=5)
+    ap.add_argument("--teacher-steps", type=int, default=5, help="PGD steps of the teacher's training attack")
     ap.add_argument("--betas", default="0.01,0.1,1.0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test points (default all)")
     args = ap.parse_args()
 
     root = Path(args.out)
-    common = {"data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed}
+    ramp = max(1, args.epochs // 2)  # the preset's shape: ramp over the first half, decay near the end
+    common = {"data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed, "eps_length": ramp,
+              "lr_milestones": [int(args.epochs * 0.75), int(args.epochs * 0.9)], "test_interval": args.epochs}
     runs = {}
     timings = {}
-    t_cfg = resolve_config("mnist-0.1-cpu", dict(common, method="pgd-at", epochs=args.teacher_epochs), teacher=True)
+    t_cfg = resolve_config("mnist-0.1-cpu", dict(common, method="pgd-at", epochs=args.teacher_epochs,
+                                                 attack_steps=args.teacher_steps, attack_step_size=2.5 / args.teacher_steps,
+                                                 lr_milestones=[], test_interval=args.teacher_epochs), teacher=True)
     timings["teacher (pgd-at)"] = train_once(t_cfg, root / "teacher")
     runs["teacher (pgd-at)"] = root / "teacher"
     timings["cc-ibp"] = train_once(resolve_config("mnist-0.1-cpu", dict(common, method="cc-ibp")), root / "cc-ibp")
@@ -71,7 +76,8 @@ def main() -> None:
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     n = next(iter(results.values()))["n"]
     table = accuracy_table(results)
-    header = (f"MNIST ε=0.1, cnn-small, {args.epochs} epochs, seed {args.seed}, CC-IBP/CC-Dist α=0.1, "
+    header = (f"MNIST ε=0.1, cnn-small, students {args.epochs} epochs, PGD-AT teacher {args.teacher_epochs} epochs "
+              f"({args.teacher_steps}-step PGD), seed {args.seed}, CC-IBP/CC-Dist α=0.1, "
               f"n={n} test points (PGD: 40 steps, relative step 0.1; IBP-verified)\n")
     print("\n" + header + table)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,43 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
     click.echo(accuracy_table(results))
 
 
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--eps", type=float, help="Radius in pixel units (default: the run's training ε).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Per-sample budget of the complete stage (s).")
+@click.option("--limit", type=int, help="Verify the first N test points (default: all).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes (one per GPU when present).")
+@click.option("--engine", default="bab", show_default=True, help="Complete stage: bab, milp or none.")
+@click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
+@click.option("--alpha-iterations", type=int, default=20, show_default=True, help="α-CROWN iterations (0: off).")
+@click.option("--out", "out_dir", type=click.Path(), help="Where to write verification.json/.jsonl (default: the run).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted verification.")
+@click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(run: str, eps: Optional[float], timeout: float, limit: Optional[int], workers: int, engine: str,
+           restarts: int, alpha_iterations: int, out_dir: Optional[str], resume: bool, data_dir: Optional[str],
+           device: str, quiet: bool) -> None:
+    """Verified robust accuracy: clean → PGD → IBP → CROWN → α-CROWN → branch-and-bound (SPEC §6)."""
+    from certkd.checkpoints import load_model
+    from certkd.verification.pipeline import VerifyConfig, verify_run
+
+    if eps is None:
+        eps = float(load_model(run).certkd_meta.get("config", {}).get("eps", 0.0))
+    cfg = VerifyConfig(eps=eps, timeout=timeout, engine=engine, attack_restarts=restarts,
+                       alpha_iterations=alpha_iterations)
+    s = verify_run(run, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, data_dir=data_dir,
+                   device=device, progress=not quiet)
+    rows = [("clean", s["clean_accuracy"]), ("PGD", s["pgd_accuracy"]), ("IBP-verified", s["ibp_verified_accuracy"]),
+            ("CROWN-verified", s["crown_verified_accuracy"]), ("α-CROWN-verified", s["alpha_crown_verified_accuracy"]),
+            (f"verified ({engine})", s["verified_accuracy"])]
+    click.echo(f"eps={s['eps']:g}, n={s['n']}, timeout={timeout:g}s, median time/point {s['median_time_s']:.3f}s")
+    width = max(len(r[0]) for r in rows)
+    for name, val in rows:
+        click.echo(f"  {name.ljust(width)}  {100 * val:5.1f}%")
+    click.echo("  counts: " + ", ".join(f"{k}={v}" for k, v in s["counts"].items() if v))
+
+
 @cli.command("export")
 @click.argument("run", type=click.Path())
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(),

@@ -59,6 +59,7 @@ of a ReLU's input (e.g. (C, H, W) or (m,)).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -634,7 +635,8 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
                        intermediate: Union[str, Iterable[int]] = "crown",
                        intermediate_overrides: Optional[Dict[int, Bounds]] = None,
                        alpha_init: Optional[Sequence[Optional[Tensor]]] = None, return_intermediate: bool = False,
-                       chunk_size: Optional[int] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+                       chunk_size: Optional[int] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                       deadline: Optional[float] = None):
     """α-CROWN: CROWN with the lower ReLU slopes α ∈ [0, 1] optimised for the final bound.
 
     α has one entry per (sample, specification row, ReLU neuron): per ReLU layer a tensor
@@ -646,7 +648,9 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     CROWN with the same intermediate bounds. Gradients are taken w.r.t. α only
     (``torch.autograd.grad``); model parameters are read detached and get no ``.grad``.
 
-    Args: as :func:`crown_bounds`; iterations: number of Adam steps (0 gives CROWN); lr: Adam step.
+    Args: as :func:`crown_bounds`; iterations: number of Adam steps (0 gives CROWN); lr: Adam step;
+        deadline: a ``time.perf_counter()`` value after which no further step is taken (the best
+        bound so far is returned, still sound), so callers can honour a timeout.
     Returns:
         (N, S) lower bounds, or a :class:`CrownResult` (with the best α) if ``return_intermediate``.
     """
@@ -686,7 +690,7 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
             if a is not None:
                 mask = improved.view(n, s, *([1] * (a.dim() - 2)))
                 best_alpha[k] = torch.where(mask, a.detach(), best_alpha[k])
-        if it == iterations or not params:
+        if it == iterations or not params or (deadline is not None and time.perf_counter() > deadline):
             break
         grads = torch.autograd.grad(lb.sum(), params)  # ascent direction
         with torch.no_grad():

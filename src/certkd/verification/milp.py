@@ -12,12 +12,17 @@ Encoding
   the last ReLU, the head included, is composed into the map to the logits. A float64 forward
   through these maps is compared with the PyTorch forward before solving (a wrong encoding
   raises instead of giving a wrong answer).
-* **Intermediate bounds.** Interval bounds of every pre-activation are propagated in float64
-  through the composed maps (the same IBP rule as :mod:`certkd.bounds.ibp`, applied to the
-  composed maps, so never looser than the layer-by-layer float32 IBP up to rounding), widened by
-  a relative 1e-9 (plus 1e-8 absolute) against rounding. Optional caller-supplied bounds (e.g.
-  CROWN, in float32) are widened by a relative 1e-6 and intersected with them; the intersected
-  post-activation box is used for the following layers.
+* **Intermediate bounds** (the big-M constants), layer by layer:
+  1. interval bounds propagated in float64 through the composed maps (the IBP rule of
+     :mod:`certkd.bounds.ibp` applied to the composed maps, hence never looser than the
+     layer-by-layer float32 IBP up to rounding), widened by a relative 1e-9 plus 1e-8;
+  2. intersected with optional caller-supplied bounds (e.g. CROWN, in float32), first widened by a
+     relative 1e-6 against float32 rounding;
+  3. with ``tighten="lp"`` (the default), every neuron still unstable in the second or a later
+     ReLU layer gets both bounds from the LP relaxation of the layers before it (Tjeng et al.'s
+     "LP" progressive tightening). Each LP bound is made rigorous by the Neumaier–Shcherbina
+     dual bound (see :class:`_LpRelaxation`), so solver tolerances cannot make it too tight.
+  The post-activation box of each layer feeds the interval bounds of the next.
 * **Variables.** Inputs in the pixel box; per ReLU neuron a pre-activation variable z ∈ [l, u]
   tied to the previous layer by an equality. Stably inactive (u ≤ 0): no variable, post = 0.
   Stably active (l ≥ 0): post = z, no binary. Unstable (l < 0 < u): post h ∈ [0, u] and a binary
@@ -26,19 +31,22 @@ Encoding
   same constraints, different objective). It is simpler than one MILP with selection binaries,
   and each LP relaxation is tighter. Classes are solved in increasing order of their clean margin
   (the likeliest counterexample first); the first confirmed counterexample stops everything.
-  With ``early_stop`` (the default) a class whose float64 IBP lower bound already exceeds the
-  tolerance is not solved, and each solve is interrupted (HiGHS MIP-interrupt callback) as soon
-  as its dual bound exceeds the tolerance; the reported margin is then a proven *lower bound*
-  (min over classes of the bounds that proved them). With ``early_stop=False`` every class is
+  With ``early_stop`` (the default) a class whose interval bound or (rigorous) LP-relaxation bound
+  already exceeds the tolerance is not solved by MILP, and each MILP is interrupted (HiGHS
+  MIP-interrupt callback) as soon as its dual bound exceeds the tolerance; the reported margin
+  is then a proven *lower bound* (min over classes of the bounds that proved them). In both
+  modes a MILP stops (improving-solution callback) at the first solution with negative objective
+  that passes the float32 re-check below; this plays the role of an objective cutoff at 0. With ``early_stop=False`` every class is
   solved to optimality (``mip_rel_gap`` 0, ``mip_abs_gap`` 1e-9) and the margin is the exact
   minimum (up to the solver tolerances).
 
 Soundness rules
 ---------------
-* ``"verified"`` only when, for every class, either the float64 IBP bound or HiGHS's MIP dual
-  bound (``mip_dual_bound``) exceeds ``margin_tol`` (default 1e-6): a safety margin for the
-  solver's feasibility/optimality tolerances (1e-7 primal/dual, 1e-6 integrality) and for the
-  float32 arithmetic of the real network. As a last guard, a proven margin larger than the clean
+* ``"verified"`` only when, for every class, the float64 interval bound, the rigorous LP bound
+  or HiGHS's MIP dual bound (``mip_dual_bound``) exceeds ``margin_tol`` (default 1e-6): a safety
+  margin for the MILP solver's feasibility/optimality tolerances (1e-7 primal/dual, 1e-6
+  integrality) and for the float32 arithmetic of the real network. Wider margins for larger
+  networks are the caller's choice (``margin_tol``). As a last guard, a proven margin larger than the clean
   point's float32 margin (beyond 1e-4 relative) is reported as inconsistent, never as verified.
 * ``"falsified"`` only for a point that a **float32 PyTorch forward** confirms: the MILP
   solution's input, cast to float32 and clipped to the box, must give z_y − max_{j≠y} z_j ≤ 0.
@@ -74,7 +82,8 @@ class MilpResult:
         numerical tolerances; ``note`` says which).
     margin: when verified, a proven lower bound of min_j (z_y − z_j) over the box (exact minimum
         with ``early_stop=False``); when falsified, the float32 margin of the counterexample (≤ 0);
-        otherwise the best proven lower bound found so far, or None.
+        on timeout, the best proven lower bound of the margin found so far (≤ ``margin_tol``),
+        or None when the bounds were found inconsistent (see ``note``).
     counterexample: pixel-space input (C, H, W), float32, inside the box, when falsified.
     time_s: wall time of the whole call. nodes: branch-and-bound nodes over all solves.
     note: why the point is undecided, or other remarks. num_binaries: unstable ReLUs encoded.
@@ -121,7 +130,7 @@ def _pair(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _conv_padding(layer: nn.Conv2d, in_hw: Tuple[int, int]) -> Tuple[int, int]:
+def _conv_padding(layer: nn.Conv2d) -> Tuple[int, int]:
     """Top/left zero padding of a Conv2d (the bottom/right amount only changes the output size)."""
     if isinstance(layer.padding, str):
         if layer.padding == "valid":
@@ -144,7 +153,7 @@ def _conv_affine(layer: nn.Conv2d, in_shape: Tuple[int, ...], out_shape: Tuple[i
     kh, kw = w.shape[2:]
     sh, sw = _pair(layer.stride)
     dh, dw = _pair(layer.dilation)
-    ph, pw = _conv_padding(layer, (hin, win))
+    ph, pw = _conv_padding(layer)
     co, ci, ki, kj, oh, ow = np.meshgrid(np.arange(cout), np.arange(cin_g), np.arange(kh), np.arange(kw),
                                          np.arange(hout), np.arange(wout), indexing="ij")
     ih, iw = oh * sh - ph + ki * dh, ow * sw - pw + kj * dw
@@ -205,7 +214,7 @@ def _network_maps(model: nn.Module, in_shape: Tuple[int, ...]) -> Tuple[List[_Af
                 blocks.append(current)
                 current = _identity(current.matrix.shape[0])
                 continue
-            out_shape = tuple(layer(torch.zeros((1,) + shape)).shape[1:])
+            out_shape = tuple(layer(torch.zeros((1,) + shape, device=_device(model))).shape[1:])
             current = current.then(_layer_affine(layer, shape, out_shape))
             shape = out_shape
     return blocks, current
@@ -254,6 +263,27 @@ def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndar
     return bounds, plo, phi
 
 
+def _highspy():
+    try:
+        import highspy
+    except ImportError as err:  # optional dependency (extra "verify")
+        raise ImportError("MILP verification needs highspy: pip install 'certkd[verify]' (or highspy)") from err
+    return highspy
+
+
+def _run_highs(h) -> None:
+    """``h.run()``; HiGHS's thread scheduler is process-wide and fixed by the first solve, so a solve
+    asking for another thread count fails: then the scheduler is reset once and the solve retried."""
+    highspy = _highspy()
+
+    status = h.run()
+    if status == highspy.HighsStatus.kError and h.getModelStatus() == highspy.HighsModelStatus.kNotset:
+        highspy.Highs.resetGlobalScheduler(True)
+        status = h.run()
+    if status == highspy.HighsStatus.kError:
+        raise RuntimeError(f"HiGHS failed: {h.modelStatusToString(h.getModelStatus())}")
+
+
 class _LpRelaxation:
     """The LP relaxation of an encoding (binaries in [0, 1]), for rigorous bounds on linear objectives.
 
@@ -264,9 +294,7 @@ class _LpRelaxation:
     """
 
     def __init__(self, enc: "_Encoding", threads: int):
-        import highspy
-
-        self._hs = highspy
+        highspy = self._hs = _highspy()
         self.enc = enc
         self.h = highspy.Highs()
         self.h.silent()
@@ -286,7 +314,7 @@ class _LpRelaxation:
         h.changeColsCost(cols.size, cols, np.asarray(vals, np.float64))
         self._prev = cols
         h.setOptionValue("time_limit", max(deadline - time.perf_counter(), 1e-3))
-        h.run()
+        _run_highs(h)
         if h.getModelStatus() != self._hs.HighsModelStatus.kOptimal:
             return -math.inf
         y = np.asarray(h.getSolution().row_dual, dtype=np.float64)
@@ -340,7 +368,15 @@ class _Encoding:
     num_binaries: int
 
 
+# Padding of the variable bounds and big-M constants. With bounds only ~1e-8 wide (e.g. a
+# zero-width input box), HiGHS's presolve declares feasible LPs infeasible; bounds wider than its
+# tolerances avoid that. Padding never changes the MILP's optimum: with integral binaries every z
+# is an exact function of the input, inside its unpadded bounds; it only loosens the relaxation.
+_PAD_ABS, _PAD_REL = 1e-6, 1e-7
+
+
 def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndarray) -> _Encoding:
+    """MILP of the network on the box [lo, hi]; neurons are classified by the (sound) ``bounds``."""
     col_lo: List[np.ndarray] = [lo]
     col_hi: List[np.ndarray] = [hi]
     integ: List[np.ndarray] = [np.zeros(lo.size, bool)]
@@ -372,6 +408,7 @@ def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndar
         n = l.size
         inactive, active = u <= 0, l >= 0
         unstable = ~inactive & ~active
+        l, u = l - _PAD_ABS - _PAD_REL * np.abs(l), u + _PAD_ABS + _PAD_REL * np.abs(u)
         live = np.flatnonzero(~inactive)
         alive_prev = post >= 0
         z = np.full(n, -1)
@@ -414,7 +451,7 @@ def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndar
 
 
 def _highs_lp(enc: _Encoding, cost: np.ndarray, offset: float, relax: bool = False):
-    import highspy
+    highspy = _highspy()
 
     lp = highspy.HighsLp()
     lp.num_col_ = enc.num_col
@@ -439,9 +476,20 @@ def _highs_lp(enc: _Encoding, cost: np.ndarray, offset: float, relax: bool = Fal
 
 # --------------------------------------------------------------------------- float32 re-check
 
-def _float32_margin(model: nn.Module, point: Tensor, label: int) -> float:
+def _device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _forward(model: nn.Module, point: Tensor) -> Tensor:
+    """float32 logits (K,) of one CPU point, on the model's device."""
     with torch.no_grad():
-        z = model(point.unsqueeze(0))[0]
+        return model(point.unsqueeze(0).to(_device(model)))[0].cpu()
+
+
+def _float32_margin(model: nn.Module, point: Tensor, label: int) -> float:
+    z = _forward(model, point)
     others = torch.cat([z[:label], z[label + 1:]])
     return float(z[label] - others.max())
 
@@ -468,25 +516,30 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
         early_stop: stop each class as soon as its bound exceeds ``margin_tol`` (margin is then a
             lower bound); False solves every class to optimality (exact margin).
         margin_tol: safety margin; "verified" needs every class's proven bound > ``margin_tol``.
+        tighten: "lp" (LP tightening of the intermediate bounds, see the module notes) or "none"
+            (interval and caller-supplied bounds only).
     Returns:
         :class:`MilpResult`.
     """
-    import highspy
-
+    highspy = _highspy()
     start = time.perf_counter()
     deadline = start + float(timeout)
-    x = x.detach()
+    x = x.detach().cpu()
     if x.dim() == 4:
         if x.shape[0] != 1:
             raise ValueError("milp_verify takes a single input")
         x = x[0]
     label = int(label)
+    if tighten not in ("lp", "none"):
+        raise ValueError(f"tighten must be 'lp' or 'none', got {tighten!r}")
+    if not margin_tol >= 0:
+        raise ValueError("margin_tol must be >= 0")
     if lower is None or upper is None:
         if eps is None:
             raise ValueError("give eps or both lower and upper")
         lower, upper = linf_box(x, float(eps))
-    lower = lower.detach().reshape(x.shape).to(torch.float32)
-    upper = upper.detach().reshape(x.shape).to(torch.float32)
+    lower = lower.detach().cpu().reshape(x.shape).to(torch.float32)
+    upper = upper.detach().cpu().reshape(x.shape).to(torch.float32)
     if torch.any(lower > upper):
         raise ValueError("empty input box: lower > upper somewhere")
 
@@ -514,61 +567,61 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
         fc, fr = (fhi + flo) / 2, (fhi - flo) / 2
         ibp_lb = {j: float(diff_w[j] @ fc - np.abs(diff_w[j]) @ fr + diff_b[j]) - 1e-9 * (1 + abs(diff_b[j]))
                   for j in others}
-        with torch.no_grad():
-            z_clean = model(point.unsqueeze(0))[0].double().numpy()
+        z_clean = _forward(model, point).double().numpy()
         order = sorted(others, key=lambda j: z_clean[label] - z_clean[j])
 
         enc = _encode(blocks, bounds, lo, hi)
         live = enc.post_cols >= 0
         relax: Optional[_LpRelaxation] = None
-        proven = {}
+        best = dict(ibp_lb)  # best proven lower bound of min z_y − z_j per class
         nodes = 0
         undecided = []
+
+        def result(status: str, note: str = "", margin: Optional[float] = None, cex: Optional[Tensor] = None,
+                   suspect: bool = False):
+            if status == _TIMEOUT and not suspect:
+                margin = min(best.values())  # a valid lower bound of the margin, though not > margin_tol
+            return MilpResult(status, margin, cex, elapsed(), nodes, note=note, num_binaries=enc.num_binaries)
+
         for j in order:
-            if early_stop and ibp_lb[j] > margin_tol:
-                proven[j] = ibp_lb[j]
+            if early_stop and best[j] > margin_tol:
                 continue
             if early_stop and time.perf_counter() < deadline:  # the LP relaxation may already prove class j
                 relax = relax or _LpRelaxation(enc, threads)
                 lp_lb = relax.lower_bound(enc.post_cols[live], diff_w[j][live], deadline) + diff_b[j]
-                if lp_lb > margin_tol:
-                    proven[j] = lp_lb
+                best[j] = max(best[j], lp_lb)
+                if best[j] > margin_tol:
                     continue
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
-                return MilpResult(_TIMEOUT, _partial_margin(proven, others), None, elapsed(), nodes,
-                                  note="time limit reached", num_binaries=enc.num_binaries)
+                return result(_TIMEOUT, "time limit reached")
             cost = np.zeros(enc.num_col)
             np.add.at(cost, enc.post_cols[live], diff_w[j][live])
             out = _solve_class(highspy, enc, cost, diff_b[j], model, lower, upper, label, remaining, threads,
                                early_stop, margin_tol)
             nodes += out["nodes"]
             if out["counterexample"] is not None:
-                return MilpResult(_FALSIFIED, out["cex_margin"], out["counterexample"], elapsed(), nodes,
-                                  note=f"counterexample found for class {j}", num_binaries=enc.num_binaries)
-            if out["timeout"]:
-                return MilpResult(_TIMEOUT, _partial_margin(proven, others), None, elapsed(), nodes,
-                                  note=f"time limit reached on class {j}", num_binaries=enc.num_binaries)
-            if out["dual_bound"] > margin_tol:
-                proven[j] = out["dual_bound"]
+                return result(_FALSIFIED, f"counterexample found for class {j}", out["cex_margin"],
+                              out["counterexample"])
+            if early_stop:
+                best[j] = max(best[j], out["dual_bound"])
             else:
+                best[j] = out["dual_bound"]  # exact mode: the optimum, not the best of several bounds
+            if out["timeout"]:
+                return result(_TIMEOUT, f"time limit reached on class {j}")
+            if not best[j] > margin_tol:
                 undecided.append((j, out))
 
         if undecided:
             j, out = undecided[0]
-            note = (f"class {j}: optimum {out['primal']:.3g} with dual bound {out['dual_bound']:.3g} lies within "
-                    f"the tolerance of 0 and no float32-confirmed counterexample exists ({out['status']})")
-            return MilpResult(_TIMEOUT, None, None, elapsed(), nodes, note=note, num_binaries=enc.num_binaries)
-        margin = min(proven.values())
+            return result(_TIMEOUT, f"class {j}: optimum {out['primal']:.3g} with dual bound {out['dual_bound']:.3g} "
+                                    f"lies within the tolerance of 0 and no float32-confirmed counterexample "
+                                    f"exists ({out['status']})")
+        margin = min(best.values())
         if margin > clean + 1e-4 * (1 + abs(clean)):
-            return MilpResult(_TIMEOUT, None, None, elapsed(), nodes,
-                              note=f"inconsistent: proven margin {margin:.6g} exceeds the clean margin {clean:.6g}",
-                              num_binaries=enc.num_binaries)
-        return MilpResult(_VERIFIED, margin, None, elapsed(), nodes, num_binaries=enc.num_binaries)
-
-
-def _partial_margin(proven: dict, others: list) -> Optional[float]:
-    return min(proven.values()) if len(proven) == len(others) and proven else None
+            return result(_TIMEOUT, f"inconsistent: proven margin {margin:.6g} exceeds the clean margin "
+                                    f"{clean:.6g}", suspect=True)
+        return result(_VERIFIED, margin=margin)
 
 
 def _check_encoding(model: nn.Module, blocks: Sequence[_Affine], head: _Affine, point: Tensor) -> None:
@@ -577,8 +630,7 @@ def _check_encoding(model: nn.Module, blocks: Sequence[_Affine], head: _Affine, 
     for blk in blocks:
         v = np.maximum(blk.apply(v), 0.0)
     z = head.apply(v)
-    with torch.no_grad():
-        ref = model(point.unsqueeze(0))[0].double().numpy()
+    ref = _forward(model, point).double().numpy()
     if not np.allclose(z, ref, rtol=1e-3, atol=1e-3):
         raise RuntimeError(f"MILP encoding disagrees with the model: max |Δlogit| = {np.abs(z - ref).max():.3g}")
 
@@ -625,8 +677,13 @@ def _solve_class(highspy, enc: _Encoding, cost: np.ndarray, offset: float, model
 
     h.cbMipImprovingSolution.subscribe(on_solution)
     h.cbMipInterrupt.subscribe(on_interrupt)
-    h.run()
+    _run_highs(h)
     status = h.getModelStatus()
+    if status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+        h.setOptionValue("presolve", "off")  # presolve's tolerances can misjudge nearly fixed bounds
+        h.setOptionValue("time_limit", max(float(time_limit) - h.getRunTime(), 1e-3))
+        _run_highs(h)
+        status = h.getModelStatus()
     info = h.getInfo()
     has_sol = int(info.primal_solution_status) == int(highspy.kSolutionStatusFeasible)
     primal = info.objective_function_value if has_sol else math.inf

@@ -1,0 +1,168 @@
+"""Issue 4: the verification pipeline, branch-and-bound vs MILP, resume and workers."""
+import json
+
+import pytest
+import torch
+
+from certkd import load_model, resolve_config, train
+from certkd.attacks import PGD, linf_box, margin_loss
+from certkd.cli import main
+from certkd.data import load_dataset
+from certkd.verification.bab import bab_verify
+from certkd.verification.milp import milp_verify
+from certkd.verification.pipeline import STATUSES, VerifyConfig, verify_run, verify_sample
+
+QUIET = dict(progress=False, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    torch.manual_seed(0)
+    mlp = train(resolve_config("digits-small", {"method": "standard", "model": "mlp", "epochs": 5, "eval_limit": 10,
+                                                "model_kwargs": {"hidden": [32, 32]}}), root / "mlp", **QUIET)
+    cnn = train(resolve_config("digits-small", {"method": "cc-ibp", "epochs": 6, "eps_length": 3, "eval_limit": 10}),
+                root / "cnn", **QUIET)
+    return {"mlp": mlp, "cnn": cnn}
+
+
+def _strong_attack(model, x, y, lo, hi):
+    attack = PGD(50, 0.1, restarts=5, stop_on_success=True)
+    x_adv = attack(model, x, torch.tensor([y]), lo, hi, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float(-margin_loss(model(x_adv), torch.tensor([y]))[0])
+
+
+@pytest.mark.slow
+def test_bab_and_milp_agree_and_never_verify_attackable_points(small_runs):
+    """≥30 properties over an MLP and cnn-small: BaB and MILP agree wherever both decide."""
+    _, test, _ = load_dataset("digits")
+    decided = 0
+    for name, run in small_runs.items():
+        model = load_model(run)
+        for i in range(8):
+            x, y = test.get(torch.tensor([i]))
+            y = int(y)
+            for eps in (0.02, 0.06):
+                lo, hi = linf_box(x, eps)
+                b = bab_verify(model, x[0], y, lo[0], hi[0], timeout=30)
+                m = milp_verify(model, x[0], y, lower=lo[0], upper=hi[0], timeout=30)
+                if b.status != "timeout" and m.status != "timeout":
+                    assert b.status == m.status, (name, i, eps, b, m)
+                    decided += 1
+                if "verified" in (b.status, m.status):
+                    assert _strong_attack(model, x, y, lo, hi) > 0, (name, i, eps)
+                for r in (b, m):
+                    if r.status == "falsified":
+                        cx = r.counterexample.unsqueeze(0)
+                        assert bool(((cx >= lo - 1e-7) & (cx <= hi + 1e-7)).all())
+                        with torch.no_grad():
+                            assert model(cx).argmax(1).item() != y or float(-margin_loss(model(cx), torch.tensor([y]))[0]) <= 0
+    assert decided >= 30
+
+
+def test_pipeline_statuses_are_consistent(small_runs):
+    model = load_model(small_runs["cnn"])
+    _, test, _ = load_dataset("digits")
+    cfg = VerifyConfig(eps=0.05, timeout=10, engine="bab")
+    for i in range(6):
+        x, y = test.get(torch.tensor([i]))
+        row = verify_sample(model, x, int(y), cfg, index=i)
+        assert row["status"] in STATUSES
+        assert row["index"] == i and row["label"] == int(y) and row["time_s"] >= 0
+        if row["status"].startswith("verified"):
+            assert row["margin"] > 0
+            lo, hi = linf_box(x, 0.05)
+            assert _strong_attack(model, x, int(y), lo, hi) > 0
+        if row["status"] in ("attacked", "misclassified"):
+            assert row["margin"] <= 0
+
+
+def _strip_times(summary):
+    s = dict(summary)
+    s.pop("median_time_s", None)
+    return s
+
+
+def _rows(path):
+    rows = [json.loads(l) for l in (path / "verification.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("time_s")
+    return rows
+
+
+def test_verify_cli_writes_json_and_jsonl(small_runs, tmp_path, capsys):
+    out = tmp_path / "v"
+    main(["verify", str(small_runs["cnn"]), "--eps", "0.05", "--timeout", "10", "--limit", "12", "--out", str(out),
+          "--quiet"])
+    text = capsys.readouterr().out
+    assert "verified (bab)" in text and "CROWN" in text
+    summary = json.loads((out / "verification.json").read_text())
+    rows = _rows(out)
+    assert summary["n"] == 12 and len(rows) == 12 and [r["index"] for r in rows] == list(range(12))
+    assert sum(summary["counts"].values()) == 12
+    assert summary["ibp_verified_accuracy"] <= summary["crown_verified_accuracy"] <= summary["alpha_crown_verified_accuracy"]
+    assert summary["alpha_crown_verified_accuracy"] <= summary["verified_accuracy"] <= summary["pgd_accuracy"]
+    assert summary["pgd_accuracy"] <= summary["clean_accuracy"]
+
+
+def test_resume_after_interruption_gives_same_result(small_runs, tmp_path, monkeypatch):
+    cfg = VerifyConfig(eps=0.05, timeout=10)
+    full = verify_run(small_runs["cnn"], cfg, limit=10, out_dir=tmp_path / "full", progress=False)
+
+    import certkd.verification.pipeline as pl
+
+    real = pl.verify_sample
+    calls = {"n": 0}
+
+    def dies_after_4(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pl, "verify_sample", dies_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        verify_run(small_runs["cnn"], cfg, limit=10, out_dir=tmp_path / "cut", progress=False)
+    # a torn last line, as a crash mid-write leaves it
+    part = tmp_path / "cut" / "verification.part0.jsonl"
+    part.write_text(part.read_text() + '{"index": 4, "lab')
+    monkeypatch.setattr(pl, "verify_sample", real)
+    resumed = verify_run(small_runs["cnn"], cfg, limit=10, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert _strip_times(resumed) == _strip_times(full)
+    assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_two_workers_match_one(small_runs, tmp_path):
+    cfg = VerifyConfig(eps=0.05, timeout=10)
+    one = verify_run(small_runs["cnn"], cfg, limit=8, out_dir=tmp_path / "one", progress=False)
+    two = verify_run(small_runs["cnn"], cfg, limit=8, out_dir=tmp_path / "two", workers=2, progress=False)
+    assert _strip_times(one) == _strip_times(two)
+    assert _rows(tmp_path / "one") == _rows(tmp_path / "two")
+
+
+def test_bab_timeout_is_honoured(small_runs):
+    import time
+
+    model = load_model(small_runs["mlp"])
+    _, test, _ = load_dataset("digits")
+    x, y = test.get(torch.tensor([1]))
+    lo, hi = linf_box(x, 0.3)
+    start = time.perf_counter()
+    res = bab_verify(model, x[0], int(y), lo[0], hi[0], timeout=1.0)
+    assert time.perf_counter() - start <= 1.1 * 1.0 + 1.0
+    assert res.status in ("timeout", "falsified", "verified")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--timeout", "0"], "timeout must be > 0"),
+    (["--eps", "2"], "eps must be in (0, 1]"),
+    (["--engine", "magic"], "unknown engine 'magic'"),
+])
+def test_verify_bad_input(small_runs, tmp_path, capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", str(small_runs["cnn"]), "--out", str(tmp_path / "o"), "--quiet"] + argv)
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
