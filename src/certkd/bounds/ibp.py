@@ -13,8 +13,10 @@ Design notes
   as one fused affine map (the BN scale/shift folded into the conv weights), in eval mode
   with the running statistics and in train mode with the point's batch statistics, so the
   box costs two convolutions per layer and no extra elementwise passes; the ReLU rule
-  allocates as few full-size temporaries as autograd allows. The fused map equals the
-  layer-by-layer one up to float32 rounding.
+  allocates as few full-size temporaries as autograd allows. On CPU the box travels in
+  channels_last (NHWC) layout, which oneDNN convolves faster; rules must therefore not assume
+  a contiguous NCHW layout (use ``reshape``, not ``view``). Results equal the plain
+  layer-by-layer NCHW computation up to float32 rounding.
 * Why not auto_LiRPA: the PyPI ``auto-lirpa`` 0.3 does not import on torch 2.x, and a
   hand-written IBP for this small layer set is short, measurable and fast
   (``benchmarks/bench_bounds.py``).
