@@ -1,7 +1,38 @@
-"""Tables for the terminal and for papers (Markdown)."""
+"""Tables, reports and model cards.
+
+* :func:`format_table` / :func:`accuracy_table`: terminal tables (``certkd evaluate``, ``certkd demo``).
+* :func:`write_report` (``certkd report``): collect run directories, group seeds of the same
+  configuration, and write ``report.md`` (one page: table, Pareto plot, exact commands),
+  ``results.csv`` (one row per group, mean/std/count per metric), ``runs.csv`` (one row per run),
+  ``pareto.png`` and ``curves/<run>.png``.
+* :func:`model_card` / :func:`write_card` (``certkd card``) and :func:`make_release`: a Markdown
+  model card for one run and a self-contained release folder that :func:`certkd.load_model` reads.
+
+Nothing here trains or evaluates: runs without ``evaluation.json`` are listed as missing with the
+command that fills the gap. Every file is written atomically.
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import re
+import shlex
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from certkd.checkpoints import (atomic_write_bytes, atomic_write_json, atomic_write_text, latest_checkpoint,
+                                read_meta)
+from certkd.config import (CERTIFIED_METHODS, DISTILLATION_METHODS, EMPIRICAL_METHODS, TrainConfig,
+                           apply_overrides, load_preset)
+from certkd.errors import CertkdError
 
 ACCURACY_COLUMNS = (("clean_accuracy", "clean"), ("pgd_accuracy", "PGD"), ("ibp_verified_accuracy", "IBP-verified"))
 
@@ -16,6 +47,16 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple],
             val = row.get(key)
             cells.append(f"{100 * float(val):.1f}%" if isinstance(val, (int, float)) else "–")
         lines.append(cells)
+    return _markdown_table(header, lines)
+
+
+def accuracy_table(results: Dict[str, Mapping[str, object]]) -> str:
+    """Table of clean / PGD / IBP-verified accuracy for named evaluation results."""
+    rows = [dict(r, name=name) for name, r in results.items()]
+    return format_table(rows, ACCURACY_COLUMNS)
+
+
+def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     out = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -23,7 +64,859 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple],
     return "\n".join(out)
 
 
-def accuracy_table(results: Dict[str, Mapping[str, object]]) -> str:
-    """Table of clean / PGD / IBP-verified accuracy for named evaluation results."""
-    rows = [dict(r, name=name) for name, r in results.items()]
-    return format_table(rows, ACCURACY_COLUMNS)
+# --------------------------------------------------------------------------------------------
+# Reading runs
+# --------------------------------------------------------------------------------------------
+
+#: (key, label) of the report table, in column order.
+REPORT_METRICS = (("clean_accuracy", "clean"), ("pgd_accuracy", "PGD"), ("ibp_verified_accuracy", "IBP"),
+                  ("crown_verified_accuracy", "CROWN"), ("verified_accuracy", "verified"))
+#: Config keys that do not define a configuration: runs differing only in these are seeds of one group.
+GROUP_IGNORED_KEYS = ("seed", "device", "data_dir")
+#: Families of methods, in report order: (family id, legend label).
+FAMILIES = (("teacher", "teachers (standard / PGD-AT / TRADES)"), ("certified", "CC-IBP family (certified training)"),
+            ("distillation", "CC-Dist family (distillation)"), ("other", "other"))
+_PRETTY_KEYS = {"beta": "β", "alpha": "α", "eps": "ε", "trades_beta": "β_TRADES", "kd_temperature": "T"}
+
+
+def method_family(method: str) -> str:
+    if method in EMPIRICAL_METHODS:
+        return "teacher"
+    if method in CERTIFIED_METHODS:
+        return "certified"
+    if method in DISTILLATION_METHODS:
+        return "distillation"
+    return "other"
+
+
+def _read_json(path: Path, warnings: List[str], hint: str) -> Optional[Dict[str, Any]]:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        warnings.append(f"{path.name} is unreadable ({e}); {hint}")
+        return None
+    if not isinstance(data, dict):
+        warnings.append(f"{path.name} is not a JSON object; {hint}")
+        return None
+    return data
+
+
+@dataclass
+class RunRecord:
+    """Everything a report needs from one run directory (read-only)."""
+
+    path: Path
+    name: str
+    config: TrainConfig
+    evaluation: Optional[Dict[str, Any]] = None
+    verification: Optional[Dict[str, Any]] = None     # only a complete verification.json
+    metrics: List[Dict[str, Any]] = field(default_factory=list)
+    checkpoint: Optional[Path] = None
+    meta: Optional[Dict[str, Any]] = None
+    preset: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def family(self) -> str:
+        return method_family(self.config.method)
+
+    @property
+    def epoch(self) -> Optional[int]:
+        return None if self.meta is None else int(self.meta.get("epoch", 0))
+
+    def value(self, key: str) -> Optional[float]:
+        """A metric of the run: clean/PGD/IBP from evaluation.json (else verification.json),
+        CROWN and verified from a complete verification.json; None when not measured."""
+        sources = [self.evaluation, self.verification] if key in ("clean_accuracy", "pgd_accuracy",
+                                                                  "ibp_verified_accuracy") else [self.verification]
+        for src in sources:
+            if src is not None and isinstance(src.get(key), (int, float)):
+                return float(src[key])
+        return None
+
+    def pareto_y(self) -> Tuple[Optional[float], bool]:
+        """(verified accuracy, True) from verification.json, else (IBP-verified accuracy, False)."""
+        v = self.value("verified_accuracy")
+        if v is not None:
+            return v, True
+        return self.value("ibp_verified_accuracy"), False
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.yaml").is_file()
+
+
+def _read_config(path: Path) -> Tuple[TrainConfig, Optional[str]]:
+    cfg_path = path / "config.yaml"
+    try:
+        values = yaml.safe_load(cfg_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CertkdError(f"cannot read {cfg_path} ({str(e).splitlines()[0] if str(e) else e}); "
+                          "it is not a valid run config") from None
+    if not isinstance(values, dict):
+        raise CertkdError(f"{cfg_path} is not a YAML mapping of config keys; it is not a certkd run")
+    values = dict(values)
+    preset = values.pop("preset", None)  # recorded by newer versions, not a TrainConfig key
+    try:
+        cfg = apply_overrides(TrainConfig(), values)
+    except CertkdError as e:
+        raise CertkdError(f"{cfg_path}: {e}") from None
+    return cfg, (str(preset) if preset else None)
+
+
+def load_run(path, name: Optional[str] = None) -> RunRecord:
+    """Read one run directory (config.yaml, latest checkpoint meta, metrics, evaluation, verification)."""
+    p = Path(path)
+    if not p.exists():
+        raise CertkdError(f"no such run directory: {p}")
+    if not is_run_dir(p):
+        raise CertkdError(f"{p} is not a certkd run directory (no config.yaml); pass run directories such as runs/*")
+    cfg, preset = _read_config(p)
+    rec = RunRecord(path=p, name=name or p.name, config=cfg, preset=preset)
+    ck = latest_checkpoint(p)
+    if ck is not None:
+        try:
+            rec.meta = read_meta(ck)
+            rec.checkpoint = ck
+        except CertkdError as e:
+            rec.warnings.append(str(e))
+    if rec.meta is not None and rec.meta.get("preset") and not rec.preset:
+        rec.preset = str(rec.meta["preset"])
+    ev_hint = f"rerun `certkd evaluate {shlex.quote(str(p))}`"
+    rec.evaluation = _read_json(p / "evaluation.json", rec.warnings, ev_hint)
+    ver = _read_json(p / "verification.json", rec.warnings, f"rerun `certkd verify {shlex.quote(str(p))}`")
+    if ver is not None:
+        if ver.get("complete", True) and ver.get("n", 0):
+            rec.verification = ver
+        else:
+            rec.warnings.append(f"verification incomplete ({ver.get('n', 0)}/{ver.get('n_requested', '?')} points); "
+                                f"finish it with `certkd verify {shlex.quote(str(p))} --resume` (same settings)")
+    metrics = p / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "epoch" in obj:
+                rec.metrics.append(obj)
+    if rec.checkpoint is None:
+        rec.warnings.append(f"no checkpoint: not trained yet; continue or restart it with "
+                            f"`certkd train --resume --out {shlex.quote(str(p))}`")
+    elif rec.epoch is not None and rec.epoch < cfg.epochs:
+        rec.warnings.append(f"partially trained (epoch {rec.epoch}/{cfg.epochs}); finish it with "
+                            f"`certkd train --resume --out {shlex.quote(str(p))}`")
+    if rec.evaluation is None and rec.verification is None:
+        rec.warnings.append(f"no evaluation.json: run `certkd evaluate {shlex.quote(str(p))}`")
+    elif rec.evaluation is not None and rec.epoch is not None and rec.evaluation.get("checkpoint_epoch") not in (
+            None, rec.epoch):
+        rec.warnings.append(f"evaluation.json is from epoch {rec.evaluation.get('checkpoint_epoch')} but the latest "
+                            f"checkpoint is epoch {rec.epoch}; rerun `certkd evaluate {shlex.quote(str(p))}`")
+    return rec
+
+
+def _unique_names(paths: Sequence[Path]) -> List[str]:
+    """Shortest path suffixes that tell the runs apart (``seed=0``, or ``a/seed=0`` and ``b/seed=0``)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(pp[-d:]) for pp, d in zip(parts, depth)]
+        clashes = {n for n in names if names.count(n) > 1}
+        if not clashes:
+            return names
+        changed = False
+        for i, n in enumerate(names):
+            if n in clashes and depth[i] < len(parts[i]):
+                depth[i] += 1
+                changed = True
+        if not changed:
+            return names
+
+
+def collect_runs(paths: Iterable) -> List[RunRecord]:
+    """Run directories from paths that are runs, or folders of runs (e.g. a sweep folder).
+
+    Raises :class:`CertkdError` when no path is given or a path is neither.
+    """
+    given = [Path(p) for p in paths]
+    if not given:
+        raise CertkdError("no run directories given; pass them like: certkd report runs/* --out report/")
+    found: List[Path] = []
+    for p in given:
+        if is_run_dir(p):
+            found.append(p)
+            continue
+        if not p.exists():
+            raise CertkdError(f"no such run directory: {p}")
+        children = sorted(c for c in p.iterdir() if is_run_dir(c)) if p.is_dir() else []
+        if not children:
+            raise CertkdError(f"{p} is not a certkd run directory (no config.yaml) and holds no runs; "
+                              "pass run directories such as runs/*")
+        found.extend(children)
+    seen, unique = set(), []
+    for p in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return [load_run(p, name) for p, name in zip(unique, _unique_names(unique))]
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping and statistics
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    """Runs whose resolved configs are identical except the seed (and runtime keys)."""
+
+    name: str
+    config: Dict[str, Any]
+    runs: List[RunRecord]
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
+
+    @property
+    def family(self) -> str:
+        return self.runs[0].family
+
+    @property
+    def seeds(self) -> List[int]:
+        return [r.config.seed for r in self.runs]
+
+    def stats(self, key: str) -> "Stat":
+        return mean_std([r.value(key) for r in self.runs])
+
+    def pareto(self) -> Tuple["Stat", "Stat", bool]:
+        """(clean accuracy, verified accuracy, whether every y is from a complete verifier)."""
+        ys = [r.pareto_y() for r in self.runs]
+        complete = all(c for y, c in ys if y is not None) and any(y is not None for y, _ in ys)
+        if not complete:  # do not mix complete-verifier and IBP numbers in one mean
+            ys = [(r.value("ibp_verified_accuracy"), False) for r in self.runs]
+        return self.stats("clean_accuracy"), mean_std([y for y, _ in ys]), complete
+
+
+@dataclass
+class Stat:
+    mean: Optional[float]
+    std: Optional[float]   # sample standard deviation (ddof=1); None with fewer than 2 values
+    n: int                 # number of runs that have the value
+    total: int             # number of runs in the group
+
+    def format(self, percent: bool = True, digits: int = 1) -> str:
+        if self.mean is None:
+            return "–"
+        s = 100.0 if percent else 1.0
+        text = f"{s * self.mean:.{digits}f}"
+        if self.std is not None:
+            text += f" ± {s * self.std:.{digits}f}"
+        if self.n < self.total:
+            text += f" ({self.n}/{self.total})"
+        return text
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Stat:
+    """Mean and sample standard deviation (ddof=1) of the values that are not None."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return Stat(None, None, 0, len(values))
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals), len(values))
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _group_key(cfg: TrainConfig) -> str:
+    d = cfg.to_dict()
+    for k in GROUP_IGNORED_KEYS:
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def group_runs(runs: Sequence[RunRecord]) -> List[Group]:
+    """Group seeds; name each group by its method plus the keys that tell apart groups of that method."""
+    by_key: Dict[str, List[RunRecord]] = {}
+    for r in runs:
+        by_key.setdefault(_group_key(r.config), []).append(r)
+    groups = [(json.loads(k), sorted(rs, key=lambda r: (r.config.seed, r.name))) for k, rs in by_key.items()]
+    names: List[str] = []
+    for cfg, rs in groups:
+        same_method = [c for c, _ in groups if c["method"] == cfg["method"]]
+        keys = [k for k in cfg if k != "method" and len({json.dumps(c.get(k), sort_keys=True) for c in same_method}) > 1]
+        parts = [cfg["method"]] + [f"{_PRETTY_KEYS.get(k, k)}={_fmt_value(cfg[k])}" for k in keys]
+        names.append(" ".join(parts))
+    out = [Group(name=n, config=c, runs=rs) for n, (c, rs) in zip(names, groups)]
+    order = {f: i for i, (f, _) in enumerate(FAMILIES)}
+    out.sort(key=lambda g: (order[g.family], g.method, g.name))
+    return out
+
+
+def results_rows(groups: Sequence[Group]) -> List[Dict[str, Any]]:
+    """One dict per group: name, method, family, eps, seeds, runs, and mean/std/n of every metric."""
+    rows = []
+    for g in groups:
+        row: Dict[str, Any] = {"group": g.name, "method": g.method, "family": g.family, "eps": g.config["eps"],
+                               "n_runs": len(g.runs), "seeds": " ".join(str(s) for s in g.seeds),
+                               "runs": " ".join(r.name for r in g.runs)}
+        for key, _ in REPORT_METRICS:
+            st = g.stats(key)
+            row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_n"] = st.mean, st.std, st.n
+        rows.append(row)
+    return rows
+
+
+def results_table(groups: Sequence[Group]) -> str:
+    """Markdown table of the groups: accuracies in % as mean ± std over seeds."""
+    header = ["configuration", "ε", "seeds"] + [label for _, label in REPORT_METRICS]
+    lines = []
+    for g in groups:
+        lines.append([g.name.replace("|", "\\|"), f"{g.config['eps']:g}", ",".join(str(s) for s in g.seeds)]
+                     + [g.stats(key).format() for key, _ in REPORT_METRICS])
+    return _markdown_table(header, lines)
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else (repr(row[c]) if isinstance(row[c], float) else row[c]))
+                         for c in columns})
+    return buf.getvalue()
+
+
+def results_csv(groups: Sequence[Group]) -> str:
+    """CSV with one row per group; accuracies as fractions in [0, 1], std empty for a single seed."""
+    cols = ["group", "method", "family", "eps", "n_runs", "seeds", "runs"]
+    cols += [f"{k}_{s}" for k, _ in REPORT_METRICS for s in ("mean", "std", "n")]
+    return _csv_text(results_rows(groups), cols)
+
+
+def runs_csv(groups: Sequence[Group]) -> str:
+    """CSV with one row per run (fractions in [0, 1]; empty where not measured)."""
+    cols = ["run", "path", "group", "method", "seed", "eps", "epoch", "epochs"] + [k for k, _ in REPORT_METRICS]
+    rows = []
+    for g in groups:
+        for r in g.runs:
+            row = {"run": r.name, "path": str(r.path), "group": g.name, "method": r.method, "seed": r.config.seed,
+                   "eps": r.config.eps, "epoch": r.epoch, "epochs": r.config.epochs}
+            row.update({k: r.value(k) for k, _ in REPORT_METRICS})
+            rows.append(row)
+    return _csv_text(rows, cols)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact commands
+# --------------------------------------------------------------------------------------------
+
+# Config keys with a dedicated `certkd train` flag; every other key goes through --set.
+_TRAIN_FLAGS = ("dataset", "data_dir", "model", "method", "eps", "alpha", "beta", "teacher", "dist_combination",
+                "feature_adapter", "epochs", "batch_size", "lr", "seed", "device")
+
+
+def _set_value(value: Any) -> str:
+    """A --set value that the CLI (yaml.safe_load, then the field's type) reads back as ``value``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(", ", ": "))
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return value if same and value.strip() == value and value else json.dumps(value)
+    return str(value)
+
+
+def train_command(cfg: TrainConfig, out, preset: Optional[str] = None) -> str:
+    """The ``certkd train`` command line that resolves to exactly ``cfg`` and writes to ``out``.
+
+    Keys are compared with the :class:`TrainConfig` defaults (or with the preset when the run
+    recorded one): dedicated flags where the CLI has them, ``--set key=value`` otherwise.
+    """
+    base = TrainConfig()
+    args = ["certkd", "train"]
+    if preset:
+        try:
+            base = apply_overrides(TrainConfig(), load_preset(preset))
+            args += ["--preset", preset]
+        except CertkdError:
+            base = TrainConfig()
+    target, ref = cfg.to_dict(), base.to_dict()
+    for f in dataclasses.fields(TrainConfig):
+        key = f.name
+        if target[key] == ref[key] and type(target[key]) is type(ref[key]):
+            continue
+        if target[key] is None:  # resolve_config drops None overrides; None is every Optional's default
+            continue
+        if key in _TRAIN_FLAGS:
+            v = target[key]
+            args += [f"--{key.replace('_', '-')}", repr(v) if isinstance(v, float) else str(v)]
+        else:
+            args += ["--set", f"{key}={_set_value(target[key])}"]
+    args += ["--out", str(out)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def evaluate_command(run: RunRecord) -> Optional[str]:
+    ev = run.evaluation
+    if ev is None:
+        return None
+    args = ["certkd", "evaluate", str(run.path)]
+    if isinstance(ev.get("eps"), (int, float)) and not math.isclose(float(ev["eps"]), run.config.eps):
+        args += ["--eps", repr(float(ev["eps"]))]
+    if isinstance(ev.get("n"), int):
+        args += ["--limit", str(ev["n"])]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def verify_command(run: RunRecord) -> Optional[str]:
+    ver = run.verification
+    if ver is None:
+        return None
+    st = ver.get("settings") or {}
+    args = ["certkd", "verify", str(run.path)]
+    if isinstance(st.get("eps"), (int, float)) and not math.isclose(float(st["eps"]), run.config.eps):
+        args += ["--eps", repr(float(st["eps"]))]
+    if "timeout" in st:
+        args += ["--timeout", f"{st['timeout']:g}"]
+    if "engine" in st:
+        args += ["--engine", str(st["engine"])]
+    if st.get("attack_restarts", 1) != 1:
+        args += ["--restarts", str(st["attack_restarts"])]
+    if st.get("alpha_iterations", 20) != 20:
+        args += ["--alpha-iterations", str(st["alpha_iterations"])]
+    n = ver.get("n_requested", ver.get("n"))
+    if isinstance(n, int):
+        args += ["--limit", str(n)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _command_order(runs: Sequence[RunRecord]) -> List[RunRecord]:
+    """Teachers before the students that distil them."""
+    order = {f: i for i, (f, _) in enumerate(FAMILIES)}
+    return sorted(runs, key=lambda r: (order[r.family], r.method, r.name))
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+_STYLE = {"teacher": ("s", "tab:gray"), "certified": ("o", "tab:blue"), "distillation": ("^", "tab:red"),
+          "other": ("D", "tab:green")}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise CertkdError("plots need matplotlib: pip install 'certkd[report]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the points not dominated (maximising both coordinates), sorted by x."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def plot_pareto(groups: Sequence[Group], path, title: str = "") -> Optional[Path]:
+    """Clean accuracy (x) against verified accuracy (y) per group, seeds as faint points.
+
+    Filled markers: y from a complete verifier (verification.json); hollow: IBP-verified
+    (evaluation.json), a lower bound. The Pareto front of the group means is drawn as a
+    staircase. Returns None when no group has both numbers.
+    """
+    plt = _pyplot()
+    pts, idx = [], []
+    for i, g in enumerate(groups):
+        x, y, complete = g.pareto()
+        if x.mean is not None and y.mean is not None:
+            pts.append((x.mean, y.mean))
+            idx.append((i, x, y, complete))
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(7.0, 5.2))
+    used = set()
+    for (i, x, y, complete), (px, py) in zip(idx, pts):
+        g = groups[i]
+        marker, colour = _STYLE[g.family]
+        for r in g.runs:  # individual seeds
+            rx = r.value("clean_accuracy")
+            ry = r.pareto_y()[0] if complete else r.value("ibp_verified_accuracy")
+            if rx is not None and ry is not None and len(g.runs) > 1:
+                ax.scatter(100 * rx, 100 * ry, marker=marker, s=14, color=colour, alpha=0.35, linewidths=0)
+        ax.errorbar(100 * px, 100 * py, xerr=None if x.std is None else 100 * x.std,
+                    yerr=None if y.std is None else 100 * y.std, fmt="none", ecolor=colour, elinewidth=1, capsize=3,
+                    alpha=0.8)
+        label = None
+        if g.family not in used:
+            used.add(g.family)
+            label = dict(FAMILIES)[g.family]
+        ax.scatter(100 * px, 100 * py, marker=marker, s=70, label=label, zorder=3, linewidths=1.5,
+                   facecolors=colour if complete else "white", edgecolors=colour)
+        ax.annotate(g.name, (100 * px, 100 * py), textcoords="offset points", xytext=(6, 5), fontsize=8,
+                    color="0.15")
+    front = pareto_front(pts)
+    fx = [100 * pts[i][0] for i in front]
+    fy = [100 * pts[i][1] for i in front]
+    if len(front) > 1:
+        ax.step(fx, fy, where="pre", linestyle="--", color="black", linewidth=1, label="Pareto front", zorder=2)
+    else:
+        ax.scatter(fx, fy, s=180, facecolors="none", edgecolors="black", linestyle="--", label="Pareto front",
+                   zorder=2)
+    # legend entries for the fill convention
+    ax.scatter([], [], marker="o", facecolors="0.3", edgecolors="0.3", label="filled: complete verifier")
+    ax.scatter([], [], marker="o", facecolors="white", edgecolors="0.3", label="hollow: IBP-verified (lower bound)")
+    ax.set_xlabel("standard (clean) accuracy [%]")
+    ax.set_ylabel("verified robust accuracy [%]")
+    xs = [p[0] * 100 for p in pts]
+    ys = [p[1] * 100 for p in pts]
+    pad_x = max(2.0, 0.08 * (max(xs) - min(xs)))
+    pad_y = max(2.0, 0.08 * (max(ys) - min(ys)))
+    ax.set_xlim(max(0.0, min(xs) - pad_x), min(100.0, max(xs) + 3 * pad_x))
+    ax.set_ylim(max(0.0, min(ys) - pad_y), min(100.0, max(ys) + 2 * pad_y))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    if title:
+        ax.set_title(title, fontsize=10)
+    out = Path(path)
+    _save_png(fig, out)
+    plt.close(fig)
+    return out
+
+
+def plot_curves(run: RunRecord, path) -> Optional[Path]:
+    """Training curves of one run from metrics.jsonl: train loss, ε and test accuracies per epoch."""
+    if not run.metrics:
+        return None
+    plt = _pyplot()
+    recs = sorted(run.metrics, key=lambda m: m["epoch"])
+    ep = [m["epoch"] for m in recs]
+    loss = [m.get("train", {}).get("loss", float("nan")) for m in recs]
+    eps = [m.get("train", {}).get("eps", float("nan")) for m in recs]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    axes[0].plot(ep, loss, marker="o", markersize=3, color="tab:purple")
+    axes[0].set_title("train loss")
+    axes[1].plot(ep, eps, marker="o", markersize=3, color="tab:orange", label="mean training ε")
+    axes[1].axhline(run.config.eps, linestyle="--", color="0.4", linewidth=1, label=f"target ε={run.config.eps:g}")
+    axes[1].set_title("ε schedule")
+    axes[1].legend(fontsize=7)
+    tests = [m for m in recs if isinstance(m.get("test"), dict)]
+    for key, label, colour in (("clean_accuracy", "clean", "tab:green"), ("pgd_accuracy", "PGD", "tab:red"),
+                               ("ibp_verified_accuracy", "IBP-verified", "tab:blue")):
+        axes[2].plot([m["epoch"] for m in tests], [100 * m["test"].get(key, float("nan")) for m in tests],
+                     marker="o", markersize=4, label=label, color=colour)
+    n = tests[-1]["test"].get("n") if tests else None
+    axes[2].set_title("test accuracy [%]" + (f" (n={n})" if n else ""))
+    axes[2].set_ylim(-2, 102)
+    if tests:
+        axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{run.name} ({run.method})", fontsize=10)
+    out = Path(path)
+    _save_png(fig, out)
+    plt.close(fig)
+    return out
+
+
+def _safe_filename(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name.replace("/", "__")).strip("_") or "run"
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+def write_report(paths: Iterable, out_dir, command: Optional[str] = None) -> Dict[str, Any]:
+    """Collect runs and write report.md, results.csv, runs.csv, pareto.png and curves/ into ``out_dir``.
+
+    Returns a summary: ``runs``, ``groups``, ``missing`` (run names without any evaluation),
+    ``warnings`` (one line each) and ``files`` (paths written).
+    """
+    runs = collect_runs(paths)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CertkdError(f"--out {out} exists and is not a directory; choose another --out")
+    for r in runs:
+        if out.resolve() == r.path.resolve():
+            raise CertkdError(f"--out {out} is a run directory; write the report elsewhere (e.g. report/)")
+    groups = group_runs(runs)
+    files: List[Path] = []
+
+    atomic_write_text(out / "results.csv", results_csv(groups))
+    atomic_write_text(out / "runs.csv", runs_csv(groups))
+    files += [out / "results.csv", out / "runs.csv"]
+
+    datasets = sorted({r.config.dataset for r in runs})
+    eps_values = sorted({r.config.eps for r in runs})
+    title = f"{', '.join(datasets)}, ε = {', '.join(f'{e:g}' for e in eps_values)}"
+    pareto = plot_pareto(groups, out / "pareto.png", title=title)
+    if pareto is not None:
+        files.append(pareto)
+    curves: Dict[str, Path] = {}
+    for r in runs:
+        p = plot_curves(r, out / "curves" / f"{_safe_filename(r.name)}.png")
+        if p is not None:
+            curves[r.name] = p
+            files.append(p)
+
+    warnings = [f"`{r.name}`: {w}" for r in runs for w in r.warnings]
+    if len(eps_values) > 1:
+        warnings.append(f"runs use different ε ({', '.join(f'{e:g}' for e in eps_values)}); compare points of the "
+                        "Pareto plot at equal ε only")
+    missing = [r.name for r in runs if r.evaluation is None and r.verification is None]
+
+    md = [f"# certkd report: {title}", ""]
+    md.append(f"{len(runs)} runs in {len(groups)} configurations. Accuracies in % on the test set, "
+              "mean ± sample standard deviation over seeds; (k/N): only k of the N seeds have the number.")
+    md.append("clean, PGD, IBP: `evaluation.json` (PGD-40; else `verification.json`); CROWN and verified: "
+              "`verification.json` (complete verifier, incl. its timeouts); – : not measured.")
+    md += ["", results_table(groups), ""]
+    if pareto is not None:
+        md += ["![Clean vs verified accuracy with the Pareto front](pareto.png)", "",
+               "*Verified accuracy: complete verifier where `verification.json` exists (filled markers), "
+               "else IBP-verified (hollow, a lower bound).* Data: `results.csv` (per configuration), "
+               "`runs.csv` (per run).", ""]
+    if warnings:
+        md += ["## Missing and warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    if curves:
+        links = [f"[{name}](<curves/{p.name}>)" for name, p in curves.items()]
+        md += ["## Training curves", "", " · ".join(links), ""]
+    md += ["## Commands", "", "```bash"]
+    ordered = _command_order(runs)
+    md += [train_command(r.config, r.path, r.preset) for r in ordered]
+    md += [c for c in (evaluate_command(r) for r in ordered) if c]
+    md += [c for c in (verify_command(r) for r in ordered) if c]
+    md.append(command or " ".join(["certkd", "report"] + [shlex.quote(str(r.path)) for r in runs]
+                                  + ["--out", shlex.quote(str(out))]))
+    md += ["```", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    files.insert(0, out / "report.md")
+    return {"runs": len(runs), "groups": [g.name for g in groups], "missing": missing, "warnings": warnings,
+            "files": [str(f) for f in files], "report": str(out / "report.md")}
+
+
+# --------------------------------------------------------------------------------------------
+# Model card and release folder
+# --------------------------------------------------------------------------------------------
+
+def _teacher_info(teacher: str) -> Tuple[Optional[str], str]:
+    """(method, description) of a teacher path; the method is None when it cannot be read."""
+    p = Path(teacher)
+    try:
+        if is_run_dir(p):
+            t = load_run(p)
+            ev = t.value("clean_accuracy"), t.value("pgd_accuracy")
+            acc = (f"; clean {100 * ev[0]:.1f}%, PGD {100 * ev[1]:.1f}% at ε={t.evaluation.get('eps', t.config.eps):g}"
+                   if None not in ev and t.evaluation else "")
+            return t.method, f"`{teacher}`: {t.method}, {t.config.model}, trained at ε={t.config.eps:g}{acc}"
+        from certkd.checkpoints import resolve_checkpoint
+
+        meta = read_meta(resolve_checkpoint(p))
+        method = meta.get("config", {}).get("method")
+        return method, f"`{teacher}`: {method or 'unknown method'} ({meta['model'].get('name')})"
+    except (CertkdError, OSError, KeyError, TypeError, AttributeError) as e:
+        return None, f"`{teacher}` (not readable from here: {e})"
+
+
+def _parameter_count(spec_dict: Mapping[str, Any]) -> Optional[int]:
+    try:
+        from certkd.models import ModelSpec, create_model_from_spec
+
+        model = create_model_from_spec(ModelSpec.from_dict(dict(spec_dict)))
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # an unknown architecture must not break the card
+        return None
+
+
+def model_card(run, release_dir=None) -> str:
+    """Markdown model card of a trained run (architecture, data, ε, method, teacher, metrics, commands)."""
+    rec = load_run(run)
+    if rec.checkpoint is None or rec.meta is None:
+        raise CertkdError(f"{rec.path} has no checkpoint; train it first (certkd train ... --out {rec.path})")
+    cfg, meta = rec.config, rec.meta
+    spec = meta["model"]
+    params = _parameter_count(spec)
+    shape = f"{spec.get('in_channels')}×{spec.get('input_size')}×{spec.get('input_size')}"
+    md = [f"# Model card: {rec.path.name}", ""]
+    md.append(f"A `{spec.get('name')}` classifier trained with **{cfg.method}** on **{meta.get('dataset', cfg.dataset)}** "
+              f"for L∞ robustness at **ε = {cfg.eps:g}** (pixel units, inputs in [0, 1]).")
+    md += ["", "## Architecture", ""]
+    md.append(f"- name: `{spec.get('name')}`" + (f", options {json.dumps(spec.get('kwargs'))}" if spec.get("kwargs") else ""))
+    md.append(f"- input: {shape} (channels × height × width), pixel values in [0, 1]; normalisation inside the "
+              f"model (mean {spec.get('mean')}, std {spec.get('std')})")
+    md.append(f"- classes: {spec.get('num_classes')}")
+    md.append(f"- parameters: {params:,}" if params is not None else "- parameters: unknown (architecture not registered)")
+    md.append(f"- checkpoint: `{rec.checkpoint.name}` (epoch {rec.epoch} of {cfg.epochs}), weights in safetensors")
+    md += ["", "## Data", ""]
+    md.append(f"- dataset: `{meta.get('dataset', cfg.dataset)}`" + (f" from `{cfg.data_dir}`" if cfg.data_dir else ""))
+    md.append(f"- training: batch size {cfg.batch_size}, augmentation {'on' if cfg.augment else 'off'}")
+    md += ["", "## Training", ""]
+    md.append(f"- method: `{cfg.method}` ({dict(FAMILIES)[rec.family]})")
+    md.append(f"- ε = {cfg.eps:g}; training ε × {cfg.train_eps_mul:g}, ramp from epoch {cfg.eps_start} over "
+              f"{cfg.eps_length} epochs")
+    if rec.family in ("certified", "distillation"):
+        md.append(f"- α = {cfg.alpha:g}; training attack: PGD-{cfg.attack_steps}, step {cfg.attack_step_size:g}·ρ")
+    elif cfg.method != "standard":
+        md.append(f"- training attack: PGD-{cfg.attack_steps}, step {cfg.attack_step_size:g}·ρ"
+                  + (f", TRADES β = {cfg.trades_beta:g}" if cfg.method == "trades" else ""))
+    md.append(f"- optimiser: {cfg.optimizer}, lr {cfg.lr:g} (× {cfg.lr_gamma:g} at epochs {cfg.lr_milestones}), "
+              f"{cfg.epochs} epochs, seed {cfg.seed}")
+    teacher_method = None
+    if cfg.teacher:
+        teacher_method, desc = _teacher_info(cfg.teacher)
+        md.append(f"- teacher: {desc}")
+        md.append(f"- distillation: β = {cfg.beta:g}, combination `{cfg.dist_combination}`, distance "
+                  f"`{cfg.dist_distance}`, reduction `{cfg.dist_reduction}`, feature adapter `{cfg.feature_adapter}`")
+    md += ["", "## Metrics", ""]
+    rows: List[List[str]] = []
+    ev = rec.evaluation
+    if ev is not None:
+        n, e = ev.get("n"), ev.get("eps", cfg.eps)
+        steps = ev.get("attack_steps", 40)
+        size = ev.get("attack_step_size", 0.1)
+        restarts = ev.get("attack_restarts", 1)
+        where = f"`evaluation.json`, first {n} test points, ε = {e:g}"
+        rows.append(["clean accuracy", _pct(ev.get("clean_accuracy")), f"argmax in eval mode; {where}"])
+        rows.append(["PGD accuracy", _pct(ev.get("pgd_accuracy")),
+                     f"L∞ PGD-{steps}, step {size:g}·ρ (ρ: clipped half-width), {restarts} restart(s), random "
+                     f"start, margin-aware early stop; {where}"])
+        rows.append(["IBP-verified accuracy", _pct(ev.get("ibp_verified_accuracy")),
+                     f"interval bound propagation, correct and lower logit margins > 0; {where}"])
+    ver = rec.verification
+    if ver is not None:
+        st = ver.get("settings") or {}
+        n, e = ver.get("n"), st.get("eps", ver.get("eps", cfg.eps))
+        where = f"`verification.json`, first {n} test points, ε = {e:g}"
+        rows.append(["clean accuracy (verifier)", _pct(ver.get("clean_accuracy")), where])
+        rows.append(["PGD accuracy (verifier)", _pct(ver.get("pgd_accuracy")),
+                     f"PGD-{st.get('attack_steps', '?')}, step {st.get('attack_step_size', '?')}·ρ, "
+                     f"{st.get('attack_restarts', '?')} restart(s), counterexamples re-checked; {where}"])
+        rows.append(["IBP-verified (verifier)", _pct(ver.get("ibp_verified_accuracy")), where])
+        rows.append(["CROWN-verified", _pct(ver.get("crown_verified_accuracy")),
+                     f"IBP then CROWN (intermediate bounds: {st.get('crown_intermediate', '?')}); {where}"])
+        rows.append(["α-CROWN-verified", _pct(ver.get("alpha_crown_verified_accuracy")),
+                     f"+ α-CROWN, {st.get('alpha_iterations', '?')} iterations, lr {st.get('alpha_lr', '?')}; {where}"])
+        counts = ", ".join(f"{k} {v}" for k, v in (ver.get("counts") or {}).items() if v)
+        med = ver.get("median_time_s")
+        rows.append(["verified accuracy", _pct(ver.get("verified_accuracy")),
+                     f"complete verifier `{st.get('engine', '?')}`, timeout {st.get('timeout', '?')} s per point "
+                     f"(timeouts count as not verified)"
+                     + (f", median {med:.3g} s per point" if isinstance(med, (int, float)) else "")
+                     + (f"; outcomes: {counts}" if counts else "") + f"; {where}"])
+    if rows:
+        md.append(_markdown_table(["metric", "value", "how it was measured"], rows))
+    else:
+        md.append(f"Not evaluated yet: run `certkd evaluate {shlex.quote(str(rec.path))}` "
+                  f"(and `certkd verify {shlex.quote(str(rec.path))}` for complete verification).")
+    if ev is not None and ("attack_steps" not in ev):
+        md += ["", "*PGD settings of `evaluation.json` are those of `certkd evaluate` (not recorded in the file).*"]
+    warnings = [w for w in rec.warnings if "evaluation.json" not in w or ev is not None]
+    if warnings:
+        md += ["", "## Caveats", ""] + [f"- {w}" for w in warnings]
+    md += ["", "## Reproduce", "", "```bash"]
+    if cfg.teacher and teacher_method is not None and is_run_dir(Path(cfg.teacher)):
+        t = load_run(cfg.teacher)
+        md.append(f"# teacher ({t.method})")
+        md.append(train_command(t.config, cfg.teacher, t.preset))
+    md.append(train_command(cfg, rec.path, rec.preset))
+    md += [c for c in (evaluate_command(rec), verify_command(rec)) if c]
+    md.append(f"certkd card {shlex.quote(str(rec.path))}")
+    md += ["```", "", "## Use", "", "```python", "import certkd", "",
+           f"model = certkd.load_model({str(release_dir or rec.path)!r})  # eval mode, inputs in [0, 1]",
+           "logits = model(x)  # x: (N, " + shape.replace("×", ", ") + ")", "```", ""]
+    md.append(f"Robustness is certified only for L∞ perturbations of radius ≤ {cfg.eps:g} on test points like the "
+              "ones measured above; the numbers say nothing about other threat models or data.")
+    md.append("")
+    return "\n".join(md)
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * float(v):.1f}%" if isinstance(v, (int, float)) else "–"
+
+
+def write_card(run, out=None) -> Path:
+    """Write the model card (default ``RUN/MODEL_CARD.md``); returns its path."""
+    text = model_card(run)
+    path = Path(out) if out is not None else Path(run) / "MODEL_CARD.md"
+    if path.is_dir():
+        path = path / "MODEL_CARD.md"
+    atomic_write_text(path, text)
+    return path
+
+
+RELEASE_FILES = ("model.safetensors", "meta.json", "MODEL_CARD.md", "config.yaml", "evaluation.json",
+                 "verification.json", "SHA256SUMS")
+
+
+def make_release(run, out_dir) -> Path:
+    """A self-contained folder: weights + meta of the latest checkpoint, model card, config and the
+    evaluation/verification summaries. ``certkd.load_model(out_dir)`` loads it. Returns ``out_dir``."""
+    rec = load_run(run)
+    if rec.checkpoint is None or rec.meta is None:
+        raise CertkdError(f"{rec.path} has no checkpoint; train it first")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CertkdError(f"release folder {out} exists and is not a directory; choose another")
+    res_out, res_run = out.resolve(), rec.path.resolve()
+    if res_out == res_run or res_run / "checkpoints" in (res_out, *res_out.parents):
+        raise CertkdError(f"release folder {out} is inside the run {rec.path}; choose a folder outside it")
+    meta = {k: v for k, v in rec.meta.items() if k != "optimizer"}  # optimiser state is for resuming only
+    meta["release"] = {"source_run": str(rec.path), "checkpoint": rec.checkpoint.name}
+    contents: Dict[str, bytes] = {
+        "model.safetensors": (rec.checkpoint / "model.safetensors").read_bytes(),
+        "meta.json": (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
+        "MODEL_CARD.md": model_card(run, release_dir=out).encode(),
+        "config.yaml": (rec.path / "config.yaml").read_bytes(),
+    }
+    for name in ("evaluation.json", "verification.json"):
+        src = rec.path / name
+        if src.exists() and (name != "verification.json" or rec.verification is not None):
+            contents[name] = src.read_bytes()
+        elif (out / name).exists():
+            (out / name).unlink()  # stale summary from an earlier release
+    sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in sorted(contents.items()))
+    contents["SHA256SUMS"] = sums.encode()
+    # meta.json goes first and comes back last: a crash never pairs new weights with another run's meta
+    if (out / "meta.json").exists():
+        (out / "meta.json").unlink()
+    order = [n for n in contents if n not in ("model.safetensors", "meta.json")] + ["model.safetensors", "meta.json"]
+    for name in order:
+        atomic_write_bytes(out / name, contents[name])
+    return out

@@ -92,7 +92,7 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
     "verified" needs every leaf's proven bound > ``margin_tol``.
     """
     from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
-    from certkd.verification.milp import milp_verify
+    from certkd.verification.milp import EmptyDomainError, milp_verify
 
     start = time.perf_counter()
     elapsed = lambda: time.perf_counter() - start
@@ -135,10 +135,8 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
                     try:
                         res = milp_verify(model, x, label, lower=lower, upper=upper, timeout=remaining,
                                           preactivation_bounds=pre, margin_tol=margin_tol)
-                    except ValueError as e:
-                        if "do not intersect" in str(e):  # split bounds ∩ interval bounds = ∅: empty domain
-                            continue
-                        raise
+                    except EmptyDomainError:  # split bounds ∩ interval bounds = ∅: no point here
+                        continue
                     if res.status == "falsified":
                         return BabResult("falsified", res.margin, res.counterexample, elapsed(), bounded)
                     if res.status != "verified":

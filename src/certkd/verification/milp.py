@@ -1,60 +1,65 @@
 """Exact verification by mixed-integer linear programming (Tjeng et al., ICLR 2019; SPEC §11).
 
-The network is the referee for small models: ``milp_verify`` decides whether
-min over the box of min_{j≠y} (z_y − z_j) is positive, or returns a counterexample.
+``milp_verify`` decides whether min over an L∞ box of min_{j≠y} (z_y − z_j) is positive, or
+returns a counterexample; on small networks it is the referee for the incomplete verifiers.
 
 Encoding
 --------
 * **Affine maps.** Between two ReLUs, the layers (Normalize, Conv2d, eval-mode BatchNorm,
-  Flatten, Linear, Identity/Dropout) are composed into one sparse affine map
-  ``v ↦ M v + b`` in float64 on C-order flattened vectors (a Conv2d becomes its sparse
-  matrix, built by index arithmetic; BatchNorm and Normalize are diagonal). Everything after
-  the last ReLU, the head included, is composed into the map to the logits. A float64 forward
-  through these maps is compared with the PyTorch forward before solving (a wrong encoding
-  raises instead of giving a wrong answer).
+  Flatten, Linear, Identity/Dropout) are composed into one sparse affine map ``v ↦ M v + b`` in
+  float64 on C-order flattened vectors (a Conv2d becomes its sparse matrix, built by index
+  arithmetic; BatchNorm and Normalize are diagonal). Everything after the last ReLU, the head
+  included, is composed into the map to the logits. A float64 forward through these maps is
+  compared with the PyTorch forward before solving: a wrong encoding raises, it cannot answer.
 * **Intermediate bounds** (the big-M constants), layer by layer:
   1. interval bounds propagated in float64 through the composed maps (the IBP rule of
      :mod:`certkd.bounds.ibp` applied to the composed maps, hence never looser than the
      layer-by-layer float32 IBP up to rounding), widened by a relative 1e-9 plus 1e-8;
   2. intersected with optional caller-supplied bounds (e.g. CROWN, in float32), first widened by a
      relative 1e-6 against float32 rounding;
-  3. with ``tighten="lp"`` (the default), every neuron still unstable in the second or a later
-     ReLU layer gets both bounds from the LP relaxation of the layers before it (Tjeng et al.'s
-     "LP" progressive tightening). Each LP bound is made rigorous by the Neumaier–Shcherbina
-     dual bound (see :class:`_LpRelaxation`), so solver tolerances cannot make it too tight.
+  3. with ``tighten="lp"`` (the default), each neuron still unstable in the second or a later ReLU
+     layer is bounded by LP over the relaxation of the layers before it (Tjeng et al.'s
+     progressive LP tightening; the second LP of a neuron is skipped once the first shows it
+     stable). Each LP bound is made rigorous with the Neumaier–Shcherbina dual bound (see
+     :class:`_LpRelaxation`), so solver tolerances cannot make it too tight.
   The post-activation box of each layer feeds the interval bounds of the next.
-* **Variables.** Inputs in the pixel box; per ReLU neuron a pre-activation variable z ∈ [l, u]
-  tied to the previous layer by an equality. Stably inactive (u ≤ 0): no variable, post = 0.
-  Stably active (l ≥ 0): post = z, no binary. Unstable (l < 0 < u): post h ∈ [0, u] and a binary
-  a with the big-M constraints h ≥ z, h ≤ z − l(1 − a), h ≤ u·a (exact for z ∈ [l, u]).
-* **Property.** The minimum over j is split into K−1 MILPs ``min z_y − z_j`` (one per class,
-  same constraints, different objective). It is simpler than one MILP with selection binaries,
-  and each LP relaxation is tighter. Classes are solved in increasing order of their clean margin
+* **Variables.** Inputs in the pixel box; per ReLU neuron a pre-activation variable z tied to the
+  previous layer by an equality. Stably inactive (u ≤ 0): no variable, post = 0. Stably active
+  (l ≥ 0): post = z, no binary. Unstable (l < 0 < u): post h ∈ [0, u] and a binary a with the
+  big-M constraints h ≥ z, h ≤ z − l(1 − a), h ≤ u·a, exact for z ∈ [l, u]. Variable bounds and
+  big-M constants are padded by 1e-6 (+1e-7 relative) beyond the sound bounds, because HiGHS's
+  presolve misjudges bounds narrower than its tolerances (e.g. zero-width boxes); padding only
+  loosens the relaxation, the MILP optimum is unchanged (see ``_PAD_ABS``).
+* **Property.** The minimum over j is split into K−1 problems ``min z_y − z_j`` (one per class,
+  same constraints, different objective): simpler than one MILP with selection binaries for the
+  minimum, and each relaxation is tighter. Classes go in increasing order of their clean margin
   (the likeliest counterexample first); the first confirmed counterexample stops everything.
-  With ``early_stop`` (the default) a class whose interval bound or (rigorous) LP-relaxation bound
-  already exceeds the tolerance is not solved by MILP, and each MILP is interrupted (HiGHS
-  MIP-interrupt callback) as soon as its dual bound exceeds the tolerance; the reported margin
-  is then a proven *lower bound* (min over classes of the bounds that proved them). In both
-  modes a MILP stops (improving-solution callback) at the first solution with negative objective
-  that passes the float32 re-check below; this plays the role of an objective cutoff at 0. With ``early_stop=False`` every class is
-  solved to optimality (``mip_rel_gap`` 0, ``mip_abs_gap`` 1e-9) and the margin is the exact
-  minimum (up to the solver tolerances).
+* **Early termination.** With ``early_stop`` (the default) a class is not solved by MILP when its
+  interval bound or its (rigorous) LP-relaxation bound already exceeds ``margin_tol``, and a MILP
+  is interrupted (HiGHS MIP-interrupt callback) as soon as its dual bound exceeds ``margin_tol``;
+  the reported margin is then a proven *lower bound* (min over classes of the bounds that proved
+  them). With ``early_stop=False`` every class is solved to optimality (``mip_rel_gap`` 0,
+  ``mip_abs_gap`` 1e-9) and the margin is the exact minimum, up to solver tolerances. In both
+  modes a MILP stops (improving-solution callback) at the first solution with a negative objective
+  that passes the float32 re-check below, which plays the role of an objective cutoff at 0.
 
 Soundness rules
 ---------------
-* ``"verified"`` only when, for every class, the float64 interval bound, the rigorous LP bound
-  or HiGHS's MIP dual bound (``mip_dual_bound``) exceeds ``margin_tol`` (default 1e-6): a safety
-  margin for the MILP solver's feasibility/optimality tolerances (1e-7 primal/dual, 1e-6
-  integrality) and for the float32 arithmetic of the real network. Wider margins for larger
-  networks are the caller's choice (``margin_tol``). As a last guard, a proven margin larger than the clean
-  point's float32 margin (beyond 1e-4 relative) is reported as inconsistent, never as verified.
+* ``"verified"`` only when, for every class, the float64 interval bound, the rigorous LP bound or
+  HiGHS's MIP dual bound (``mip_dual_bound``; an LP optimum when no ReLU is unstable) exceeds
+  ``margin_tol`` (default 1e-6): a safety margin for the MILP solver's feasibility/optimality
+  tolerances (1e-7 primal/dual, 1e-6 integrality) and for the float32 arithmetic of the real
+  network. Larger networks may warrant a larger ``margin_tol``. As a last guard, a proven margin
+  above the clean point's float32 margin (beyond 1e-4 relative) is reported as inconsistent,
+  never as verified.
 * ``"falsified"`` only for a point that a **float32 PyTorch forward** confirms: the MILP
   solution's input, cast to float32 and clipped to the box, must give z_y − max_{j≠y} z_j ≤ 0.
   Candidates are checked in the improving-solution callback and at the end of each solve. A
-  MILP "counterexample" that does not survive the check (a margin within the solver tolerances
-  of 0) leaves the point undecided: status ``"timeout"`` with an explanatory ``note``.
-* ``"timeout"``: the time limit ran out (HiGHS ``time_limit`` is set to the remaining budget of
-  each solve), or the point could not be decided within the tolerances (see ``note``).
+  MILP "counterexample" that fails the check (a margin within the solver tolerances of 0)
+  leaves the point undecided: status ``"timeout"`` with an explanatory ``note``.
+* ``"timeout"``: the time limit ran out (HiGHS ``time_limit`` is set to what is left of the budget
+  before each solve; LP tightening stops at the deadline), or the point could not be decided
+  within the tolerances (see ``note``).
 """
 from __future__ import annotations
 
@@ -72,6 +77,15 @@ from certkd.attacks.pgd import eval_mode, linf_box
 from certkd.models.layers import Normalize
 
 _VERIFIED, _FALSIFIED, _TIMEOUT = "verified", "falsified", "timeout"
+
+
+class EmptyDomainError(ValueError):
+    """The caller's ``preactivation_bounds`` admit no point of the box.
+
+    For bounds valid on the whole box this cannot happen (the input itself satisfies them), so it
+    means the bounds describe a sub-domain (e.g. a branch-and-bound split) that is empty, or were
+    not valid. The message contains "do not intersect".
+    """
 
 
 @dataclass
@@ -233,7 +247,7 @@ def _interval(blk: _Affine, plo: np.ndarray, phi: np.ndarray) -> Tuple[np.ndarra
 
 def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndarray,
                           extra: Optional[Sequence[Tuple[Tensor, Tensor]]], tighten: str,
-                          deadline: float, threads: int) -> Tuple[list, np.ndarray, np.ndarray]:
+                          deadline: float, threads: int, point: np.ndarray) -> Tuple[list, np.ndarray, np.ndarray]:
     """Bounds of every pre-activation, layer by layer, and the box of the last post-activation.
 
     Each layer: float64 interval bounds from the previous layer's box, intersected with the
@@ -245,6 +259,8 @@ def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndar
     bounds: list = []
     plo, phi = lo, hi
     for k, blk in enumerate(blocks):
+        z_point = blk.apply(point)
+        point = np.maximum(z_point, 0.0)
         l, u = _interval(blk, plo, phi)
         if extra is not None:
             el = extra[k][0].detach().double().cpu().reshape(-1).numpy()
@@ -254,10 +270,10 @@ def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndar
             l = np.maximum(l, el - 1e-6 * (1 + np.abs(el)))
             u = np.minimum(u, eu + 1e-6 * (1 + np.abs(eu)))
             if np.any(l > u):
-                raise ValueError(f"preactivation_bounds[{k}] do not intersect the interval bounds: "
-                                 "they cannot be valid bounds for this box")
+                raise EmptyDomainError(f"preactivation_bounds[{k}] do not intersect the interval bounds: "
+                                       "they cannot be valid bounds for the whole box")
         if tighten == "lp" and k >= 1 and time.perf_counter() < deadline:
-            l, u = _lp_tighten(blocks[:k], bounds, blk, l, u, lo, hi, deadline, threads)
+            l, u = _lp_tighten(blocks[:k], bounds, blk, l, u, lo, hi, deadline, threads, z_point)
         bounds.append((l, u))
         plo, phi = np.maximum(l, 0.0), np.maximum(u, 0.0)
     return bounds, plo, phi
@@ -290,7 +306,8 @@ class _LpRelaxation:
     Each bound is made valid independently of the LP solver's tolerances (Neumaier–Shcherbina):
     for any row multipliers y, c·v = y·(Av) + (c − Aᵀy)·v, and both terms are bounded below over
     the finite row and column bounds; HiGHS's optimal duals only serve as a good choice of y.
-    The only error left is float64 rounding, covered by a relative 1e-9 slack.
+    The only error left is float64 rounding in computing Aᵀy and the sums, covered by slacks far
+    above it (1e-12 relative on each |A_ij y_i| entering c − Aᵀy, 1e-9 relative on the sum).
     """
 
     def __init__(self, enc: "_Encoding", threads: int):
@@ -301,6 +318,8 @@ class _LpRelaxation:
         self.h.setOptionValue("threads", int(threads))
         self.h.passModel(_highs_lp(enc, np.zeros(enc.num_col), 0.0, relax=True))
         self.a_t = enc.rows.T.tocsr()
+        self.abs_a_t = abs(self.a_t)
+        self.col_mag = np.maximum(np.abs(enc.col_lower), np.abs(enc.col_upper))
         self.rl = np.where(np.isfinite(enc.row_lower), enc.row_lower, 0.0)
         self.ru = np.where(np.isfinite(enc.row_upper), enc.row_upper, 0.0)
         self.has_rl, self.has_ru = np.isfinite(enc.row_lower), np.isfinite(enc.row_upper)
@@ -322,17 +341,21 @@ class _LpRelaxation:
         cost = np.zeros(self.enc.num_col)
         np.add.at(cost, cols, vals)
         d = cost - self.a_t @ y
+        d_err = 1e-12 * (self.abs_a_t @ np.abs(y) + np.abs(cost))
         terms = np.concatenate([np.where(y > 0, y * self.rl, y * self.ru),
                                 np.where(d > 0, d * self.enc.col_lower, d * self.enc.col_upper)])
-        return float(terms.sum() - 1e-9 * np.abs(terms).sum() - 1e-12)
+        return float(terms.sum() - 1e-9 * np.abs(terms).sum() - d_err @ self.col_mag - 1e-12)
 
 
 def _lp_tighten(prefix: Sequence[_Affine], prefix_bounds: list, blk: _Affine, l: np.ndarray, u: np.ndarray,
-                lo: np.ndarray, hi: np.ndarray, deadline: float, threads: int) -> Tuple[np.ndarray, np.ndarray]:
+                lo: np.ndarray, hi: np.ndarray, deadline: float, threads: int,
+                guess: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Tighten the unstable neurons of ``blk`` by LP over the big-M relaxation of the layers before.
 
-    Both sides are tightened even when the first shows the neuron stable: the other side still
-    feeds the interval bounds of the next layers (and the head's bound).
+    The side that can show the neuron stable goes first, guessed from the sign of its value at the
+    input (``guess``). Once a neuron is stable its other bound no longer matters to the encoding
+    (no variable when inactive; post = z when active), only to the interval bounds of later
+    layers, so its LP is skipped.
     """
     unstable = np.flatnonzero((l < 0) & (u > 0))
     if unstable.size == 0:
@@ -345,10 +368,15 @@ def _lp_tighten(prefix: Sequence[_Affine], prefix_bounds: list, blk: _Affine, l:
     for q, i in enumerate(unstable):
         row = slice(mat.indptr[q], mat.indptr[q + 1])
         cols, vals = post[live[mat.indices[row]]], mat.data[row]
-        if time.perf_counter() >= deadline:
-            break
-        l[i] = max(l[i], relax.lower_bound(cols, vals, deadline) + blk.bias[i])
-        u[i] = min(u[i], -relax.lower_bound(cols, -vals, deadline) + blk.bias[i])
+        for side in ("upper", "lower") if guess[i] < 0 else ("lower", "upper"):
+            if time.perf_counter() >= deadline:
+                return l, u
+            if side == "lower":
+                l[i] = max(l[i], relax.lower_bound(cols, vals, deadline) + blk.bias[i])
+            else:
+                u[i] = min(u[i], -relax.lower_bound(cols, -vals, deadline) + blk.bias[i])
+            if l[i] >= 0 or u[i] <= 0:
+                break
     return l, u
 
 
@@ -510,8 +538,12 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
         timeout: wall-clock budget in seconds for the whole call (HiGHS ``time_limit`` is set to
             what is left before each solve).
         preactivation_bounds: optional list, one (lower, upper) pair per ReLU in ``model.features``,
-            of valid bounds on that ReLU's input (any shape with the layer's number of elements);
-            intersected with the float64 interval bounds.
+            of bounds on that ReLU's input (any shape with the layer's number of elements);
+            intersected with the float64 interval bounds. Bounds valid on a sub-domain only (a
+            branch-and-bound split) make the answer one about that sub-domain: "verified" then
+            means no counterexample whose pre-activations satisfy them (a counterexample is
+            always a real one, anywhere in the box), and an empty sub-domain raises
+            :class:`EmptyDomainError`.
         threads: HiGHS threads.
         early_stop: stop each class as soon as its bound exceeds ``margin_tol`` (margin is then a
             lower bound); False solves every class to optimality (exact margin).
@@ -520,6 +552,8 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
             (interval and caller-supplied bounds only).
     Returns:
         :class:`MilpResult`.
+    Raises:
+        EmptyDomainError: the ``preactivation_bounds`` admit no point of the box.
     """
     highspy = _highspy()
     start = time.perf_counter()
@@ -557,7 +591,8 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
         lo = lower.double().reshape(-1).numpy()
         hi = upper.double().reshape(-1).numpy()
         _check_encoding(model, blocks, head, point)
-        bounds, flo, fhi = _preactivation_bounds(blocks, lo, hi, preactivation_bounds, tighten, deadline, threads)
+        bounds, flo, fhi = _preactivation_bounds(blocks, lo, hi, preactivation_bounds, tighten, deadline, threads,
+                                                 point.double().reshape(-1).numpy())
 
         num_classes = head.matrix.shape[0]
         w = head.matrix.toarray()
@@ -603,10 +638,10 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
             if out["counterexample"] is not None:
                 return result(_FALSIFIED, f"counterexample found for class {j}", out["cex_margin"],
                               out["counterexample"])
-            if early_stop:
+            if early_stop or out["timeout"]:
                 best[j] = max(best[j], out["dual_bound"])
             else:
-                best[j] = out["dual_bound"]  # exact mode: the optimum, not the best of several bounds
+                best[j] = out["dual_bound"]  # exact mode: the optimum itself, not the best of several bounds
             if out["timeout"]:
                 return result(_TIMEOUT, f"time limit reached on class {j}")
             if not best[j] > margin_tol:
@@ -614,14 +649,29 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
 
         if undecided:
             j, out = undecided[0]
-            return result(_TIMEOUT, f"class {j}: optimum {out['primal']:.3g} with dual bound {out['dual_bound']:.3g} "
-                                    f"lies within the tolerance of 0 and no float32-confirmed counterexample "
-                                    f"exists ({out['status']})")
+            return result(_TIMEOUT, f"class {j} undecided: proven bound {out['dual_bound']:.3g} <= margin_tol, best "
+                                    f"objective {out['primal']:.3g}, and no float32-confirmed counterexample "
+                                    f"(HiGHS: {out['status']}); the margin is within solver tolerances of 0")
         margin = min(best.values())
-        if margin > clean + 1e-4 * (1 + abs(clean)):
+        if _inside(blocks, bounds, point) and margin > clean + 1e-4 * (1 + abs(clean)):
             return result(_TIMEOUT, f"inconsistent: proven margin {margin:.6g} exceeds the clean margin "
                                     f"{clean:.6g}", suspect=True)
         return result(_VERIFIED, margin=margin)
+
+
+def _inside(blocks: Sequence[_Affine], bounds: list, point: Tensor) -> bool:
+    """Whether the point's pre-activations lie within ``bounds`` (up to the encoding's padding).
+
+    Always true for bounds valid on the box; caller bounds of a sub-domain may exclude the point,
+    and then the minimum over the sub-domain may exceed the point's own margin.
+    """
+    v = point.double().reshape(-1).numpy()
+    for blk, (l, u) in zip(blocks, bounds):
+        z = blk.apply(v)
+        if np.any(z < l - _PAD_ABS - _PAD_REL * np.abs(l)) or np.any(z > u + _PAD_ABS + _PAD_REL * np.abs(u)):
+            return False
+        v = np.maximum(z, 0.0)
+    return True
 
 
 def _check_encoding(model: nn.Module, blocks: Sequence[_Affine], head: _Affine, point: Tensor) -> None:
@@ -690,15 +740,17 @@ def _solve_class(highspy, enc: _Encoding, cost: np.ndarray, offset: float, model
     if found["counterexample"] is None and has_sol and primal < 0:
         check(h.getSolution().col_value)
     dual = info.mip_dual_bound
-    if status == highspy.HighsModelStatus.kOptimal and enc.integer.sum() == 0:
-        dual = info.objective_function_value  # pure LP (no unstable ReLU): the optimum is the bound
+    if not enc.integer.any():  # pure LP (no unstable ReLU): only an optimum bounds the objective
+        dual = info.objective_function_value if status == highspy.HighsModelStatus.kOptimal else -math.inf
     if status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
-        raise RuntimeError("the MILP is infeasible: the intermediate bounds exclude the input box "
-                           "(invalid preactivation_bounds?)")
-    timed_out = status == highspy.HighsModelStatus.kTimeLimit
-    if status == highspy.HighsModelStatus.kInterrupt and found["counterexample"] is None and not dual > margin_tol:
-        timed_out = True
+        raise EmptyDomainError("the MILP is infeasible: the preactivation_bounds do not intersect the set "
+                               "reachable from the box (an empty sub-domain, or invalid bounds)")
+    dual = float(dual) if dual is not None and math.isfinite(dual) else -math.inf
+    # Stopped early (time limit, or an interrupt that did not come from a decision): undecided,
+    # unless the bound reached by then already proves the class.
+    stopped = status in (highspy.HighsModelStatus.kTimeLimit, highspy.HighsModelStatus.kInterrupt)
+    timed_out = stopped and found["counterexample"] is None and not dual > margin_tol
     return {"counterexample": found["counterexample"], "cex_margin": found["cex_margin"],
-            "dual_bound": float(dual) if dual is not None and math.isfinite(dual) else -math.inf,
+            "dual_bound": dual,
             "primal": float(primal), "nodes": int(max(info.mip_node_count, 0)), "timeout": timed_out,
             "status": h.modelStatusToString(status)}

@@ -1,0 +1,331 @@
+"""Grid sweeps (``certkd sweep``): a cartesian grid over config keys × seeds, trained one after
+another in this process, one run directory per combination, resumable.
+
+``run_sweep("sweeps/b", preset="digits-small", grid=["beta=0.1,0.3", "alpha=0.1,0.5"], seeds=[0, 1])``
+trains ``sweeps/b/beta=0.1_alpha=0.1_seed=0`` … and writes ``sweeps/b/sweep.json`` (the runs and
+their status) after every run. Calling it again skips finished combinations (latest checkpoint
+epoch = ``epochs``), resumes partial ones and starts the rest; a combination whose folder holds
+a run of another configuration is refused before anything trains.
+
+Every combination is resolved and validated before the first run starts, so a typo in a key
+(``--grid alpah=...``) or a bad value fails at once with a one-line :class:`CertkdError`.
+
+Scheduling over several GPUs or machines is out of scope: run disjoint sweeps (different
+``--grid`` values, same ``--out``) in separate processes, one per device (``--set device=cuda:1``).
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from certkd import evaluation as _evaluation
+from certkd import training as _training
+from certkd.checkpoints import atomic_write_json, latest_checkpoint, read_meta
+from certkd.config import TrainConfig, apply_overrides, resolve_config
+from certkd.errors import CertkdError
+
+GridSpec = Union[Sequence[str], Mapping[str, Sequence[Any]]]
+#: Keys that may differ between a stored run and the sweep without making it another run.
+RUNTIME_KEYS = ("device",)
+
+
+def split_values(text: str) -> List[str]:
+    """Split ``a,b,[1, 2]`` on the commas outside brackets/braces."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts]
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_grid(grid: GridSpec) -> List[Tuple[str, List[Tuple[str, Any]]]]:
+    """``["beta=0.1,0.3", ...]`` or ``{"beta": [0.1, 0.3]}`` → ``[("beta", [("0.1", 0.1), ("0.3", 0.3)]), ...]``.
+
+    Keys are normalised ('-' → '_') and checked against :class:`TrainConfig` (did-you-mean on typos).
+    """
+    if isinstance(grid, Mapping):
+        items = [(str(k), [(v if isinstance(v, str) else _name_value(v), _yaml_value(v) if isinstance(v, str) else v)
+                           for v in (vals if isinstance(vals, (list, tuple)) else [vals])])
+                 for k, vals in grid.items()]
+    else:
+        items = []
+        for spec in grid:
+            if "=" not in spec:
+                raise CertkdError(f"--grid expects KEY=V1,V2,..., got '{spec}'")
+            key, raw = spec.split("=", 1)
+            values = split_values(raw)
+            if not raw.strip() or any(v == "" for v in values):
+                raise CertkdError(f"--grid {key.strip()}: empty value in '{raw}'; write e.g. --grid {key.strip()}=0.1,0.3")
+            items.append((key.strip(), [(v, _yaml_value(v)) for v in values]))
+    out: List[Tuple[str, List[Tuple[str, Any]]]] = []
+    seen = set()
+    for key, values in items:
+        name = key.replace("-", "_")
+        if name == "seed":
+            raise CertkdError("put seeds in --seeds (e.g. --seeds 0,1,2), not in --grid")
+        if name in seen:
+            raise CertkdError(f"--grid {name} given twice; list all its values in one --grid {name}=V1,V2")
+        if not values:
+            raise CertkdError(f"--grid {name} has no values")
+        apply_overrides(TrainConfig(), {name: values[0][1]})  # unknown key → did-you-mean; bad type → one line
+        raws = [r for r, _ in values]
+        if len(set(raws)) != len(raws):
+            raise CertkdError(f"--grid {name} repeats a value ({', '.join(raws)})")
+        seen.add(name)
+        out.append((name, values))
+    return out
+
+
+def _name_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def parse_seeds(seeds: Union[None, str, Sequence[int]]) -> Optional[List[int]]:
+    """``"0,1,2"`` → ``[0, 1, 2]``; None stays None (the config's seed)."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, str):
+        try:
+            values = [int(s) for s in split_values(seeds)]
+        except ValueError:
+            raise CertkdError(f"--seeds expects integers separated by commas (e.g. 0,1,2), got '{seeds}'") from None
+    else:
+        values = [int(s) for s in seeds]
+    if not values:
+        raise CertkdError("--seeds is empty; give e.g. --seeds 0,1,2")
+    if len(set(values)) != len(values):
+        raise CertkdError(f"--seeds repeats a seed ({seeds})")
+    return values
+
+
+def parse_sets(sets: Union[None, Sequence[str], Mapping[str, Any]]) -> Dict[str, Any]:
+    """``["k=v", ...]`` (YAML values, like ``certkd train --set``) or a mapping → dict."""
+    if not sets:
+        return {}
+    if isinstance(sets, Mapping):
+        return dict(sets)
+    values: Dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = _yaml_value(raw)
+    return values
+
+
+def _dir_part(raw: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", raw).strip("-") or "_"
+
+
+@dataclass
+class SweepRun:
+    name: str
+    path: Path
+    overrides: Dict[str, Any]     # grid values of this combination (seed excluded)
+    seed: int
+    config: TrainConfig
+
+
+def plan_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None, sets=None) -> List[SweepRun]:
+    """Resolve and validate every combination (nothing is trained); raises on the first bad one."""
+    axes = parse_grid(grid)
+    fixed = {k.replace("-", "_"): v for k, v in parse_sets(sets).items()}
+    for key, _ in axes:
+        if key in fixed:
+            raise CertkdError(f"'{key}' is both in --grid and --set; keep one")
+    if "seed" in fixed and seeds is not None:
+        raise CertkdError("'seed' is both in --set and --seeds; keep --seeds")
+    seed_list = parse_seeds(seeds)
+    if seed_list is None:
+        seed_list = [resolve_config(preset, fixed).seed]
+    runs: List[SweepRun] = []
+    names: Dict[str, Dict[str, Any]] = {}
+    for combo in itertools.product(*[values for _, values in axes]):
+        overrides = {key: val for (key, _), (_, val) in zip(axes, combo)}
+        label = "_".join(f"{key}={_dir_part(raw)}" for (key, _), (raw, _) in zip(axes, combo))
+        for seed in seed_list:
+            name = f"{label}_seed={seed}" if label else f"seed={seed}"
+            if name in names:
+                raise CertkdError(f"grid values {names[name]} and {overrides} give the same folder name '{name}'; "
+                                  "use values that differ after removing '/' and spaces")
+            names[name] = overrides
+            try:
+                cfg = resolve_config(preset, dict(fixed, **overrides, seed=seed))
+            except CertkdError as e:
+                raise CertkdError(f"sweep combination {name}: {e}") from None
+            runs.append(SweepRun(name=name, path=Path(out) / name, overrides=overrides, seed=seed, config=cfg))
+    return runs
+
+
+def _stored_config(run_dir: Path) -> Optional[TrainConfig]:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    values = yaml.safe_load(path.read_text()) or {}
+    values.pop("preset", None)
+    return apply_overrides(TrainConfig(), values)
+
+
+def _config_difference(stored: TrainConfig, wanted: TrainConfig) -> Optional[str]:
+    a, b = stored.to_dict(), wanted.to_dict()
+    for k in a:
+        if k not in RUNTIME_KEYS and a[k] != b[k]:
+            return f"{k}={a[k]!r} there, {b[k]!r} in this sweep"
+    return None
+
+
+def run_state(run: SweepRun) -> Tuple[str, Optional[int]]:
+    """("new" | "partial" | "done", latest epoch) of one combination; raises if the folder holds another run."""
+    ck = latest_checkpoint(run.path)
+    if ck is None:
+        return "new", None
+    stored = _stored_config(run.path)
+    if stored is not None:
+        diff = _config_difference(stored, run.config)
+        if diff:
+            raise CertkdError(f"{run.path} holds a run of another configuration ({diff}); use another --out or "
+                              "delete that folder")
+    epoch = int(read_meta(ck).get("epoch", 0))
+    return ("done" if epoch >= run.config.epochs else "partial"), epoch
+
+
+def sweep_command(out, preset, grid: GridSpec, seeds, sets, evaluate: bool, eval_limit: Optional[int]) -> str:
+    args = ["certkd", "sweep"]
+    if preset:
+        args += ["--preset", str(preset)]
+    for key, values in parse_grid(grid):
+        args += ["--grid", f"{key}=" + ",".join(raw for raw, _ in values)]
+    if seeds is not None:
+        args += ["--seeds", ",".join(str(s) for s in parse_seeds(seeds))]
+    if isinstance(sets, Mapping):
+        args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    else:
+        args += [a for item in (sets or ()) for a in ("--set", item)]
+    args += ["--out", str(out)]
+    if evaluate:
+        args.append("--evaluate")
+        if eval_limit is not None:
+            args += ["--eval-limit", str(eval_limit)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def run_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None, sets=None, *,
+              evaluate: bool = False, eval_limit: Optional[int] = None, progress: bool = False,
+              log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train (and with ``evaluate`` evaluate) every combination of ``grid`` × ``seeds`` in ``out``.
+
+    Finished combinations are skipped, partial ones resumed (``train(..., resume=True)``). A
+    combination that fails with a :class:`CertkdError` (e.g. a diverging loss) is recorded as
+    ``failed`` and the sweep goes on. ``out/sweep.json`` is rewritten after every run; the
+    returned dict is its content (``runs``: name, dir, overrides, seed, status, action, epoch,
+    epochs, evaluation, error; ``counts`` per status).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CertkdError(f"--out {out} exists and is not a directory; choose another --out")
+    if (out / "config.yaml").exists():
+        raise CertkdError(f"--out {out} is a run directory; a sweep needs a folder of its own (e.g. sweeps/name)")
+    runs = plan_sweep(out, preset, grid, seeds, sets)
+    states = [run_state(r) for r in runs]  # refuses foreign runs before anything trains
+    axes = parse_grid(grid)
+    summary: Dict[str, Any] = {
+        "command": sweep_command(out, preset, grid, seeds, sets, evaluate, eval_limit),
+        "preset": preset, "grid": {k: [v for _, v in vals] for k, vals in axes},
+        "seeds": sorted({r.seed for r in runs}, key=[r.seed for r in runs].index),
+        "sets": parse_sets(sets), "evaluate": evaluate, "eval_limit": eval_limit,
+        "note": "runs train sequentially in one process; run disjoint sweeps per GPU for parallelism",
+        "runs": [{"name": r.name, "dir": r.name, "overrides": r.overrides, "seed": r.seed, "epochs": r.config.epochs,
+                  "epoch": epoch, "status": "complete" if state == "done" else "pending", "action": None,
+                  "evaluation": _evaluation_summary(r.path, epoch), "error": None}
+                 for r, (state, epoch) in zip(runs, states)],
+    }
+
+    def write() -> None:
+        counts: Dict[str, int] = {}
+        for entry in summary["runs"]:
+            counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+        summary["counts"] = counts
+        summary["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(out / "sweep.json", summary)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write()
+    total = len(runs)
+    for i, (run, (state, epoch), entry) in enumerate(zip(runs, states, summary["runs"]), 1):
+        tag = f"[{i}/{total}] {run.name}"
+        try:
+            if state == "done":
+                entry["action"] = "skipped"
+                log(f"{tag}: complete (epoch {epoch}/{run.config.epochs}), skipped")
+            else:
+                entry["status"] = "running"
+                write()
+                if state == "partial":
+                    entry["action"] = "resumed"
+                    log(f"{tag}: resuming from epoch {epoch}/{run.config.epochs}")
+                    _training.train(run.config, run.path, resume=True, progress=progress, log=log)
+                else:
+                    entry["action"] = "trained"
+                    log(f"{tag}: training {run.config.method}, {run.config.epochs} epochs")
+                    _training.train(run.config, run.path, force=True, progress=progress, log=log)
+                ck = latest_checkpoint(run.path)
+                entry["epoch"] = int(read_meta(ck)["epoch"]) if ck is not None else None
+            if evaluate:
+                ev = _evaluation_summary(run.path, entry["epoch"])
+                if ev is None:
+                    log(f"{tag}: evaluating")
+                    _evaluation.evaluate_run(run.path, limit=eval_limit, device=run.config.device)
+                    ev = _evaluation_summary(run.path, entry["epoch"])
+                entry["evaluation"] = ev
+            entry["status"] = "complete"
+            entry["error"] = None
+        except CertkdError as e:
+            entry["status"], entry["error"] = "failed", str(e)
+            log(f"{tag}: failed: {e}")
+        except BaseException as e:
+            entry["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            entry["error"] = f"{type(e).__name__}: {e}"
+            write()
+            raise
+        write()
+    return summary
+
+
+def _evaluation_summary(run_dir: Path, epoch: Optional[int]) -> Optional[Dict[str, Any]]:
+    """evaluation.json of a run when it matches the latest checkpoint epoch, else None."""
+    import json
+
+    path = run_dir / "evaluation.json"
+    if epoch is None or not path.exists():
+        return None
+    try:
+        ev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(ev, dict) or ev.get("checkpoint_epoch") not in (None, epoch):
+        return None
+    return {k: ev.get(k) for k in ("clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy", "eps", "n")}

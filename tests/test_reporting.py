@@ -1,0 +1,240 @@
+"""certkd report / card / release: tables over seeds, CSV, plots, commands, model card, release folder."""
+import csv
+import io
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import certkd
+import certkd.training
+from certkd import reporting
+from certkd.cli import cli, main
+from certkd.errors import CertkdError
+
+FAST = {"epochs": 2, "eval_limit": 30}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A PGD-AT teacher, two CC-IBP seeds and a CC-Dist student of the teacher (2 epochs each, evaluated)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only contend on a busy machine (10× slower)
+    try:
+        yield _train_runs(tmp_path_factory.mktemp("runs"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_runs(root):
+    teacher = certkd.train(certkd.resolve_config("digits-small", FAST, teacher=True), root / "teacher",
+                           progress=False, log=_quiet)
+    for seed in (0, 1):
+        certkd.train(certkd.resolve_config("digits-small", dict(FAST, seed=seed)), root / f"ccibp-s{seed}",
+                     progress=False, log=_quiet)
+    certkd.train(certkd.resolve_config("digits-small", dict(FAST, method="cc-dist", beta=0.1, teacher=str(teacher))),
+                 root / "ccdist", progress=False, log=_quiet)
+    for name in ("teacher", "ccibp-s0", "ccibp-s1", "ccdist"):
+        certkd.evaluate_run(root / name, limit=30)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report"
+    summary = reporting.write_report(sorted(runs.iterdir()), out)
+    return out, summary
+
+
+def _eval(run_dir):
+    return json.loads((run_dir / "evaluation.json").read_text())
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_groups_and_mean_std_match_numpy(runs, report):
+    out, summary = report
+    assert summary["runs"] == 4 and summary["missing"] == []
+    assert summary["groups"] == ["pgd-at", "cc-ibp", "cc-dist"]  # teachers, certified, distillation
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    by_group = {r["group"]: r for r in rows}
+    assert set(by_group) == {"pgd-at", "cc-ibp", "cc-dist"}
+    cc = by_group["cc-ibp"]
+    assert cc["n_runs"] == "2" and cc["seeds"] == "0 1"
+    md = (out / "report.md").read_text()
+    for key in ("clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy"):
+        vals = np.array([_eval(runs / f"ccibp-s{s}")[key] for s in (0, 1)])
+        assert float(cc[f"{key}_mean"]) == pytest.approx(vals.mean())
+        assert float(cc[f"{key}_std"]) == pytest.approx(vals.std(ddof=1))
+        assert cc[f"{key}_n"] == "2"
+        assert f"{100 * vals.mean():.1f} ± {100 * vals.std(ddof=1):.1f}" in md
+        single = by_group["cc-dist"]
+        assert float(single[f"{key}_mean"]) == pytest.approx(_eval(runs / "ccdist")[key])
+        assert single[f"{key}_std"] == ""  # one seed: no spread
+    # never verified: CROWN / verified columns are empty
+    assert cc["verified_accuracy_mean"] == "" and cc["verified_accuracy_n"] == "0"
+    per_run = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
+    assert len(per_run) == 4
+
+
+def test_pngs_are_written(runs, report):
+    out, summary = report
+    assert _is_png(out / "pareto.png")
+    for name in ("teacher", "ccibp-s0", "ccibp-s1", "ccdist"):
+        assert _is_png(out / "curves" / f"{name}.png"), name
+
+
+def test_report_md_has_table_plot_and_exact_commands(runs, report, monkeypatch):
+    out, _ = report
+    md = (out / "report.md").read_text()
+    assert "| configuration" in md and "| cc-ibp" in md and "| pgd-at" in md
+    assert "](pareto.png)" in md and "curves/ccdist.png" in md
+    lines = [l for l in md.splitlines() if l.startswith("certkd train")]
+    assert len(lines) == 4
+    assert lines[0].endswith(str(runs / "teacher"))  # the teacher first: students need it
+    assert f"certkd evaluate {runs / 'ccdist'} --limit 30" in md
+    assert md.rstrip().endswith("```") and "certkd report" in md
+    # every train command resolves, through the real CLI, to exactly the stored config
+    captured = []
+    monkeypatch.setattr(certkd.training, "train", lambda cfg, out, **kw: captured.append((cfg, out)) or out)
+    for line in lines:
+        main(shlex.split(line)[1:])
+    for cfg, run in captured:
+        stored = yaml.safe_load((Path(run) / "config.yaml").read_text())
+        assert cfg.to_dict() == stored, run
+
+
+def test_group_names_show_the_distinguishing_keys(tmp_path):
+    recs = []
+    for i, (beta, seed) in enumerate([(0.1, 0), (0.1, 1), (1.0, 0)]):
+        cfg = certkd.resolve_config("digits-small", {"method": "cc-dist", "teacher": "t", "beta": beta, "seed": seed})
+        recs.append(reporting.RunRecord(path=tmp_path / str(i), name=str(i), config=cfg))
+    recs.append(reporting.RunRecord(path=tmp_path / "c", name="c", config=certkd.resolve_config("digits-small")))
+    groups = reporting.group_runs(recs)
+    assert [g.name for g in groups] == ["cc-ibp", "cc-dist β=0.1", "cc-dist β=1"]
+    assert [len(g.runs) for g in groups] == [1, 2, 1]
+
+
+def _fake_run(path, seed, evaluation=None, **overrides):
+    cfg = certkd.resolve_config("digits-small", dict(overrides, seed=seed))
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if evaluation is not None:
+        (path / "evaluation.json").write_text(json.dumps(evaluation))
+
+
+def test_three_seeds_partial_metrics_and_missing_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    vals = rng.uniform(0.2, 0.9, size=(3, 3))
+    for seed in range(3):
+        ev = dict(zip(("clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy"), map(float, vals[seed])), n=30,
+                  eps=0.05)
+        _fake_run(tmp_path / "runs" / f"s{seed}", seed, ev)
+    # the third seed also has a complete verification: verified counts 1/3
+    (tmp_path / "runs" / "s2" / "verification.json").write_text(json.dumps(
+        {"complete": True, "n": 30, "verified_accuracy": 0.5, "crown_verified_accuracy": 0.4,
+         "clean_accuracy": 0.9, "settings": {"eps": 0.05, "timeout": 1.0, "engine": "bab"}}))
+    _fake_run(tmp_path / "runs" / "noeval", 0, method="ibp")
+    s = reporting.write_report([tmp_path / "runs"], tmp_path / "rep")  # a folder of runs is expanded
+    assert s["missing"] == ["noeval"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "certkd evaluate" in md and "noeval" in md
+    rows = {r["group"]: r for r in csv.DictReader(io.StringIO((tmp_path / "rep" / "results.csv").read_text()))}
+    cc = rows["cc-ibp"]
+    assert float(cc["clean_accuracy_mean"]) == pytest.approx(vals[:, 0].mean())
+    assert float(cc["clean_accuracy_std"]) == pytest.approx(vals[:, 0].std(ddof=1))
+    assert float(cc["ibp_verified_accuracy_std"]) == pytest.approx(vals[:, 2].std(ddof=1))
+    assert cc["verified_accuracy_n"] == "1" and float(cc["verified_accuracy_mean"]) == 0.5
+    assert "50.0 (1/3)" in md
+    assert rows["ibp"]["clean_accuracy_n"] == "0"
+
+
+def test_bad_inputs_raise_one_line_errors(tmp_path, runs):
+    with pytest.raises(CertkdError, match="no run directories"):
+        reporting.write_report([], tmp_path / "r")
+    with pytest.raises(CertkdError, match="no such run directory"):
+        reporting.write_report([tmp_path / "missing"], tmp_path / "r")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for bad in (tmp_path / "empty", tmp_path / "file.txt"):
+        with pytest.raises(CertkdError, match="not a certkd run directory") as e:
+            reporting.write_report([bad], tmp_path / "r")
+        assert "\n" not in str(e.value)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text("alpah: 0.3\n")
+    with pytest.raises(CertkdError, match="did you mean 'alpha'"):
+        reporting.write_report([broken], tmp_path / "r")
+    with pytest.raises(CertkdError, match="is a run directory"):
+        reporting.write_report([runs / "teacher"], runs / "teacher")
+    with pytest.raises(CertkdError, match="no checkpoint"):
+        reporting.write_card(_make_untrained(tmp_path))
+    with pytest.raises(CertkdError, match="inside the run"):
+        reporting.make_release(runs / "ccdist", runs / "ccdist")
+
+
+def _make_untrained(tmp_path):
+    _fake_run(tmp_path / "untrained", 0)
+    return tmp_path / "untrained"
+
+
+def test_model_card_lists_architecture_metrics_and_teacher(runs):
+    path = reporting.write_card(runs / "ccdist")
+    assert path == runs / "ccdist" / "MODEL_CARD.md"
+    card = path.read_text()
+    ev = _eval(runs / "ccdist")
+    for key in ("clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy"):
+        assert f"{100 * ev[key]:.1f}%" in card
+    model = certkd.load_model(runs / "ccdist")
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in card
+    assert "cnn-small" in card and "1×8×8" in card and "classes: 10" in card and "ε = 0.05" in card
+    assert f"teacher: `{runs / 'teacher'}`: pgd-at" in card
+    assert "PGD-40" in card and "cc-dist" in card
+    assert "--method cc-dist" in card and f"--out {runs / 'ccdist'}" in card and "certkd evaluate" in card
+    other = reporting.write_card(runs / "ccibp-s0", runs / "card.md")
+    assert other == runs / "card.md" and "teacher" not in other.read_text().split("## Metrics")[0].split("## Training")[1]
+
+
+def test_release_folder_loads_with_same_logits(runs, tmp_path):
+    rel = reporting.make_release(runs / "ccdist", tmp_path / "release")
+    names = {p.name for p in rel.iterdir()}
+    assert {"model.safetensors", "meta.json", "MODEL_CARD.md", "evaluation.json", "config.yaml",
+            "SHA256SUMS"} <= names
+    assert "optimizer" not in json.loads((rel / "meta.json").read_text())
+    original, released = certkd.load_model(runs / "ccdist"), certkd.load_model(rel)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(original(x), released(x))
+    assert f"certkd.load_model({str(rel)!r})" in (rel / "MODEL_CARD.md").read_text()
+    # a second release into the same folder replaces it
+    reporting.make_release(runs / "ccibp-s0", rel)
+    with torch.no_grad():
+        assert torch.equal(certkd.load_model(rel)(x), certkd.load_model(runs / "ccibp-s0")(x))
+
+
+@pytest.mark.skipif("report" not in cli.commands, reason="certkd report not registered in cli.py yet")
+def test_cli_report_and_card(runs, tmp_path, capsys):
+    main(["report", str(runs / "teacher"), str(runs / "ccdist"), "--out", str(tmp_path / "rep")])
+    assert (tmp_path / "rep" / "report.md").exists()
+    main(["card", str(runs / "ccdist"), "--out", str(tmp_path / "card.md"), "--release", str(tmp_path / "rel")])
+    assert (tmp_path / "card.md").exists() and (tmp_path / "rel" / "model.safetensors").exists()
+    capsys.readouterr()
+    for argv in (["report", "--out", str(tmp_path / "r")], ["report", str(tmp_path / "nope")],
+                 ["card", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
