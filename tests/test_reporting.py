@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,9 @@ def test_report_md_has_table_plot_and_exact_commands(runs, report, monkeypatch):
     lines = [l for l in md.splitlines() if l.startswith("certkd train")]
     assert len(lines) == 4
     assert lines[0].endswith(str(runs / "teacher"))  # the teacher first: students need it
-    assert f"certkd evaluate {runs / 'ccdist'} --limit 30" in md
+    evaluate = [l for l in md.splitlines() if l.startswith("certkd evaluate")]
+    assert len(evaluate) == 1 and evaluate[0].endswith(" --limit 30")  # one line: same flags for all four
+    assert all(str(runs / name) in evaluate[0] for name in ("teacher", "ccibp-s0", "ccibp-s1", "ccdist"))
     assert md.rstrip().endswith("```") and "certkd report" in md
     # every train command resolves, through the real CLI, to exactly the stored config
     captured = []
@@ -177,6 +180,12 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, runs):
     (broken / "config.yaml").write_text("alpah: 0.3\n")
     with pytest.raises(CertkdError, match="did you mean 'alpha'"):
         reporting.write_report([broken], tmp_path / "r")
+    # the report folder itself is skipped when a glob picks it up (certkd report runs/* --out runs/report)
+    (tmp_path / "several").mkdir()
+    shutil.copytree(runs / "teacher", tmp_path / "several" / "teacher")
+    reporting.write_report([tmp_path / "several" / "teacher"], tmp_path / "several" / "report")
+    again = reporting.write_report(sorted((tmp_path / "several").iterdir()), tmp_path / "several" / "report")
+    assert again["runs"] == 1
     with pytest.raises(CertkdError, match="is a run directory"):
         reporting.write_report([runs / "teacher"], runs / "teacher")
     with pytest.raises(CertkdError, match="no checkpoint"):
@@ -190,7 +199,7 @@ def _make_untrained(tmp_path):
     return tmp_path / "untrained"
 
 
-def test_model_card_lists_architecture_metrics_and_teacher(runs):
+def test_model_card_lists_architecture_metrics_and_teacher(runs, tmp_path):
     path = reporting.write_card(runs / "ccdist")
     assert path == runs / "ccdist" / "MODEL_CARD.md"
     card = path.read_text()
@@ -203,8 +212,29 @@ def test_model_card_lists_architecture_metrics_and_teacher(runs):
     assert f"teacher: `{runs / 'teacher'}`: pgd-at" in card
     assert "PGD-40" in card and "cc-dist" in card
     assert "--method cc-dist" in card and f"--out {runs / 'ccdist'}" in card and "certkd evaluate" in card
-    other = reporting.write_card(runs / "ccibp-s0", runs / "card.md")
-    assert other == runs / "card.md" and "teacher" not in other.read_text().split("## Metrics")[0].split("## Training")[1]
+    other = reporting.write_card(runs / "ccibp-s0", tmp_path / "card.md")
+    assert other == tmp_path / "card.md" and "teacher" not in other.read_text().split("## Metrics")[0].split("## Training")[1]
+
+
+def test_card_describes_complete_verification(runs, tmp_path):
+    from dataclasses import asdict
+
+    from certkd.verification.pipeline import VerifyConfig
+
+    run = tmp_path / "verified"
+    shutil.copytree(runs / "ccibp-s0", run)
+    settings = asdict(VerifyConfig(eps=0.05, timeout=7.0, engine="milp"))
+    (run / "verification.json").write_text(json.dumps({
+        "n": 30, "n_requested": 30, "complete": True, "eps": 0.05, "clean_accuracy": 0.5, "pgd_accuracy": 0.4,
+        "ibp_verified_accuracy": 0.1, "crown_verified_accuracy": 0.2, "alpha_crown_verified_accuracy": 0.25,
+        "verified_accuracy": 0.3, "counts": {"verified-milp": 2, "timeout": 1}, "median_time_s": 0.5,
+        "settings": settings}))
+    card = reporting.model_card(run)
+    assert "| verified accuracy" in card and "30.0%" in card and "25.0%" in card
+    assert "complete verifier `milp`, timeout 7.0 s per point" in card and "timeout 1" in card
+    assert f"certkd verify {run} --timeout 7 --engine milp --limit 30" in card
+    md = reporting.write_report([run], tmp_path / "rep")
+    assert "verify" in (tmp_path / "rep" / "report.md").read_text() and md["groups"] == ["cc-ibp"]
 
 
 def test_release_folder_loads_with_same_logits(runs, tmp_path):

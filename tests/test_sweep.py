@@ -74,6 +74,10 @@ def test_grid_runs_once_then_skips(tmp_path, counters):
     assert rep["groups"] == ["standard α=0.1 lr=0.001", "standard α=0.1 lr=0.003", "standard α=0.5 lr=0.001",
                              "standard α=0.5 lr=0.003"]
 
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.count(stored["command"]) == 1  # the sweep's one command instead of four train commands
+    assert not [line for line in md.splitlines() if line.startswith("certkd train")]
+
     # the same folder with another configuration is refused before anything trains
     with pytest.raises(CertkdError, match="another configuration"):
         run_sweep(out, "digits-small", grid, sets=["method=standard", "epochs=2", "eval_limit=10", "seed=3"],

@@ -185,6 +185,69 @@ def export_cmd(run: str, onnx_path: str, vnnlib_dir: str, eps: Optional[float], 
 
 
 @cli.command()
+@click.argument("runs", nargs=-1, type=click.Path())
+@click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(),
+              help="Folder for report.md, results.csv, runs.csv, pareto.png and curves/.")
+def report(runs: Sequence[str], out_dir: str) -> None:
+    """One-page report of runs (or folders of runs): accuracy table (mean ± std over seeds), Pareto plot,
+    training curves and the exact commands. Does not evaluate: runs without evaluation.json are listed."""
+    import shlex
+
+    from certkd.reporting import write_report
+
+    command = " ".join(["certkd", "report"] + [shlex.quote(r) for r in runs] + ["--out", shlex.quote(out_dir)])
+    s = write_report(runs, out_dir, command=command)
+    click.echo(f"{s['runs']} runs in {len(s['groups'])} configurations: {s['report']}")
+    for w in s["warnings"]:
+        click.echo(f"  note: {w.replace('`', '')}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--out", "out_path", type=click.Path(), help="Card to write (default: RUN/MODEL_CARD.md).")
+@click.option("--release", "release_dir", type=click.Path(),
+              help="Also write a release folder (weights, meta.json, card, config, results) for certkd.load_model.")
+def card(run: str, out_path: Optional[str], release_dir: Optional[str]) -> None:
+    """Markdown model card of a trained run: architecture, data, ε, method, teacher, metrics, commands."""
+    from certkd.reporting import make_release, write_card
+
+    click.echo(f"model card written to {write_card(run, out_path)}")
+    if release_dir:
+        make_release(run, release_dir)
+        click.echo(f"release folder written to {release_dir}; load it with certkd.load_model({release_dir!r})")
+
+
+@cli.command()
+@click.option("--preset", help="Preset name from configs/ (or a YAML path), as in certkd train.")
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
+              help="A config key and its values (repeatable; the runs are the cartesian product).")
+@click.option("--seeds", help="Seeds, e.g. 0,1,2 (default: the config's seed).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every run (repeatable).")
+@click.option("--out", required=True, type=click.Path(), help="Sweep folder: one run per combination + sweep.json.")
+@click.option("--evaluate", is_flag=True, help="Also evaluate every run (certkd evaluate; writes evaluation.json).")
+@click.option("--eval-limit", type=int, help="With --evaluate: the first N test points only.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def sweep(preset: Optional[str], grid: Sequence[str], seeds: Optional[str], sets: Sequence[str], out: str,
+          evaluate: bool, eval_limit: Optional[int], quiet: bool) -> None:
+    """Train every combination of --grid values × --seeds, one after another in this process.
+
+    Resumable: rerun the same command to skip finished runs and resume partial ones. One process,
+    one device; for several GPUs start disjoint sweeps (e.g. --set device=cuda:1) into the same --out.
+    """
+    from certkd.sweep import run_sweep
+
+    s = run_sweep(out, preset, list(grid), seeds, list(sets), evaluate=evaluate, eval_limit=eval_limit,
+                  progress=not quiet, log=click.echo)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(s["counts"].items()))
+    click.echo(f"sweep {out}: {counts}; status in {Path(out) / 'sweep.json'}")
+    failed = [r for r in s["runs"] if r["status"] == "failed"]
+    if failed:
+        raise CertkdError(f"{len(failed)} of {len(s['runs'])} runs failed (first: {failed[0]['name']}: "
+                          f"{failed[0]['error']}); fix it and rerun the same command to continue")
+    click.echo(f"report it with: certkd report {out} --out {Path(out) / 'report'}")
+
+
+@cli.command()
 def presets() -> None:
     """List the available presets."""
     from certkd.config import list_presets
@@ -252,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        click.echo("interrupted; resume with --resume", err=True)
+        click.echo("interrupted; rerun the same command with --resume (train, verify) to continue", err=True)
         sys.exit(130)
 
 

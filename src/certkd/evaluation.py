@@ -41,6 +41,7 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
                           f"inputs but the data is {info.in_channels}×{info.input_size}×{info.input_size}")
     result = evaluate_accuracy(model, test_set, eps, limit=limit, batch_size=batch_size, attack_steps=attack_steps,
                                attack_step_size=attack_step_size, device=dev, progress=progress)
+    result.update(attack_steps=attack_steps, attack_step_size=attack_step_size, attack_restarts=1)
     result["method"] = cfg.get("method")
     result["checkpoint_epoch"] = model.certkd_meta.get("epoch")
     run = run_directory(path)

@@ -28,8 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from certkd.checkpoints import (atomic_write_bytes, atomic_write_json, atomic_write_text, latest_checkpoint,
-                                read_meta)
+from certkd.checkpoints import atomic_write_bytes, atomic_write_text, latest_checkpoint, read_meta
 from certkd.config import (CERTIFIED_METHODS, DISTILLATION_METHODS, EMPIRICAL_METHODS, TrainConfig,
                            apply_overrides, load_preset)
 from certkd.errors import CertkdError
@@ -116,7 +115,11 @@ class RunRecord:
     checkpoint: Optional[Path] = None
     meta: Optional[Dict[str, Any]] = None
     preset: Optional[str] = None
-    warnings: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)  # one line each; "not evaluated" is ``needs_evaluation``
+
+    @property
+    def needs_evaluation(self) -> bool:
+        return self.evaluation is None and self.verification is None
 
     @property
     def method(self) -> str:
@@ -207,14 +210,11 @@ def load_run(path, name: Optional[str] = None) -> RunRecord:
             if isinstance(obj, dict) and "epoch" in obj:
                 rec.metrics.append(obj)
     if rec.checkpoint is None:
-        rec.warnings.append(f"no checkpoint: not trained yet; continue or restart it with "
-                            f"`certkd train --resume --out {shlex.quote(str(p))}`")
+        rec.warnings.append("no checkpoint: not trained yet (its `certkd train` command is below)")
     elif rec.epoch is not None and rec.epoch < cfg.epochs:
         rec.warnings.append(f"partially trained (epoch {rec.epoch}/{cfg.epochs}); finish it with "
                             f"`certkd train --resume --out {shlex.quote(str(p))}`")
-    if rec.evaluation is None and rec.verification is None:
-        rec.warnings.append(f"no evaluation.json: run `certkd evaluate {shlex.quote(str(p))}`")
-    elif rec.evaluation is not None and rec.epoch is not None and rec.evaluation.get("checkpoint_epoch") not in (
+    if rec.evaluation is not None and rec.epoch is not None and rec.evaluation.get("checkpoint_epoch") not in (
             None, rec.epoch):
         rec.warnings.append(f"evaluation.json is from epoch {rec.evaluation.get('checkpoint_epoch')} but the latest "
                             f"checkpoint is epoch {rec.epoch}; rerun `certkd evaluate {shlex.quote(str(p))}`")
@@ -341,6 +341,39 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+# Keys tried first when naming groups; the rest follow in TrainConfig order.
+_NAME_PRIORITY = ("beta", "alpha", "eps", "teacher", "dist_combination", "dist_distance", "dist_reduction",
+                  "feature_adapter", "kd_temperature", "trades_beta", "model", "model_kwargs", "dataset", "epochs",
+                  "lr", "batch_size", "train_eps_mul", "eps_length", "eps_start", "attack_steps")
+
+
+def _distinguishing_keys(configs: Sequence[Mapping[str, Any]]) -> List[str]:
+    """A short list of keys that tells the configs apart: greedily, in :data:`_NAME_PRIORITY` order."""
+    keys = [k for k in configs[0] if k != "method"]
+    order = [k for k in _NAME_PRIORITY if k in keys] + [k for k in keys if k not in _NAME_PRIORITY]
+    classes = lambda ks: len({tuple(json.dumps(c.get(k), sort_keys=True) for k in ks) for c in configs})
+    target = classes(keys)
+    chosen: List[str] = []
+    current = 1
+    for k in order:
+        if current >= target:
+            break
+        n = classes(chosen + [k])
+        if n > current:
+            chosen.append(k)
+            current = n
+    return chosen
+
+
+def _name_value(key: str, value: Any, configs: Sequence[Mapping[str, Any]]) -> str:
+    if key == "teacher" and isinstance(value, str):  # the folder name, unless two teachers share it
+        tails = {Path(str(c.get(key))).name for c in configs if c.get(key)}
+        paths = {str(c.get(key)) for c in configs if c.get(key)}
+        if len(tails) == len(paths):
+            return Path(value).name
+    return _fmt_value(value)
+
+
 def _group_key(cfg: TrainConfig) -> str:
     d = cfg.to_dict()
     for k in GROUP_IGNORED_KEYS:
@@ -357,8 +390,8 @@ def group_runs(runs: Sequence[RunRecord]) -> List[Group]:
     names: List[str] = []
     for cfg, rs in groups:
         same_method = [c for c, _ in groups if c["method"] == cfg["method"]]
-        keys = [k for k in cfg if k != "method" and len({json.dumps(c.get(k), sort_keys=True) for c in same_method}) > 1]
-        parts = [cfg["method"]] + [f"{_PRETTY_KEYS.get(k, k)}={_fmt_value(cfg[k])}" for k in keys]
+        keys = _distinguishing_keys(same_method)
+        parts = [cfg["method"]] + [f"{_PRETTY_KEYS.get(k, k)}={_name_value(k, cfg[k], same_method)}" for k in keys]
         names.append(" ".join(parts))
     out = [Group(name=n, config=c, runs=rs) for n, (c, rs) in zip(names, groups)]
     order = {f: i for i, (f, _) in enumerate(FAMILIES)}
@@ -448,46 +481,113 @@ def _set_value(value: Any) -> str:
     return str(value)
 
 
-def train_command(cfg: TrainConfig, out, preset: Optional[str] = None) -> str:
-    """The ``certkd train`` command line that resolves to exactly ``cfg`` and writes to ``out``.
-
-    Keys are compared with the :class:`TrainConfig` defaults (or with the preset when the run
-    recorded one): dedicated flags where the CLI has them, ``--set key=value`` otherwise.
-    """
-    base = TrainConfig()
-    args = ["certkd", "train"]
-    if preset:
-        try:
-            base = apply_overrides(TrainConfig(), load_preset(preset))
-            args += ["--preset", preset]
-        except CertkdError:
-            base = TrainConfig()
+def _train_args(cfg: TrainConfig, base: TrainConfig) -> Optional[List[str]]:
+    """Flags turning ``base`` into ``cfg`` (None when a key cannot be expressed, e.g. a value back to None)."""
     target, ref = cfg.to_dict(), base.to_dict()
+    args: List[str] = []
     for f in dataclasses.fields(TrainConfig):
-        key = f.name
-        if target[key] == ref[key] and type(target[key]) is type(ref[key]):
+        key, v = f.name, target[f.name]
+        if v == ref[key] and type(v) is type(ref[key]):
             continue
-        if target[key] is None:  # resolve_config drops None overrides; None is every Optional's default
-            continue
+        if v is None:  # resolve_config ignores None overrides
+            return None
         if key in _TRAIN_FLAGS:
-            v = target[key]
             args += [f"--{key.replace('_', '-')}", repr(v) if isinstance(v, float) else str(v)]
         else:
-            args += ["--set", f"{key}={_set_value(target[key])}"]
-    args += ["--out", str(out)]
-    return " ".join(shlex.quote(a) for a in args)
+            args += ["--set", f"{key}={_set_value(v)}"]
+    return args
 
 
-def evaluate_command(run: RunRecord) -> Optional[str]:
+def _resolves_to(args: Sequence[str], cfg: TrainConfig) -> bool:
+    """Whether ``certkd train ARGS`` (parsed by the real CLI) resolves to exactly ``cfg``."""
+    try:
+        from certkd.cli import _overrides, cli
+        from certkd.config import resolve_config
+
+        ctx = cli.commands["train"].make_context("train", list(args), resilient_parsing=False)
+        got = resolve_config(ctx.params.get("preset"), _overrides(ctx.params))
+        return got.to_dict() == cfg.to_dict()
+    except Exception:  # a preset that no longer loads, a flag the CLI lacks, ...
+        return False
+
+
+def train_command(cfg: TrainConfig, out, preset: Optional[str] = None, infer_preset: bool = True) -> str:
+    """The ``certkd train`` command line that resolves to exactly ``cfg`` and writes to ``out``.
+
+    Keys are compared with the :class:`TrainConfig` defaults, or with a preset: the one the run
+    recorded, else (``infer_preset``) the preset giving the shortest command. Dedicated flags are
+    used where the CLI has them, ``--set key=value`` otherwise. Each candidate is parsed back
+    through the CLI and kept only if it resolves to ``cfg`` exactly.
+    """
+    from certkd.config import list_presets
+
+    names: List[Optional[str]] = [preset] if preset else (list(list_presets()) if infer_preset else [])
+    candidates: List[List[str]] = []
+    for name in names:
+        try:
+            base = apply_overrides(TrainConfig(), load_preset(name))
+        except CertkdError:
+            continue
+        if not preset and base.dataset != cfg.dataset:  # exact but misleading: another dataset's preset
+            continue
+        args = _train_args(cfg, base)
+        if args is not None:
+            candidates.append(["--preset", str(name)] + args)
+    plain = _train_args(cfg, TrainConfig())
+    if plain is not None:
+        candidates.append(plain)
+    candidates.sort(key=len)
+    tail = ["--out", str(out)]
+    chosen = next((c for c in candidates if _resolves_to(c + tail, cfg)), None)
+    if chosen is None:  # cannot happen for a valid config; keep the explicit form
+        chosen = plain or []
+    return " ".join(shlex.quote(a) for a in ["certkd", "train"] + chosen + tail)
+
+
+def _evaluate_flags(run: RunRecord) -> Optional[Tuple[str, ...]]:
     ev = run.evaluation
     if ev is None:
         return None
-    args = ["certkd", "evaluate", str(run.path)]
+    flags: List[str] = []
     if isinstance(ev.get("eps"), (int, float)) and not math.isclose(float(ev["eps"]), run.config.eps):
-        args += ["--eps", repr(float(ev["eps"]))]
+        flags += ["--eps", repr(float(ev["eps"]))]
     if isinstance(ev.get("n"), int):
-        args += ["--limit", str(ev["n"])]
+        flags += ["--limit", str(ev["n"])]
+    return tuple(flags)
+
+
+def evaluate_command(run: RunRecord) -> Optional[str]:
+    """``certkd evaluate RUN [--eps E] --limit N`` reproducing the run's evaluation.json."""
+    flags = _evaluate_flags(run)
+    return None if flags is None else _join(["certkd", "evaluate", str(run.path), *flags])
+
+
+def _evaluate_commands(runs: Sequence[RunRecord]) -> List[str]:
+    """One ``certkd evaluate`` line per set of flags, listing every run evaluated with them."""
+    by_flags: Dict[Tuple[str, ...], List[RunRecord]] = {}
+    for r in runs:
+        flags = _evaluate_flags(r)
+        if flags is not None:
+            by_flags.setdefault(flags, []).append(r)
+    return [_join(["certkd", "evaluate", *[str(r.path) for r in rs], *flags]) for flags, rs in by_flags.items()]
+
+
+def _join(args: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
+
+
+def _sweep_of(run: RunRecord) -> Optional[Tuple[Path, str]]:
+    """(sweep folder, its command) when the run was made by ``certkd sweep`` (listed in ../sweep.json)."""
+    path = run.path.parent / "sweep.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        names = {r.get("name") for r in data.get("runs", [])}
+        command = data.get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (run.path.parent, str(command)) if command and run.path.name in names else None
 
 
 def verify_command(run: RunRecord) -> Optional[str]:
@@ -512,10 +612,31 @@ def verify_command(run: RunRecord) -> Optional[str]:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _command_order(runs: Sequence[RunRecord]) -> List[RunRecord]:
-    """Teachers before the students that distil them."""
-    order = {f: i for i, (f, _) in enumerate(FAMILIES)}
-    return sorted(runs, key=lambda r: (order[r.family], r.method, r.name))
+def reproduce_commands(groups: Sequence[Group]) -> List[str]:
+    """Train commands per group (teachers first; a sweep's runs as its one ``certkd sweep`` line),
+    then evaluate and verify commands."""
+    lines: List[str] = []
+    sweeps_done = set()
+    for g in groups:
+        own = []
+        for r in g.runs:
+            sweep = _sweep_of(r)
+            if sweep is None:
+                own.append(train_command(r.config, r.path, r.preset))
+            elif sweep[0] not in sweeps_done:
+                sweeps_done.add(sweep[0])
+                n = sum(1 for gg in groups for rr in gg.runs if _sweep_of(rr) and _sweep_of(rr)[0] == sweep[0])
+                lines += [f"# sweep {sweep[0]} (makes {n} of the reported runs)", sweep[1]]
+        if own:
+            lines += [f"# {g.name}"] + own
+    runs = [r for g in groups for r in g.runs]
+    ev = _evaluate_commands(runs)
+    if ev:
+        lines += ["# evaluation (evaluation.json)"] + ev
+    ver = [c for c in (verify_command(r) for r in runs) if c]
+    if ver:
+        lines += ["# complete verification (verification.json)"] + ver
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,66 +678,120 @@ def plot_pareto(groups: Sequence[Group], path, title: str = "") -> Optional[Path
     """Clean accuracy (x) against verified accuracy (y) per group, seeds as faint points.
 
     Filled markers: y from a complete verifier (verification.json); hollow: IBP-verified
-    (evaluation.json), a lower bound. The Pareto front of the group means is drawn as a
-    staircase. Returns None when no group has both numbers.
+    (evaluation.json), a lower bound. Error bars: sample std over seeds. The Pareto front of the
+    group means is drawn as a staircase. Returns None when no group has both numbers.
     """
     plt = _pyplot()
-    pts, idx = [], []
-    for i, g in enumerate(groups):
+    from matplotlib.lines import Line2D
+
+    pts, items, extent = [], [], []  # extent: every plotted coordinate (seeds, error bars) for the limits
+    for g in groups:
         x, y, complete = g.pareto()
         if x.mean is not None and y.mean is not None:
-            pts.append((x.mean, y.mean))
-            idx.append((i, x, y, complete))
+            pts.append((100 * x.mean, 100 * y.mean))
+            items.append((g, x, y, complete))
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(7.0, 5.2))
-    used = set()
-    for (i, x, y, complete), (px, py) in zip(idx, pts):
-        g = groups[i]
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    for (g, x, y, complete), (px, py) in zip(items, pts):
         marker, colour = _STYLE[g.family]
-        for r in g.runs:  # individual seeds
-            rx = r.value("clean_accuracy")
-            ry = r.pareto_y()[0] if complete else r.value("ibp_verified_accuracy")
-            if rx is not None and ry is not None and len(g.runs) > 1:
-                ax.scatter(100 * rx, 100 * ry, marker=marker, s=14, color=colour, alpha=0.35, linewidths=0)
-        ax.errorbar(100 * px, 100 * py, xerr=None if x.std is None else 100 * x.std,
-                    yerr=None if y.std is None else 100 * y.std, fmt="none", ecolor=colour, elinewidth=1, capsize=3,
-                    alpha=0.8)
-        label = None
-        if g.family not in used:
-            used.add(g.family)
-            label = dict(FAMILIES)[g.family]
-        ax.scatter(100 * px, 100 * py, marker=marker, s=70, label=label, zorder=3, linewidths=1.5,
+        if len(g.runs) > 1:  # individual seeds
+            for r in g.runs:
+                rx = r.value("clean_accuracy")
+                ry = r.pareto_y()[0] if complete else r.value("ibp_verified_accuracy")
+                if rx is not None and ry is not None:
+                    ax.scatter(100 * rx, 100 * ry, marker=marker, s=14, color=colour, alpha=0.35, linewidths=0)
+                    extent.append((100 * rx, 100 * ry))
+        sx, sy = 100 * (x.std or 0.0), 100 * (y.std or 0.0)
+        extent += [(px - sx, py - sy), (px + sx, py + sy)]
+        if x.std is not None or y.std is not None:
+            ax.errorbar(px, py, xerr=None if x.std is None else 100 * x.std,
+                        yerr=None if y.std is None else 100 * y.std, fmt="none", ecolor=colour, elinewidth=1,
+                        capsize=3, alpha=0.8)
+        ax.scatter(px, py, marker=marker, s=70, zorder=3, linewidths=1.5,
                    facecolors=colour if complete else "white", edgecolors=colour)
-        ax.annotate(g.name, (100 * px, 100 * py), textcoords="offset points", xytext=(6, 5), fontsize=8,
-                    color="0.15")
     front = pareto_front(pts)
-    fx = [100 * pts[i][0] for i in front]
-    fy = [100 * pts[i][1] for i in front]
     if len(front) > 1:
-        ax.step(fx, fy, where="pre", linestyle="--", color="black", linewidth=1, label="Pareto front", zorder=2)
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="pre", linestyle="--", color="black",
+                linewidth=1, zorder=2)
     else:
-        ax.scatter(fx, fy, s=180, facecolors="none", edgecolors="black", linestyle="--", label="Pareto front",
-                   zorder=2)
-    # legend entries for the fill convention
-    ax.scatter([], [], marker="o", facecolors="0.3", edgecolors="0.3", label="filled: complete verifier")
-    ax.scatter([], [], marker="o", facecolors="white", edgecolors="0.3", label="hollow: IBP-verified (lower bound)")
+        ax.scatter([pts[front[0]][0]], [pts[front[0]][1]], s=220, facecolors="none", edgecolors="black",
+                   linestyle="--", zorder=2)
+    xs, ys = [p[0] for p in pts + extent], [p[1] for p in pts + extent]
+    pad_x = max(1.5, 0.08 * (max(xs) - min(xs)))
+    pad_y = max(1.5, 0.08 * (max(ys) - min(ys)))
+    x0, x1 = max(-1.5, min(xs) - pad_x), min(101.5, max(xs) + 2.5 * pad_x)
+    y0, y1 = max(-1.5, min(ys) - pad_y), min(101.5, max(ys) + 2 * pad_y)
+    x1, y1 = max(x1, x0 + 10), max(y1, y0 + 10)  # at least 10 points per axis: no magnified noise
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
     ax.set_xlabel("standard (clean) accuracy [%]")
     ax.set_ylabel("verified robust accuracy [%]")
-    xs = [p[0] * 100 for p in pts]
-    ys = [p[1] * 100 for p in pts]
-    pad_x = max(2.0, 0.08 * (max(xs) - min(xs)))
-    pad_y = max(2.0, 0.08 * (max(ys) - min(ys)))
-    ax.set_xlim(max(0.0, min(xs) - pad_x), min(100.0, max(xs) + 3 * pad_x))
-    ax.set_ylim(max(0.0, min(ys) - pad_y), min(100.0, max(ys) + 2 * pad_y))
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     if title:
         ax.set_title(title, fontsize=10)
+    handles = [Line2D([], [], marker=_STYLE[f][0], color=_STYLE[f][1], linestyle="none", markersize=8, label=label)
+               for f, label in FAMILIES if any(g.family == f for g, *_ in items)]
+    handles += [Line2D([], [], color="black", linestyle="--", linewidth=1, label="Pareto front (group means)"),
+                Line2D([], [], marker="o", color="0.35", linestyle="none", markersize=7,
+                       label="filled: complete verifier"),
+                Line2D([], [], marker="o", color="0.35", markerfacecolor="white", linestyle="none", markersize=7,
+                       label="hollow: IBP-verified (lower bound)")]
+    if any(len(g.runs) > 1 for g, *_ in items):
+        handles.append(Line2D([], [], marker="o", color="0.35", alpha=0.35, linestyle="none", markersize=4,
+                              label="single seeds; bars: ± std"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              frameon=False)
+    _place_labels(fig, ax, [(px, py, g.name) for (g, *_), (px, py) in zip(items, pts)])
     out = Path(path)
     _save_png(fig, out)
     plt.close(fig)
     return out
+
+
+def _place_labels(fig, ax, items: Sequence[Tuple[float, float, str]]) -> None:
+    """Annotate points so that labels overlap neither each other nor the markers, where possible:
+    each label takes the first free spot of a list of offsets (a leader line when far)."""
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes_box = ax.get_window_extent(renderer)
+    to_px = ax.transData.transform
+    blocked = [Bbox.from_extents(*(to_px((x, y)) - 7), *(to_px((x, y)) + 7)) for x, y, _ in items]
+    placed: List[Any] = []
+    near = [(6, 4), (6, -4), (-6, 4), (-6, -4), (0, 9), (0, -9)]
+    far = [(dx, dy) for r in (18, 30, 45, 60) for dx, dy in ((r, r), (r, -r), (-r, r), (-r, -r), (0, r), (0, -r),
+                                                                (r, 0), (-r, 0))]
+
+    def area(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    order = sorted(range(len(items)), key=lambda i: -items[i][1])
+    for i in order:
+        x, y, text = items[i]
+        best = None
+        for dx, dy in near + far:
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+            t = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=7.5,
+                            color="0.1")
+            bb = t.get_window_extent(renderer).expanded(1.04, 1.15)
+            t.remove()
+            outside = bb.width * bb.height - area(bb, axes_box)
+            cost = sum(area(bb, o) for o in placed + [b for j, b in enumerate(blocked) if j != i]) + 3 * outside
+            cost += 0.05 * (abs(dx) + abs(dy))  # prefer near spots among equally free ones
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, ha, va, bb)
+            if cost < 1.0:
+                break
+        _, dx, dy, ha, va, bb = best
+        arrow = dict(arrowstyle="-", color="0.5", linewidth=0.6) if (dx, dy) not in near else None
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=7.5,
+                    color="0.1", arrowprops=arrow)
+        placed.append(bb)
 
 
 def plot_curves(run: RunRecord, path) -> Optional[Path]:
@@ -632,7 +807,8 @@ def plot_curves(run: RunRecord, path) -> Optional[Path]:
     axes[0].plot(ep, loss, marker="o", markersize=3, color="tab:purple")
     axes[0].set_title("train loss")
     axes[1].plot(ep, eps, marker="o", markersize=3, color="tab:orange", label="mean training ε")
-    axes[1].axhline(run.config.eps, linestyle="--", color="0.4", linewidth=1, label=f"target ε={run.config.eps:g}")
+    target = run.config.eps * run.config.train_eps_mul
+    axes[1].axhline(target, linestyle="--", color="0.4", linewidth=1, label=f"target training ε={target:g}")
     axes[1].set_title("ε schedule")
     axes[1].legend(fontsize=7)
     tests = [m for m in recs if isinstance(m.get("test"), dict)]
@@ -648,7 +824,7 @@ def plot_curves(run: RunRecord, path) -> Optional[Path]:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"{run.name} ({run.method})", fontsize=10)
+    fig.suptitle(f"{run.name} ({run.method})", fontsize=10, y=1.04)
     out = Path(path)
     _save_png(fig, out)
     plt.close(fig)
@@ -669,13 +845,14 @@ def write_report(paths: Iterable, out_dir, command: Optional[str] = None) -> Dic
     Returns a summary: ``runs``, ``groups``, ``missing`` (run names without any evaluation),
     ``warnings`` (one line each) and ``files`` (paths written).
     """
-    runs = collect_runs(paths)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CertkdError(f"--out {out} exists and is not a directory; choose another --out")
-    for r in runs:
-        if out.resolve() == r.path.resolve():
-            raise CertkdError(f"--out {out} is a run directory; write the report elsewhere (e.g. report/)")
+    if is_run_dir(out) or (out / "checkpoints").is_dir():
+        raise CertkdError(f"--out {out} is a run directory; write the report elsewhere (e.g. report/)")
+    # `certkd report runs/* --out runs/report` run twice: the glob then names the report itself
+    paths_given = [Path(p) for p in paths if not (Path(p).exists() and Path(p).resolve() == out.resolve())]
+    runs = collect_runs(paths_given)
     groups = group_runs(runs)
     files: List[Path] = []
 
@@ -697,10 +874,16 @@ def write_report(paths: Iterable, out_dir, command: Optional[str] = None) -> Dic
             files.append(p)
 
     warnings = [f"`{r.name}`: {w}" for r in runs for w in r.warnings]
+    not_evaluated = [r for r in runs if r.needs_evaluation]
+    if not_evaluated:
+        names = ", ".join(f"`{r.name}`" for r in not_evaluated)
+        warnings.insert(0, f"not evaluated ({len(not_evaluated)} runs: {names}); `certkd report` does not evaluate, "
+                           f"run `{_join(['certkd', 'evaluate'] + [str(r.path) for r in not_evaluated])}` and "
+                           "report again")
     if len(eps_values) > 1:
         warnings.append(f"runs use different ε ({', '.join(f'{e:g}' for e in eps_values)}); compare points of the "
                         "Pareto plot at equal ε only")
-    missing = [r.name for r in runs if r.evaluation is None and r.verification is None]
+    missing = [r.name for r in not_evaluated]
 
     md = [f"# certkd report: {title}", ""]
     md.append(f"{len(runs)} runs in {len(groups)} configurations. Accuracies in % on the test set, "
@@ -718,13 +901,10 @@ def write_report(paths: Iterable, out_dir, command: Optional[str] = None) -> Dic
     if curves:
         links = [f"[{name}](<curves/{p.name}>)" for name, p in curves.items()]
         md += ["## Training curves", "", " · ".join(links), ""]
-    md += ["## Commands", "", "```bash"]
-    ordered = _command_order(runs)
-    md += [train_command(r.config, r.path, r.preset) for r in ordered]
-    md += [c for c in (evaluate_command(r) for r in ordered) if c]
-    md += [c for c in (verify_command(r) for r in ordered) if c]
-    md.append(command or " ".join(["certkd", "report"] + [shlex.quote(str(r.path)) for r in runs]
-                                  + ["--out", shlex.quote(str(out))]))
+    md += ["## Commands", "", "Each `certkd train` line resolves to its run's `config.yaml` exactly (checked when "
+           "this report was written); teachers come first.", "", "```bash"]
+    md += reproduce_commands(groups)
+    md += ["# this report", command or _join(["certkd", "report"] + [str(p) for p in paths_given] + ["--out", str(out)])]
     md += ["```", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     files.insert(0, out / "report.md")
@@ -788,7 +968,7 @@ def model_card(run, release_dir=None) -> str:
     md.append(f"- dataset: `{meta.get('dataset', cfg.dataset)}`" + (f" from `{cfg.data_dir}`" if cfg.data_dir else ""))
     md.append(f"- training: batch size {cfg.batch_size}, augmentation {'on' if cfg.augment else 'off'}")
     md += ["", "## Training", ""]
-    md.append(f"- method: `{cfg.method}` ({dict(FAMILIES)[rec.family]})")
+    md.append(f"- method: `{cfg.method}`, {dict(FAMILIES)[rec.family]}")
     md.append(f"- ε = {cfg.eps:g}; training ε × {cfg.train_eps_mul:g}, ramp from epoch {cfg.eps_start} over "
               f"{cfg.eps_length} epochs")
     if rec.family in ("certified", "distillation"):
@@ -847,9 +1027,8 @@ def model_card(run, release_dir=None) -> str:
                   f"(and `certkd verify {shlex.quote(str(rec.path))}` for complete verification).")
     if ev is not None and ("attack_steps" not in ev):
         md += ["", "*PGD settings of `evaluation.json` are those of `certkd evaluate` (not recorded in the file).*"]
-    warnings = [w for w in rec.warnings if "evaluation.json" not in w or ev is not None]
-    if warnings:
-        md += ["", "## Caveats", ""] + [f"- {w}" for w in warnings]
+    if rec.warnings:
+        md += ["", "## Caveats", ""] + [f"- {w}" for w in rec.warnings]
     md += ["", "## Reproduce", "", "```bash"]
     if cfg.teacher and teacher_method is not None and is_run_dir(Path(cfg.teacher)):
         t = load_run(cfg.teacher)

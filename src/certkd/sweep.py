@@ -254,7 +254,7 @@ def run_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None
     axes = parse_grid(grid)
     summary: Dict[str, Any] = {
         "command": sweep_command(out, preset, grid, seeds, sets, evaluate, eval_limit),
-        "preset": preset, "grid": {k: [v for _, v in vals] for k, vals in axes},
+        "preset": preset, "grid": {k: [v for _, v in vals] for k, vals in axes}, "grid_keys": [k for k, _ in axes],
         "seeds": sorted({r.seed for r in runs}, key=[r.seed for r in runs].index),
         "sets": parse_sets(sets), "evaluate": evaluate, "eval_limit": eval_limit,
         "note": "runs train sequentially in one process; run disjoint sweeps per GPU for parallelism",

@@ -1,0 +1,277 @@
+"""The benchmark presets in configs/ against SPEC §7 (the paper README's hyper-parameters).
+
+The tables below are transcribed here from SPEC §7 on purpose, independently of the YAML files, so
+that a typo in a preset shows up as a mismatch. Fast checks only (no training), except the
+``slow`` test at the end, which trains every ``*-cpu`` preset for one epoch where its data exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from certkd.config import (DISTILLATION_METHODS, EMPIRICAL_METHODS, TEACHER_DEFAULTS, TrainConfig, list_presets,
+                           load_preset, resolve_config)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+ALL_PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+DUMMY_TEACHER = "runs/some-teacher"
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+# --- SPEC §7, first table ------------------------------------------------------------------------
+# setting: dataset, model, eps (rounded, SPEC §5), k (eps ≈ k/255, None for MNIST), S, N, epochs,
+#          lr milestones, batch, train attack steps, relative step, attack_eps_factor, train-eps-mul,
+#          reg-λ, test interval (SPEC §7 notes)
+ROWS = {
+    "mnist-0.1": ("mnist", "cnn7", 0.1, None, 1, 20, 70, [50, 60], 256, 1, 10.0, 1.0, 2.0, 0.5, 10),
+    "mnist-0.3": ("mnist", "cnn7", 0.3, None, 1, 20, 70, [50, 60], 256, 1, 10.0, 1.0, 1.334, 0.5, 10),
+    "cifar10-2_255": ("cifar10", "cnn7", 0.00784, 2, 2, 80, 160, [120, 140], 128, 8, 0.25, 2.1, 1.0, 0.5, 20),
+    "cifar10-8_255": ("cifar10", "cnn7", 0.03137, 8, 2, 80, 260, [180, 220], 128, 1, 10.0, 1.0, 1.0, 0.5, 20),
+    "tinyimagenet-1_255": ("tinyimagenet", "cnn7-imagenet", 0.00392, 1, 2, 80, 160, [120, 140], 128, 1, 10.0,
+                           1.0, 1.0, 0.2, 20),
+    "imagenet64-1_255": ("imagenet64", "cnn7-imagenet", 0.00392, 1, 2, 20, 80, [60, 70], 128, 1, 10.0,
+                         1.0, 1.0, 0.2, 5),
+}
+ROW_KEYS = ("dataset", "model", "eps", "k", "eps_start", "eps_length", "epochs", "lr_milestones", "batch_size",
+            "attack_steps", "attack_step_size", "attack_eps_factor", "train_eps_mul", "reg_lambda",
+            "test_interval")
+
+# --- SPEC §7, second table: (α, l1) per method (SABR: λ) -----------------------------------------
+COEFFS = {
+    "mnist-0.1": {"ccibp": (0.1, 2e-6), "mtlibp": (1e-2, 1e-5)},
+    "mnist-0.3": {"ccibp": (0.3, 3e-6), "mtlibp": (8e-2, 1e-6)},
+    "cifar10-2_255": {"ccibp": (1e-2, 3e-6), "mtlibp": (4e-3, 3e-6), "expibp": (9.5e-2, 4e-6), "sabr": (3e-2, 3e-6)},
+    "cifar10-8_255": {"ccibp": (0.5, 0.0), "mtlibp": (0.5, 1e-7), "expibp": (0.5, 0.0), "sabr": (0.6, 0.0)},
+    "tinyimagenet-1_255": {"ccibp": (1e-2, 5e-5), "mtlibp": (1e-2, 5e-5), "expibp": (4e-2, 5e-5)},
+    "imagenet64-1_255": {"ccibp": (5e-2, 1e-5), "mtlibp": (5e-2, 1e-5), "expibp": (5e-2, 1e-5)},
+}
+METHOD_OF = {"ccibp": "cc-ibp", "mtlibp": "mtl-ibp", "expibp": "exp-ibp", "sabr": "sabr"}
+
+STUDENTS = [f"{s}-{m}" for s, ms in COEFFS.items() for m in ms]
+CCDIST = [f"{s}-ccdist" for s in ROWS]
+TEACHERS = [f"{s}-teacher" for s in ROWS]
+CPU = ["mnist-0.1-cpu", "mnist-0.3-cpu", "cifar10-2_255-cpu", "cifar10-8_255-cpu", "tinyimagenet-1_255-cpu"]
+EXPECTED = STUDENTS + CCDIST + TEACHERS + CPU
+
+
+def row(setting: str) -> dict:
+    return dict(zip(ROW_KEYS, ROWS[setting]))
+
+
+def resolve(name: str, **kw) -> TrainConfig:
+    values = load_preset(name)
+    overrides = {"teacher": DUMMY_TEACHER} if values.get("method") in DISTILLATION_METHODS else None
+    return resolve_config(name, overrides, **kw)
+
+
+def approx(x):
+    return pytest.approx(x, rel=1e-9, abs=1e-15)
+
+
+# --- every preset ---------------------------------------------------------------------------------
+
+def test_all_expected_presets_exist():
+    missing = sorted(set(EXPECTED) - set(ALL_PRESETS))
+    assert not missing, f"presets missing from configs/: {missing}"
+    assert set(EXPECTED) <= set(list_presets())
+
+
+def test_cli_lists_presets(capsys):
+    from certkd.cli import main
+
+    main(["presets"])
+    listed = capsys.readouterr().out.split()
+    assert set(EXPECTED) <= set(listed)
+    assert listed == sorted(listed)
+
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_preset_is_plain_trainconfig_yaml_and_validates(name):
+    values = load_preset(name)
+    unknown = {k for k in values if str(k).replace("-", "_") not in FIELDS}
+    assert not unknown, f"{name}: keys that are not TrainConfig fields: {unknown}"
+    cfg = resolve(name)
+    assert cfg.validate() is cfg
+    from certkd.models import list_models
+
+    assert cfg.model in list_models()
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_preset_dataset_is_known(name):
+    from certkd.data import DATASETS
+
+    cfg = resolve(name)
+    if cfg.dataset == "imagenet64" and "imagenet64" not in DATASETS:
+        pytest.skip("certkd.data has no 'imagenet64' loader yet; only the dataset name is left unchecked")
+    assert cfg.dataset in DATASETS
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_preset_header_names_its_spec_row(name):
+    first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    setting = name.rsplit("-", 1)[0]
+    label = {"mnist-0.1": "MNIST ε=0.1", "mnist-0.3": "MNIST ε=0.3", "cifar10-2_255": "CIFAR-10 2/255",
+             "cifar10-8_255": "CIFAR-10 8/255", "tinyimagenet-1_255": "TinyImageNet 1/255",
+             "imagenet64-1_255": "ImageNet64 1/255"}[setting]
+    assert first.startswith("# SPEC §7 row") and label in first, first
+
+
+def test_spec_eps_are_rounded_down_k_over_255():
+    """SPEC §5: the config ε values are k/255 rounded *down* to 5 decimals."""
+    for setting, values in ROWS.items():
+        r = dict(zip(ROW_KEYS, values))
+        if r["k"] is not None:
+            assert r["eps"] == math.floor(r["k"] / 255 * 1e5) / 1e5, setting
+
+
+# --- paper students -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_student_matches_spec_table(name):
+    setting, key = name.rsplit("-", 1)
+    r, (alpha, l1) = row(setting), COEFFS[setting][key]
+    cfg = resolve(name)
+    assert cfg.method == METHOD_OF[key]
+    assert cfg.dataset == r["dataset"] and cfg.model == r["model"]
+    assert cfg.model_kwargs == {}  # CNN7 at full width; ImageNet64's 1000 classes come from the dataset
+    assert cfg.eps == approx(r["eps"])
+    assert (cfg.eps_start, cfg.eps_length, cfg.epochs) == (r["eps_start"], r["eps_length"], r["epochs"])
+    assert cfg.lr_milestones == r["lr_milestones"]
+    assert cfg.batch_size == r["batch_size"]
+    assert cfg.attack_steps == r["attack_steps"] and cfg.attack_step_size == approx(r["attack_step_size"])
+    assert cfg.attack_restarts == 1
+    assert cfg.attack_eps_factor == approx(r["attack_eps_factor"])
+    assert cfg.train_eps_mul == approx(r["train_eps_mul"])
+    assert cfg.reg_lambda == approx(r["reg_lambda"]) and cfg.reg_tol == approx(0.5)
+    assert cfg.test_interval == r["test_interval"]
+    assert cfg.alpha == approx(alpha) and cfg.l1 == approx(l1)
+    # common to all §7 runs
+    assert cfg.optimizer == "adam" and cfg.lr == approx(5e-4) and cfg.lr_gamma == approx(0.2)
+    assert cfg.weight_decay == 0.0 and cfg.grad_clip == approx(10.0) and cfg.ibp_init is True
+    assert (cfg.test_attack_steps, cfg.test_attack_step_size) == (40, approx(0.1))
+    assert cfg.eval_limit is None and cfg.augment is True and cfg.seed == 100
+
+
+# --- CC-Dist students: the CC-IBP preset plus the distillation term ------------------------------
+
+DIST_KEYS = {"method", "teacher", "beta", "dist_combination", "dist_distance", "dist_reduction", "dist_warmup",
+             "feature_adapter", "kd_temperature"}
+
+
+@pytest.mark.parametrize("setting", list(ROWS))
+def test_ccdist_is_ccibp_plus_distillation(setting):
+    dist = resolve(f"{setting}-ccdist")
+    base = resolve(f"{setting}-ccibp")
+    assert dist.method == "cc-dist" and dist.teacher == DUMMY_TEACHER
+    assert dist.beta == approx(1.0) and dist.dist_combination == "box"
+    assert dist.dist_distance == "l2sq" and dist.dist_reduction == "sum" and dist.feature_adapter == "none"
+    d, b = dist.to_dict(), base.to_dict()
+    differing = {k for k in d if d[k] != b[k]}
+    assert differing <= DIST_KEYS, f"ccdist differs from ccibp outside the distillation keys: {differing - DIST_KEYS}"
+
+
+@pytest.mark.parametrize("setting", list(ROWS))
+def test_ccdist_needs_a_teacher(setting):
+    from certkd.errors import CertkdError
+
+    with pytest.raises(CertkdError, match="--teacher"):
+        resolve_config(f"{setting}-ccdist")
+
+
+# --- teachers -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", list(ROWS))
+@pytest.mark.parametrize("as_teacher_command", [True, False])
+def test_teacher_is_pgd_at_at_the_students_eps(setting, as_teacher_command):
+    # `certkd teacher --preset X-teacher` and `certkd train --preset X-teacher` must agree
+    t = resolve_config(f"{setting}-teacher", teacher=as_teacher_command)
+    s = resolve(f"{setting}-ccibp")
+    assert t.method == "pgd-at" and t.method in EMPIRICAL_METHODS
+    assert (t.attack_steps, t.attack_step_size) == (TEACHER_DEFAULTS["attack_steps"],
+                                                    approx(TEACHER_DEFAULTS["attack_step_size"]))
+    assert (t.attack_steps, t.attack_step_size) == (10, approx(0.25))
+    assert t.train_eps_mul == 1.0 and t.attack_eps_factor == 1.0
+    assert t.ibp_init is False and t.l1 == 0.0 and t.reg_lambda == 0.0
+    for key in ("dataset", "data_dir", "model", "model_kwargs", "eps", "epochs", "eps_start", "lr",
+                "lr_milestones", "lr_gamma", "batch_size", "grad_clip", "test_interval", "optimizer",
+                "weight_decay", "augment"):
+        assert getattr(t, key) == getattr(s, key), key
+    assert t.eps_length == max(1, round(t.epochs / 10))   # short ramp: ~10% of the epochs
+    assert t.eps_length < s.eps_length
+
+
+# --- CPU presets ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CPU)
+def test_cpu_preset_keeps_the_rows_ccibp_settings(name):
+    setting = name[: -len("-cpu")]
+    r, (alpha, l1) = row(setting), COEFFS[setting]["ccibp"]
+    cfg = resolve(name)
+    assert cfg.method == "cc-ibp" and cfg.dataset == r["dataset"] and cfg.eps == approx(r["eps"])
+    assert cfg.alpha == approx(alpha) and cfg.l1 == approx(l1)
+    assert cfg.batch_size == r["batch_size"] and cfg.eps_start == r["eps_start"]
+    assert cfg.attack_steps == r["attack_steps"] and cfg.attack_step_size == approx(r["attack_step_size"])
+    assert cfg.attack_eps_factor == approx(r["attack_eps_factor"])
+    assert cfg.train_eps_mul == approx(r["train_eps_mul"]) and cfg.reg_lambda == approx(r["reg_lambda"])
+    # cut down: small model, few epochs, the ramp ends before the last epoch, milestones inside the run
+    assert cfg.epochs <= 20 and cfg.eps_start + cfg.eps_length - 1 < cfg.epochs
+    assert all(1 <= m <= cfg.epochs for m in cfg.lr_milestones)
+    assert cfg.eval_limit is not None and cfg.eval_limit <= 1000
+    assert cfg.model == "cnn-small" or cfg.model_kwargs.get("width", 64) < 64
+
+
+# Model shapes, built on the meta device (no memory, no time): feature width m = 512 for every
+# paper CNN7 (SPEC §0), class counts per dataset (SPEC §4).
+SHAPES = {"mnist": (1, 28, 10), "cifar10": (3, 32, 10), "tinyimagenet": (3, 64, 200), "imagenet64": (3, 64, 1000)}
+
+
+@pytest.mark.parametrize("name", [f"{s}-ccibp" for s in ROWS] + CPU)
+def test_preset_model_builds(name):
+    from certkd.models import create_model
+
+    cfg = resolve(name)
+    channels, size, classes = SHAPES[cfg.dataset]
+    with torch.device("meta"):
+        model = create_model(cfg.model, channels, size, classes, **cfg.model_kwargs)
+    assert model.num_classes == classes
+    if not name.endswith("-cpu"):
+        assert model.feature_dim == 512
+        flat = model.features[-3].in_features   # Flatten → Linear(·, 512) → BN1d → ReLU
+        assert flat == {"mnist": 25088, "cifar10": 32768, "tinyimagenet": 32768, "imagenet64": 32768}[cfg.dataset]
+
+
+# --- slow: each CPU preset trains for one epoch -----------------------------------------------------
+
+def _data_dir(dataset: str):
+    """The shared data folder (../shared/data/<name> next to the repository, or shared/ inside it)."""
+    for root in (REPO.parent / "shared" / "data", REPO / "shared" / "data"):
+        path = root / dataset
+        if path.is_dir() and any(path.iterdir()):
+            return path
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CPU)
+def test_cpu_preset_trains_one_epoch(name, tmp_path):
+    from certkd.training import train
+
+    cfg = resolve(name)
+    data = _data_dir(cfg.dataset)
+    if data is None:
+        pytest.skip(f"no {cfg.dataset} data under shared/data")
+    cfg = resolve_config(name, {"epochs": 1, "eval_limit": 100, "data_dir": str(data), "device": "cpu"})
+    out = train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(records) == 1 and records[0]["epoch"] == 1
+    test = records[0]["test"]
+    for key in ("clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy"):
+        assert 0.0 <= test[key] <= 1.0
+    assert math.isfinite(records[0]["train"]["loss"])
+    assert (out / "config.yaml").exists()
