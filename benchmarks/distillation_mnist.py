@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--betas", default="0.01,0.1,1.0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test points (default all)")
+    ap.add_argument("--only", choices=["teacher", "cc-ibp", "cc-dist"], default=None,
+                    help="train just this part (for running parts in parallel processes) and skip evaluation")
     args = ap.parse_args()
 
     root = Path(args.out)
@@ -60,16 +62,21 @@ def main() -> None:
     t_cfg = resolve_config("mnist-0.1-cpu", dict(common, method="pgd-at", epochs=args.teacher_epochs,
                                                  attack_steps=args.teacher_steps, attack_step_size=2.5 / args.teacher_steps,
                                                  lr_milestones=[], test_interval=args.teacher_epochs), teacher=True)
-    timings["teacher (pgd-at)"] = train_once(t_cfg, root / "teacher")
+    if args.only in (None, "teacher"):
+        timings["teacher (pgd-at)"] = train_once(t_cfg, root / "teacher")
     runs["teacher (pgd-at)"] = root / "teacher"
-    timings["cc-ibp"] = train_once(resolve_config("mnist-0.1-cpu", dict(common, method="cc-ibp")), root / "cc-ibp")
+    if args.only in (None, "cc-ibp"):
+        timings["cc-ibp"] = train_once(resolve_config("mnist-0.1-cpu", dict(common, method="cc-ibp")), root / "cc-ibp")
     runs["cc-ibp"] = root / "cc-ibp"
     for beta in [float(b) for b in args.betas.split(",") if b]:
         name = f"cc-dist β={beta:g}"
         cfg = resolve_config("mnist-0.1-cpu", dict(common, method="cc-dist", beta=beta, teacher=str(root / "teacher")))
-        timings[name] = train_once(cfg, root / f"cc-dist-beta{beta:g}")
+        if args.only in (None, "cc-dist"):
+            timings[name] = train_once(cfg, root / f"cc-dist-beta{beta:g}")
         runs[name] = root / f"cc-dist-beta{beta:g}"
 
+    if args.only is not None:
+        return
     results = {}
     for name, run in runs.items():
         results[name] = evaluate_run(run, limit=args.limit, data_dir=args.data_dir)
