@@ -144,6 +144,10 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
         if device.type == "cuda" and "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"])
         start_epoch = int(meta["epoch"]) + 1
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():
+            kept = [l for l in metrics.read_text().splitlines() if _epoch_of(l) is not None and _epoch_of(l) < start_epoch]
+            atomic_write_text(metrics, "".join(l + "\n" for l in kept))
         log(f"resuming {out} from epoch {meta['epoch']}")
     else:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -203,10 +207,18 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
             extra["rng_cuda"] = torch.cuda.get_rng_state()
         if teacher is not None and teacher.adapter is not None:
             extra.update({f"adapter.{k}": v for k, v in teacher.adapter.state_dict().items()})
-        save_checkpoint(out, epoch, model, model_meta, optimizer, extra)
+        # metrics first: a crash before the checkpoint is undone on resume (lines past the checkpoint are dropped)
         append_jsonl(out / "metrics.jsonl", record)
+        save_checkpoint(out, epoch, model, model_meta, optimizer, extra)
         log(_epoch_line(record))
     return out
+
+
+def _epoch_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn line
 
 
 def _epoch_line(record: Dict[str, Any]) -> str:
