@@ -18,7 +18,6 @@ def _weights(run):
 @pytest.fixture(scope="module")
 def ccibp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "cc"
-    main(["train", "--preset", "digits-small", "--method", "cc-ibp", "--out", str(out), "--quiet"]) if False else None
     train(resolve_config("digits-small", {"method": "cc-ibp"}), out, progress=False, log=lambda s: None)
     return out
 
