@@ -564,3 +564,88 @@ def test_intermediate_bounds_within_ibp_of_previous_layer(name, size, kwargs, ep
         tighter += int((l > ibp.lower + 1e-3).sum() + (u < ibp.upper - 1e-3).sum())
         box, start = (l.clamp(min=0), u.clamp(min=0)), pos + 1
     assert tighter > 0
+
+
+# ------------------------------------------------------------------------------------------
+# β-CROWN: split constraints through Lagrange multipliers (branch and bound)
+# ------------------------------------------------------------------------------------------
+
+def _subdomain(root, splits):
+    """Overrides and split signs for one sub-domain {(layer, neuron): ±1}."""
+    ov, signs = {}, []
+    for k, (l, u) in enumerate(root.intermediate):
+        l, u = l.clone(), u.clone()
+        sg = torch.zeros_like(l)
+        for (layer, j), s in splits.items():
+            if layer == k:
+                sg.view(-1)[j] = s
+                if s > 0:
+                    l.view(-1)[j] = l.view(-1)[j].clamp(min=0)
+                else:
+                    u.view(-1)[j] = u.view(-1)[j].clamp(max=0)
+        ov[k] = (l, u)
+        signs.append(sg)
+    return ov, signs
+
+
+def test_beta_crown_is_sound_below_the_exact_subdomain_minimum_and_tighter(trained_mlp):
+    """Random splits of unstable neurons: β-CROWN ≤ the MILP's exact minimum on the sub-domain,
+    ≤ every sampled point satisfying the splits, and ≥ α-CROWN without multipliers somewhere."""
+    from certkd.verification.milp import EmptyDomainError, milp_verify
+
+    model, x, y = trained_mlp
+    g = torch.Generator().manual_seed(41)
+    improved, checked = 0, 0
+    for i in range(6):
+        xi, yi = x[i:i + 1], y[i:i + 1]
+        lo, hi = (xi - 0.04).clamp(0, 1), (xi + 0.04).clamp(0, 1)
+        root = crown_bounds(model, lo, hi, yi, return_intermediate=True)
+        unstable = [(k, int(j)) for k, (l, u) in enumerate(root.intermediate)
+                    for j in ((l < 0) & (u > 0)).flatten().nonzero().flatten()]
+        if len(unstable) < 3:
+            continue
+        pick = torch.randperm(len(unstable), generator=g)[:3]
+        splits = {unstable[int(p)]: (1 if torch.rand(1, generator=g).item() < 0.5 else -1) for p in pick}
+        ov, signs = _subdomain(root, splits)
+        plain = alpha_crown_bounds(model, lo, hi, yi, iterations=30, intermediate_overrides=ov)
+        res = alpha_crown_bounds(model, lo, hi, yi, iterations=30, intermediate_overrides=ov,
+                                 split_signs=signs, return_intermediate=True)
+        assert res.minimizer.shape == lo.shape
+        assert bool(((res.minimizer >= lo) & (res.minimizer <= hi)).all())
+        try:
+            exact = milp_verify(model, xi[0], int(yi), lower=lo[0], upper=hi[0], early_stop=False,
+                                preactivation_bounds=[ov[k] for k in range(len(ov))], timeout=60)
+        except EmptyDomainError:
+            continue
+        assert exact.status != "timeout"
+        assert float(res.lower.min()) <= exact.margin + 1e-4, (i, splits, float(res.lower.min()), exact.margin)
+        # sampled points of the sub-domain
+        pts = lo + (hi - lo) * torch.rand((4000,) + tuple(lo.shape[1:]), generator=g)
+        with torch.no_grad():
+            h, count, keep = pts, 0, torch.ones(len(pts), dtype=torch.bool)
+            for mod in model.features:
+                if isinstance(mod, nn.ReLU):
+                    for (layer, j), s in splits.items():
+                        if layer == count:
+                            keep &= (s * h.flatten(1)[:, j]) >= 0
+                    count += 1
+                h = mod(h)
+            vals = logit_differences(model.head(h), yi.expand(len(pts)))
+        if keep.any():
+            assert_sound(res.lower, vals[keep].amin(0, keepdim=True))
+        checked += 1
+        improved += int(bool((res.lower > plain + 1e-4).any()))
+    assert checked >= 3
+    assert improved >= 1, "the β multipliers never tightened a split sub-domain"
+
+
+def test_beta_zero_signs_equal_alpha_crown(trained_mlp):
+    model, x, y = trained_mlp
+    lo, hi = (x[:4] - 0.03).clamp(0, 1), (x[:4] + 0.03).clamp(0, 1)
+    shapes = relu_layer_shapes(model, lo.shape[1:])
+    zeros = [torch.zeros((4,) + s) for s in shapes]
+    a = alpha_crown_bounds(model, lo, hi, y[:4], iterations=8)
+    b = alpha_crown_bounds(model, lo, hi, y[:4], iterations=8, split_signs=zeros)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="split_signs"):
+        alpha_crown_bounds(model, lo, hi, y[:4], iterations=1, split_signs=zeros[:1])

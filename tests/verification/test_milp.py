@@ -443,3 +443,19 @@ def test_argument_errors():
         milp_verify(model, x, 0, lower=x + 0.1, upper=x)
     with pytest.raises(ValueError):
         milp_verify(model, x, 0, 0.1, tighten="crown")
+
+
+def test_highs_banner_does_not_reach_stdout(tmp_path):
+    """HiGHS prints a banner on its first instance; certkd's tables and JSON on stdout stay clean."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from certkd.models import create_model\n"
+            "from certkd.verification.milp import milp_verify\n"
+            "torch.manual_seed(0)\n"
+            "m = create_model('mlp', 1, 4, 3, hidden=(6,)).eval()\n"
+            "r = milp_verify(m, torch.rand(1, 4, 4), 0, eps=0.05, timeout=20)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""

@@ -87,12 +87,15 @@ class CrownResult:
         each (sample, row); None entries for layers without unstable neurons. None for CROWN.
     infeasible: (N,) bool, True where some intermediate lower bound exceeds its upper bound
         (only possible with split overrides: the sub-domain is empty).
+    minimizer: α-CROWN only: (N, *input_shape) the box vertex minimising the last iterate's linear
+        lower bound of each sample's weakest row: a cheap candidate counterexample for BaB.
     """
 
     lower: Tensor
     intermediate: List[Bounds]
     alpha: Optional[List[Optional[Tensor]]] = None
     infeasible: Optional[Tensor] = None
+    minimizer: Optional[Tensor] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,12 +332,23 @@ class _Relaxation:
 # --------------------------------------------------------------------------------------------
 
 def _backward(ops: Sequence[_Op], end: int, A: Tensor, bias: Tensor, relax: Sequence[_Relaxation],
-              alpha: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[Tensor, Tensor]:
-    """Propagate A (on the output of ops[end−1]) back to the input of ops[0]."""
+              alpha: Optional[Sequence[Optional[Tensor]]] = None,
+              beta: Optional[Sequence[Optional[Tensor]]] = None,
+              split_signs: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[Tensor, Tensor]:
+    """Propagate A (on the output of ops[end−1]) back to the input of ops[0].
+
+    β-CROWN split multipliers: a neuron split with sign s (+1 active: z ≥ 0, −1 inactive: z ≤ 0)
+    satisfies s·z ≥ 0 on its sub-domain, so f ≥ f − β·s·z there for any β ≥ 0; the term −β·s
+    is added to the coefficients of the pre-activation z (Wang et al. 2021, Lagrangian of the
+    split constraints). ``beta[k]`` (N, S, *shape) must be ≥ 0; ``split_signs[k]`` (N, *shape)
+    is 0 on neurons that are not split.
+    """
     for op in reversed(ops[:end]):
         if isinstance(op, _ReLU):
             a = None if alpha is None else alpha[op.index]
             A, bias = relax[op.index].backward(A, bias, a)
+            if beta is not None and beta[op.index] is not None:
+                A = A - beta[op.index] * split_signs[op.index].unsqueeze(1)
         else:
             A, bias = op.backward(A, bias)
     return A, bias
@@ -636,7 +650,8 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
                        intermediate_overrides: Optional[Dict[int, Bounds]] = None,
                        alpha_init: Optional[Sequence[Optional[Tensor]]] = None, return_intermediate: bool = False,
                        chunk_size: Optional[int] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                       deadline: Optional[float] = None):
+                       deadline: Optional[float] = None,
+                       split_signs: Optional[Sequence[Optional[Tensor]]] = None):
     """α-CROWN: CROWN with the lower ReLU slopes α ∈ [0, 1] optimised for the final bound.
 
     α has one entry per (sample, specification row, ReLU neuron): per ReLU layer a tensor
@@ -648,9 +663,17 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     CROWN with the same intermediate bounds. Gradients are taken w.r.t. α only
     (``torch.autograd.grad``); model parameters are read detached and get no ``.grad``.
 
+    With ``split_signs`` (branch and bound) this is β-CROWN: per ReLU layer k a tensor
+    (N, *neuron_shape) with +1 / −1 on neurons split active / inactive in that sub-domain and
+    0 elsewhere (or None). Each split gets a multiplier β ≥ 0 per (sample, row), initialised
+    to 0 and optimised jointly with α (see :func:`_backward`); the bound is sound for every
+    β ≥ 0, and enforcing the splits this way is what makes BaB bounds tighten with depth even
+    when the split neuron's interval bounds alone change nothing below it.
+
     Args: as :func:`crown_bounds`; iterations: number of Adam steps (0 gives CROWN); lr: Adam step;
         deadline: a ``time.perf_counter()`` value after which no further step is taken (the best
-        bound so far is returned, still sound), so callers can honour a timeout.
+        bound so far is returned, still sound), so callers can honour a timeout;
+        split_signs: β-CROWN split constraints, one entry per ReLU layer (see above).
     Returns:
         (N, S) lower bounds, or a :class:`CrownResult` (with the best α) if ``return_intermediate``.
     """
@@ -673,7 +696,22 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
         full = (n, s) + tuple(rel.lower_slope.shape[1:])
         init = rel.lower_slope.unsqueeze(1) if alpha_init is None or alpha_init[k] is None else alpha_init[k]
         alphas.append(init.detach().to(A0).expand(full).clamp(0.0, 1.0).clone().requires_grad_(True))
-    params = [a for a in alphas if a is not None]
+    betas: Optional[List[Optional[Tensor]]] = None
+    signs: Optional[List[Optional[Tensor]]] = None
+    if split_signs is not None:
+        if len(split_signs) != len(relax):
+            raise ValueError(f"split_signs has {len(split_signs)} entries; the model has {len(relax)} ReLU layers")
+        betas, signs = [], []
+        for k, sg in enumerate(split_signs):
+            if sg is None or not bool((sg != 0).any()):
+                betas.append(None)
+                signs.append(None)
+                continue
+            sg = sg.to(A0).expand(n, *relax[k].unstable.shape[1:])
+            signs.append(sg)
+            betas.append(torch.zeros((n, s) + tuple(sg.shape[1:]), dtype=A0.dtype, device=A0.device,
+                                     requires_grad=True))
+    params = [a for a in alphas if a is not None] + [b for b in (betas or []) if b is not None]
 
     best = torch.full((n, s), -math.inf, dtype=A0.dtype, device=A0.device)
     best_alpha = [None if a is None else a.detach().clone() for a in alphas]
@@ -682,8 +720,11 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
     for it in range(iterations + 1):
         with torch.enable_grad():
-            A, bias = _backward(ops, len(ops), A0, bias0, relax, alphas)
+            A, bias = _backward(ops, len(ops), A0, bias0, relax, alphas, betas, signs)
             lb = _concretize(A, bias, c_in, r_in)
+        with torch.no_grad():  # vertex minimising the weakest row's linear bound
+            rows = A.detach()[torch.arange(n, device=A.device), lb.detach().argmin(1)]
+            minimizer = (c_in - rows.sign() * r_in).clamp(lower, upper)
         improved = lb.detach() > best
         best = torch.where(improved, lb.detach(), best)
         for k, a in enumerate(alphas):
@@ -699,12 +740,18 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 m_hat = m / (1 - beta1 ** (it + 1))
                 v_hat = v / (1 - beta2 ** (it + 1))
-                p.add_(lr * m_hat / (v_hat.sqrt() + adam_eps)).clamp_(0.0, 1.0)
+                p.add_(lr * m_hat / (v_hat.sqrt() + adam_eps))
+            for a in alphas:
+                if a is not None:
+                    a.clamp_(0.0, 1.0)
+            for b in betas or []:
+                if b is not None:
+                    b.clamp_(min=0.0)  # β ≥ 0 keeps the bound sound
         del A, bias, lb
     if not return_intermediate:
         return best
     return CrownResult(lower=best, intermediate=bounds, alpha=best_alpha,
-                       infeasible=_infeasible(bounds, n, lower.device))
+                       infeasible=_infeasible(bounds, n, lower.device), minimizer=minimizer)
 
 
 def relu_layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> List[Tuple[int, ...]]:

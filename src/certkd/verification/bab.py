@@ -3,12 +3,19 @@
 A sub-domain is the input box plus sign constraints on some unstable ReLUs. For a batch of
 sub-domains at once:
 
-* **Bounding**: α-CROWN/CROWN's final backward pass with the intermediate bounds of the root
-  (CROWN ∩ IBP, computed once; SPEC §6 fixes them after the root), tightened by the splits:
-  a neuron split active gets l = max(l, 0), inactive u = min(u, 0), and the bounds of later
-  layers are re-intersected with IBP through :func:`certkd.bounds.crown.crown_bounds`'
-  ``intermediate_overrides``. A sub-domain whose bounds cross is empty and is dropped.
-  Each bound is sound on its sub-domain, and the sub-domains cover the box.
+* **Bounding**: β-CROWN. The final backward pass of α-CROWN runs with the intermediate bounds
+  of the root (CROWN ∩ IBP, computed once; SPEC §6 fixes them after the root), tightened by
+  the splits: a neuron split active gets l = max(l, 0), inactive u = min(u, 0), and the bounds
+  of later layers are re-intersected with IBP through ``intermediate_overrides``. The split
+  constraints s·z ≥ 0 also enter the backward pass through multipliers β ≥ 0 optimised jointly
+  with α (``split_signs`` of :func:`certkd.bounds.crown.alpha_crown_bounds`), so a split
+  tightens the bound even where the interval bounds below it do not move. A sub-domain whose
+  bounds cross is empty and is dropped. Each bound is sound on its sub-domain (for every
+  α ∈ [0, 1] and β ≥ 0), and the sub-domains cover the box.
+* **Attack per sub-domain**: for every undecided sub-domain, the box vertex that minimises its
+  linear lower bound is a candidate counterexample; a few signed-gradient steps on the margin
+  start from it (points anywhere in the input box are valid counterexamples, so nothing needs
+  to respect the splits). A point the model misclassifies ends the search at once.
 * **Branching**: the unstable neuron with the largest triangle-relaxation intercept
   −l·u/(u−l), scaled by |W_next|-free layer order (earlier layers first on ties): a
   BaBSR-style score without the backward coefficient.
@@ -17,8 +24,9 @@ sub-domains at once:
   splits goes to the exact MILP (:mod:`certkd.verification.milp`) with its tightened
   pre-activation bounds as variable bounds; that makes the procedure complete, and the
   MILP returns a counterexample when one exists.
-* **Early exit**: a counterexample (from the MILP leaves, re-checked in float32 by the
-  pipeline) ends the search; the per-sample timeout is checked between batches.
+* **Early exit**: a counterexample (from the sub-domain attack or the MILP leaves, re-checked
+  in float32 by the pipeline) ends the search; the per-sample timeout is checked between
+  batches and passed to α/β-CROWN as a deadline.
 """
 from __future__ import annotations
 
@@ -67,6 +75,45 @@ def _domain_bounds(root: List[Tuple[Tensor, Tensor]], domains: List[_Domain]) ->
     return out
 
 
+def _split_signs(root: List[Tuple[Tensor, Tensor]], domains: List[_Domain]) -> List[Optional[Tensor]]:
+    """Per ReLU layer: (N, *shape) with +1/−1 on split neurons, 0 elsewhere (None: no split)."""
+    out: List[Optional[Tensor]] = []
+    for k, (l0, _) in enumerate(root):
+        signs = torch.zeros(len(domains), l0[0].numel(), dtype=l0.dtype, device=l0.device)
+        for d, dom in enumerate(domains):
+            for (layer, j), sign in dom.splits.items():
+                if layer == k:
+                    signs[d, j] = float(sign)
+        out.append(signs.view(len(domains), *l0.shape[1:]) if bool((signs != 0).any()) else None)
+    return out
+
+
+def _attack_from(model: nn.Module, starts: Tensor, label: int, lower: Tensor, upper: Tensor,
+                 steps: int = 5, step_size: float = 0.25) -> Tuple[Tensor, Tensor]:
+    """Signed-gradient descent on z_y − max_{j≠y} z_j from each start (N, *in) inside the box.
+
+    Returns the best point per start and its margin (N,); a negative margin is a counterexample.
+    """
+    from certkd.attacks import margin_loss
+
+    y = torch.full((starts.shape[0],), label, dtype=torch.long, device=starts.device)
+    rho = (upper - lower) / 2
+    xa = starts.detach()
+    best_x, best_m = xa, torch.full((starts.shape[0],), float("inf"), device=starts.device)
+    for it in range(steps + 1):
+        xa = xa.detach().requires_grad_(True)
+        with torch.enable_grad():
+            margin = -margin_loss(model(xa), y)
+            grad, = torch.autograd.grad(margin.sum(), xa) if it < steps else (None,)
+        better = margin.detach() < best_m
+        best_x = torch.where(better.view(-1, *([1] * (xa.dim() - 1))), xa.detach(), best_x)
+        best_m = torch.minimum(best_m, margin.detach())
+        if grad is None or bool((best_m < 0).any()):
+            break
+        xa = torch.max(torch.min(xa.detach() - step_size * rho * grad.sign(), upper), lower)
+    return best_x, best_m
+
+
 def _pick_branch(bounds: Dict[int, Tuple[Tensor, Tensor]], d: int, dom: _Domain) -> Optional[Tuple[int, int]]:
     best, best_score = None, 0.0
     for k in sorted(bounds):
@@ -86,10 +133,13 @@ def _pick_branch(bounds: Dict[int, Tuple[Tensor, Tensor]], d: int, dom: _Domain)
 
 def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Tensor, *, timeout: float = 60.0,
                batch_domains: int = 32, max_depth: int = 12, max_domains: int = 20000, alpha_iterations: int = 10,
-               intermediate="crown", margin_tol: float = 1e-6) -> BabResult:
+               intermediate="crown", margin_tol: float = 1e-6, beta: bool = True,
+               attack_steps: int = 5) -> BabResult:
     """Decide z_y − z_j > 0 for all j ≠ y on the box [lower, upper] (pixel space, (C, H, W)).
 
-    "verified" needs every leaf's proven bound > ``margin_tol``.
+    "verified" needs every leaf's proven bound > ``margin_tol``. ``beta=False`` drops the
+    β-CROWN multipliers (splits then act through interval bounds only); ``attack_steps=0``
+    only evaluates the bound minimisers, ``attack_steps < 0`` disables the sub-domain attack.
     """
     from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
     from certkd.verification.milp import EmptyDomainError, milp_verify
@@ -114,11 +164,20 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
             batch, queue = queue[:batch_domains], queue[batch_domains:]
             overrides = _domain_bounds(root_bounds, batch)
             n = len(batch)
+            signs = _split_signs(root_bounds, batch) if beta else None
             lb = alpha_crown_bounds(model, lo.expand(n, *lo.shape[1:]), hi.expand(n, *hi.shape[1:]), y.expand(n),
                                     iterations=alpha_iterations, intermediate_overrides=overrides,
-                                    return_intermediate=True, deadline=start + timeout)
+                                    return_intermediate=True, deadline=start + timeout, split_signs=signs)
             bounded += n
             worst = lb.lower.min(1).values
+            open_ = [d for d in range(n) if float(worst[d]) <= margin_tol
+                     and not (lb.infeasible is not None and bool(lb.infeasible[d]))]
+            if open_ and attack_steps >= 0:
+                cx, cm = _attack_from(model, lb.minimizer[open_], label, lo, hi, steps=attack_steps)
+                if float(cm.min()) < 0:
+                    i = int(cm.argmin())
+                    return BabResult("falsified", float(cm[i]), cx[i].detach(), elapsed(), bounded,
+                                     note="sub-domain attack")
             for d, dom in enumerate(batch):
                 if lb.infeasible is not None and bool(lb.infeasible[d]):
                     continue  # empty sub-domain

@@ -284,7 +284,31 @@ def _highspy():
         import highspy
     except ImportError as err:  # optional dependency (extra "verify")
         raise ImportError("MILP verification needs highspy: pip install 'certkd[verify]' (or highspy)") from err
+    if not getattr(highspy, "_certkd_banner_done", False):
+        _absorb_banner(highspy)
     return highspy
+
+
+def _absorb_banner(highspy) -> None:
+    """HiGHS prints a copyright banner to file descriptor 1 when the first instance is built.
+
+    It would corrupt ``certkd verify``'s table (and any JSON a user pipes from stdout), and
+    ``silent()`` can only be called after construction, so the first instance is built with
+    fd 1 pointed at /dev/null.
+    """
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    highspy._certkd_banner_done = True
 
 
 def _run_highs(h) -> None:
