@@ -49,10 +49,11 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple],
     return _markdown_table(header, lines)
 
 
-def accuracy_table(results: Dict[str, Mapping[str, object]]) -> str:
-    """Table of clean / PGD / IBP-verified accuracy for named evaluation results."""
+def accuracy_table(results: Dict[str, Mapping[str, object]], verified: bool = False) -> str:
+    """Table of clean / PGD / IBP-verified (and with ``verified`` complete-verifier) accuracy per run."""
     rows = [dict(r, name=name) for name, r in results.items()]
-    return format_table(rows, ACCURACY_COLUMNS)
+    columns = ACCURACY_COLUMNS + ((("verified_accuracy", "verified"),) if verified else ())
+    return format_table(rows, columns)
 
 
 def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
