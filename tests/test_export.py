@@ -20,15 +20,6 @@ from certkd.export import (export_onnx, export_run, fold_batchnorm, read_vnnlib,
 from certkd.models import create_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
     with torch.no_grad():
         for m in model.modules():
@@ -296,13 +287,8 @@ def test_reader_accepts_common_variants(tmp_path):
 def digits_run(tmp_path_factory):
     import certkd
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = certkd.resolve_config("digits-small", {"method": "standard", "epochs": 1, "eval_limit": 10})
-        return certkd.train(cfg, tmp_path_factory.mktemp("export") / "run", progress=False, log=lambda s: None)
-    finally:
-        torch.set_num_threads(n)
+    cfg = certkd.resolve_config("digits-small", {"method": "standard", "epochs": 1, "eval_limit": 10})
+    return certkd.train(cfg, tmp_path_factory.mktemp("export") / "run", progress=False, log=lambda s: None)
 
 
 def test_export_run_end_to_end(tmp_path, digits_run):

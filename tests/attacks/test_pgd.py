@@ -12,15 +12,6 @@ from certkd.attacks import PGD, eval_mode, linf_box, margin_loss
 from certkd.models import create_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _relu_net(seed=0, bn=True):
     torch.manual_seed(seed)
     layers = [nn.Flatten(), nn.Linear(12, 32)]

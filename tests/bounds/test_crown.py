@@ -16,15 +16,6 @@ from certkd.models import CertifiableNet, ModelSpec, Normalize, create_model
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: intra-op threads only add overhead (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------

@@ -13,15 +13,6 @@ from certkd.models import (CertifiableNet, ModelSpec, Normalize, create_model, c
                            ibp_initialize, list_models)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _linears(model):
     return [m for m in model.features if isinstance(m, nn.Linear)]
 

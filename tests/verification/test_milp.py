@@ -27,14 +27,6 @@ from certkd.verification.milp import EmptyDomainError, MilpResult, milp_verify  
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _margin(model, x, y):
     """float32 z_y − max_{j≠y} z_j of one point (C, H, W)."""
     with torch.no_grad():
@@ -275,8 +267,6 @@ def test_jointly_infeasible_bounds_raise_empty_domain():
 def trained():
     from certkd.data import load_dataset
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one; small nets, shared cores
     train, test, _ = load_dataset("digits")
     xs, ys = train.images.float(), train.labels
     nets = {}
@@ -292,7 +282,6 @@ def trained():
             loss.backward()
             opt.step()
         nets[name] = model.eval()
-    torch.set_num_threads(threads)
     return nets, test.images.float(), test.labels
 
 
