@@ -116,6 +116,11 @@ def save_checkpoint(run_dir: PathLike, epoch: int, model: nn.Module, meta: Dict[
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
+    for stale in [*ckdir.glob(".epoch-*"), *ckdir.glob(".latest.*.tmp")]:  # left by a writer killed mid-write
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".{name}."))
     try:
         save_file(_state_to_tensors(model), str(tmp / "model.safetensors"))
@@ -192,14 +197,36 @@ def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
         raise CertkdError(f"corrupted checkpoint file {path}: {e}; retrain or restore it") from None
 
 
+def _state_mismatch(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The first difference between a model's state and checkpoint tensors, in words (None: they fit)."""
+    expected = model.state_dict()
+    shape = lambda t: "×".join(str(d) for d in t.shape) or "scalar"  # noqa: E731
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        return f"missing {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "")
+    if unexpected:
+        return f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more tensors" if len(unexpected) > 1 else "")
+    for k, v in expected.items():
+        if tensors[k].shape != v.shape:
+            return f"{k} is {shape(tensors[k])} in the file but {shape(v)} in the model"
+    return None
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     tensors = read_tensors(path)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "shape mismatch"
-        raise CertkdError(f"checkpoint {path} does not fit this architecture ({first}); "
-                          "load it with the model it was trained with") from None
+    problem = _state_mismatch(model, tensors)
+    if problem is None:
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            problem = (str(e).strip().splitlines() or ["shape mismatch"])[-1].strip()
+    if problem is not None:
+        spec = getattr(model, "spec", None)
+        arch = f"a {spec.name} model for {spec.in_channels}×{spec.input_size}×{spec.input_size} inputs" if spec \
+            else "this model"
+        raise CertkdError(f"checkpoint {path} does not fit {arch}: {problem}; the weights belong to another "
+                          "architecture, restore the matching model.safetensors or retrain")
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:

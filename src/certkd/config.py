@@ -228,9 +228,14 @@ def load_preset(name_or_path: str) -> Dict[str, Any]:
         candidate = d / f"{name_or_path}.yaml"
         if candidate.exists():
             return read_yaml_mapping(candidate)
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        raise CertkdError(f"preset file {path} does not exist; pass an existing YAML file or a preset name "
+                          "('certkd presets' lists them)")
     presets = list_presets()
+    listing = f"available: {', '.join(presets)}" if len(presets) <= 12 else \
+        f"'certkd presets' lists all {len(presets)}"
     raise CertkdError(f"unknown preset '{name_or_path}'{_did_you_mean(name_or_path, presets)}; "
-                      f"available: {', '.join(presets) or 'none found'}")
+                      f"{listing if presets else 'none found in ' + ', '.join(map(str, config_dirs()))}")
 
 
 def resolve_config(preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,

@@ -38,7 +38,8 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
     _, test_set, info = load_dataset(cfg.get("dataset", "digits"), data_dir or cfg.get("data_dir"))
     if info.input_size != model.spec.input_size or info.in_channels != model.spec.in_channels:
         raise CertkdError(f"model expects {model.spec.in_channels}×{model.spec.input_size}×{model.spec.input_size} "
-                          f"inputs but the data is {info.in_channels}×{info.input_size}×{info.input_size}")
+                          f"inputs but the {info.name} data is {info.in_channels}×{info.input_size}×{info.input_size}; "
+                          "pass the --data-dir of the dataset the model was trained on")
     result = evaluate_accuracy(model, test_set, eps, limit=limit, batch_size=batch_size, attack_steps=attack_steps,
                                attack_step_size=attack_step_size, device=dev, progress=progress)
     result.update(attack_steps=attack_steps, attack_step_size=attack_step_size, attack_restarts=1)
@@ -46,5 +47,9 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
     result["checkpoint_epoch"] = model.certkd_meta.get("epoch")
     run = run_directory(path)
     if write and run is not None:
-        atomic_write_json(run / "evaluation.json", result)
+        try:
+            atomic_write_json(run / "evaluation.json", result)
+        except OSError as e:
+            raise CertkdError(f"cannot write {run / 'evaluation.json'} ({e.strerror}); make the run directory "
+                              "writable") from None
     return result

@@ -94,6 +94,21 @@ def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def _clip_gradients(params, max_norm: float) -> torch.Tensor:
+    """Total gradient norm, checked on every step; clips to ``max_norm`` when > 0 and the norm is finite.
+
+    The same arithmetic as ``clip_grad_norm_``, but a non-finite norm leaves the gradients untouched
+    (clip_grad_norm_ would multiply them all by NaN), so the caller can name the offending parameter.
+    """
+    utils = torch.nn.utils
+    if not hasattr(utils, "get_total_norm"):  # torch < 2.6: the culprit cannot be named, the check still holds
+        return utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    norm = utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_norm > 0 and torch.isfinite(norm):
+        utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def _mean_logs(acc: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float]:
     return {k: acc[k] / counts[k] for k in acc}
 
@@ -105,8 +120,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
     out = Path(out_dir)
     prepare_run_dir(out, resume, force)
     if resume:  # the stored config wins: a resumed run must be the same run
-        stored = yaml.safe_load((out / "config.yaml").read_text())
-        cfg = TrainConfig.from_dict(stored).validate()
+        cfg = _stored_config(out)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -175,16 +189,21 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
             eps_sched = schedule(q)
             loss, logs = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher)
             if not torch.isfinite(loss):
+                bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
-                raise NonFiniteError(f"non-finite loss at epoch {epoch}, batch {i + 1} ({terms}); the last good "
-                                     "checkpoint is kept; lower --lr or check the data")
+                raise NonFiniteError(f"non-finite loss at epoch {epoch}, batch {i + 1} (step {q + 1}) in term "
+                                     f"{'/'.join(bad)} ({terms}); the last good checkpoint is kept; lower --lr or "
+                                     "check the data, then rerun with --resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if not torch.isfinite(norm):
-                    raise NonFiniteError(f"non-finite gradient at epoch {epoch}, batch {i + 1} (loss {loss.item():.4g}); "
-                                         "the last good checkpoint is kept; lower --lr")
+            norm = _clip_gradients(params, cfg.grad_clip)
+            if not torch.isfinite(norm):
+                names = {id(p): n for n, p in model.named_parameters()}
+                bad = next((names.get(id(p), "the feature adapter") for p in params
+                            if p.grad is not None and not torch.isfinite(p.grad).all()), "the gradients")
+                raise NonFiniteError(f"non-finite gradient at epoch {epoch}, batch {i + 1} (step {q + 1}) in {bad} "
+                                     f"(loss {loss.item():.4g}); the last good checkpoint is kept; lower --lr, then "
+                                     "rerun with --resume")
             optimizer.step()
             logs["loss"] = loss.item()
             for k, v in logs.items():
@@ -212,6 +231,21 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
         save_checkpoint(out, epoch, model, model_meta, optimizer, extra)
         log(_epoch_line(record))
     return out
+
+
+def _stored_config(out: Path) -> TrainConfig:
+    """The config.yaml of a run being resumed, with a one-line error when it is missing or broken."""
+    path = out / "config.yaml"
+    try:
+        stored = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise CertkdError(f"--resume: cannot read {path} ({e.strerror}); restore it, or start afresh with "
+                          "--force") from None
+    except yaml.YAMLError:
+        raise CertkdError(f"--resume: {path} is not valid YAML; restore it, or start afresh with --force") from None
+    if not isinstance(stored, dict):
+        raise CertkdError(f"--resume: {path} is not a mapping of config keys; restore it, or start afresh with --force")
+    return TrainConfig.from_dict(stored).validate()
 
 
 def _epoch_of(line: str) -> Optional[int]:

@@ -116,8 +116,10 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
     with torch.no_grad():
         lb_ibp, _ = ibp_logit_difference_bounds(model, lo, hi, yt)
     best = lb_ibp.clone()
-    if not torch.isfinite(best).all():
-        raise FloatingPointError("non-finite IBP bound: refusing to certify")
+    if not torch.isfinite(best).all():  # NaN compares False, +inf would certify anything: never trust either
+        bad = float(best[~torch.isfinite(best)][0])
+        raise CertkdError(f"non-finite IBP bound ({bad}) at test point {index}: refusing to certify; the model's "
+                          "weights overflow or are NaN/Inf, restore the checkpoint or retrain")
     if float(best.min()) > 0:
         return done("verified-ibp", float(best.min()))
     if cfg.crown:
@@ -240,22 +242,38 @@ def verify_run(path, cfg: VerifyConfig, *, limit: Optional[int] = None, out_dir=
     torch.backends.cuda.matmul.allow_tf32 = False  # SPEC §3.3: TF32 always off in verification
     torch.backends.cudnn.allow_tf32 = False
     model = load_model(path, device=dev)
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CertkdError(f"model weights contain NaN/Inf ({bad[0]}); refusing to verify, restore the checkpoint "
+                          "or retrain")
     meta_cfg = model.certkd_meta.get("config", {})
     data_spec = (meta_cfg.get("dataset", "digits"), data_dir or meta_cfg.get("data_dir"))
     _, test_set, info = load_dataset(*data_spec)
     if info.input_size != model.spec.input_size or info.in_channels != model.spec.in_channels:
-        raise CertkdError("the run's dataset does not match the model's input shape; pass the right --data-dir")
+        s = model.spec
+        raise CertkdError(f"model expects {s.in_channels}×{s.input_size}×{s.input_size} inputs but the "
+                          f"{info.name} data is {info.in_channels}×{info.input_size}×{info.input_size}; pass the "
+                          "--data-dir of the dataset the model was trained on")
     n_total = min(limit or len(test_set), len(test_set))
 
     out = Path(out_dir) if out_dir is not None else (run_directory(path) or resolve_checkpoint(path))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CertkdError(f"cannot create output directory {out} ({e.strerror}); choose a writable --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CertkdError(f"cannot write to output directory {out} (Permission denied); choose a writable --out")
     summary_path, rows_path = out / "verification.json", out / "verification.jsonl"
     parts = sorted(out.glob("verification.part*.jsonl"))
     settings = {"settings": asdict(cfg), "n_requested": n_total}
     if resume:
         if summary_path.exists():
-            old = json.loads(summary_path.read_text())
-            if old.get("settings") != asdict(cfg) or old.get("n_requested") != n_total:
+            try:
+                old = json.loads(summary_path.read_text())
+            except ValueError:
+                raise CertkdError(f"--resume: {summary_path} is corrupt, so its settings cannot be checked; rerun "
+                                  "without --resume to start over") from None
+            if not isinstance(old, dict) or old.get("settings") != asdict(cfg) or old.get("n_requested") != n_total:
                 raise CertkdError(f"--resume: {summary_path} was made with other settings; rerun without --resume "
                                   "(or with the same --eps/--timeout/--limit/--engine)")
     elif summary_path.exists() or parts or rows_path.exists():

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Run every bad-input case of tests/test_bad_input.py through ``python -m certkd``; print a Markdown table.
+
+Usage (from the repository root, with the venv active)::
+
+    python scripts/bad_input_catalogue.py > docs/bad_inputs.md
+
+Each case runs in a fresh temporary workspace (tiny untrained runs, fake MNIST files, a broken
+YAML file, malicious pickles: see ``build_workspace``), with paths relative to it. The exit
+status is 1 if any case does not end with exit code 2 and exactly one stderr line without a
+traceback, or if a malicious pickle was ever unpickled.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HEADER = """# Bad inputs and what certkd prints
+
+Every user mistake below ends with exit code 2 and exactly one line on stderr naming the
+problem and the fix, never a traceback (issue #6). The cases are the `CASES` catalogue of
+`tests/test_bad_input.py`, which asserts exactly this; paths are relative to a temporary
+workspace built by its `build_workspace` (tiny untrained runs, fake MNIST files, a broken YAML
+file, malicious pickles). Regenerate this file with
+`python scripts/bad_input_catalogue.py > docs/bad_inputs.md` (two to three minutes on two CPU cores).
+"""
+
+
+def _load_catalogue():
+    spec = importlib.util.spec_from_file_location("certkd_bad_input_cases", ROOT / "tests" / "test_bad_input.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ")
+
+
+def main() -> int:
+    cat = _load_catalogue()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    rows, failures = [], []
+    with tempfile.TemporaryDirectory(prefix="certkd-bad-input-") as tmp:
+        for case in cat.CASES:
+            w = Path(tmp) / f"case{len(rows):02d}"
+            cat.build_workspace(w)
+            argv = [a.replace("{w}/", "").replace("{w}", ".") for a in case.argv]
+            proc = subprocess.run([sys.executable, "-m", "certkd"] + argv, cwd=w, capture_output=True, text=True,
+                                  env=env, timeout=300)
+            err = proc.stderr.strip()
+            ok = (proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in proc.stdout + err
+                  and case.problem in err and case.fix in err and not (w / cat.MARKER).exists())
+            if not ok:
+                failures.append(case.name)
+            rows.append((case.name, "certkd " + " ".join(shlex.quote(a) for a in argv), proc.returncode, err))
+            print(f"{'ok ' if ok else 'BAD'} {case.name}", file=sys.stderr)
+    print(HEADER)
+    print("| case | command | exit code | stderr |")
+    print("|---|---|---|---|")
+    for name, cmd, code, err in rows:
+        print(f"| {_cell(name)} | `{_cell(cmd)}` | {code} | {_cell(err)} |")
+    if failures:
+        print(f"{len(failures)} cases misbehaved: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
