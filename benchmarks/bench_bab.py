@@ -1,10 +1,12 @@
 """Branch and bound with and without β-CROWN multipliers and the sub-domain attack.
 
 Runs :func:`certkd.verification.bab.bab_verify` on the hard points of a ``bench_verify.py``
-run (the rows that needed BaB or timed out there) in three settings, side by side in one
+run (the rows that needed BaB or timed out there) in four settings, side by side in one
 process on the same points and the same timeout:
 
-* ``beta+attack``: β-CROWN multipliers on the splits, attack from every open sub-domain (default);
+* ``beta+attack``: β-CROWN multipliers on the splits, attack from every open sub-domain,
+  BaBSR-style branching (the default);
+* ``intercept-branching``: the same, branching on the triangle intercept alone;
 * ``no-beta``: splits act through interval bounds only (the session-1 engine), attack on;
 * ``no-beta-no-attack``: neither.
 
@@ -31,6 +33,7 @@ from certkd.verification.bab import bab_verify
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {"beta+attack": dict(beta=True, attack_steps=5),
+            "intercept-branching": dict(beta=True, attack_steps=5, branching="intercept"),
             "no-beta": dict(beta=False, attack_steps=5),
             "no-beta-no-attack": dict(beta=False, attack_steps=-1)}
 

@@ -89,6 +89,9 @@ class CrownResult:
         (only possible with split overrides: the sub-domain is empty).
     minimizer: α-CROWN only: (N, *input_shape) the box vertex minimising the last iterate's linear
         lower bound of each sample's weakest row: a cheap candidate counterexample for BaB.
+    relu_coefficients: α-CROWN only: per ReLU layer (N, *neuron_shape), the last iterate's
+        coefficients of the weakest row on that ReLU's output. A negative coefficient makes the
+        bound pay the triangle intercept −l·u/(u−l) of that neuron: BaB's branching score.
     """
 
     lower: Tensor
@@ -96,6 +99,7 @@ class CrownResult:
     alpha: Optional[List[Optional[Tensor]]] = None
     infeasible: Optional[Tensor] = None
     minimizer: Optional[Tensor] = None
+    relu_coefficients: Optional[List[Tensor]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +338,12 @@ class _Relaxation:
 def _backward(ops: Sequence[_Op], end: int, A: Tensor, bias: Tensor, relax: Sequence[_Relaxation],
               alpha: Optional[Sequence[Optional[Tensor]]] = None,
               beta: Optional[Sequence[Optional[Tensor]]] = None,
-              split_signs: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[Tensor, Tensor]:
+              split_signs: Optional[Sequence[Optional[Tensor]]] = None,
+              capture: Optional[Dict[int, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """Propagate A (on the output of ops[end−1]) back to the input of ops[0].
+
+    ``capture``: if given, receives for every ReLU index the coefficients A (N, S, *shape) on
+    that ReLU's *output* (the dual variables a branching heuristic scores neurons with).
 
     β-CROWN split multipliers: a neuron split with sign s (+1 active: z ≥ 0, −1 inactive: z ≤ 0)
     satisfies s·z ≥ 0 on its sub-domain, so f ≥ f − β·s·z there for any β ≥ 0; the term −β·s
@@ -345,6 +353,8 @@ def _backward(ops: Sequence[_Op], end: int, A: Tensor, bias: Tensor, relax: Sequ
     """
     for op in reversed(ops[:end]):
         if isinstance(op, _ReLU):
+            if capture is not None:
+                capture[op.index] = A.detach()
             a = None if alpha is None else alpha[op.index]
             A, bias = relax[op.index].backward(A, bias, a)
             if beta is not None and beta[op.index] is not None:
@@ -720,11 +730,13 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
     for it in range(iterations + 1):
         with torch.enable_grad():
-            A, bias = _backward(ops, len(ops), A0, bias0, relax, alphas, betas, signs)
+            captured: Optional[Dict[int, Tensor]] = {} if return_intermediate else None
+            A, bias = _backward(ops, len(ops), A0, bias0, relax, alphas, betas, signs, captured)
             lb = _concretize(A, bias, c_in, r_in)
         with torch.no_grad():  # vertex minimising the weakest row's linear bound
-            rows = A.detach()[torch.arange(n, device=A.device), lb.detach().argmin(1)]
-            minimizer = (c_in - rows.sign() * r_in).clamp(lower, upper)
+            weakest = (torch.arange(n, device=A.device), lb.detach().argmin(1))
+            minimizer = (c_in - A.detach()[weakest].sign() * r_in).clamp(lower, upper)
+            coefficients = None if captured is None else [captured[k][weakest] for k in range(len(relax))]
         improved = lb.detach() > best
         best = torch.where(improved, lb.detach(), best)
         for k, a in enumerate(alphas):
@@ -751,7 +763,8 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     if not return_intermediate:
         return best
     return CrownResult(lower=best, intermediate=bounds, alpha=best_alpha,
-                       infeasible=_infeasible(bounds, n, lower.device), minimizer=minimizer)
+                       infeasible=_infeasible(bounds, n, lower.device), minimizer=minimizer,
+                       relu_coefficients=coefficients)
 
 
 def relu_layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> List[Tuple[int, ...]]:

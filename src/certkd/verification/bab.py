@@ -16,9 +16,11 @@ sub-domains at once:
   linear lower bound is a candidate counterexample; a few signed-gradient steps on the margin
   start from it (points anywhere in the input box are valid counterexamples, so nothing needs
   to respect the splits). A point the model misclassifies ends the search at once.
-* **Branching**: the unstable neuron with the largest triangle-relaxation intercept
-  −l·u/(u−l), scaled by |W_next|-free layer order (earlier layers first on ties): a
-  BaBSR-style score without the backward coefficient.
+* **Branching** (BaBSR-style, Bunel et al. 2020): an unstable neuron whose output has a
+  negative coefficient ν in the sub-domain's bound (weakest row, last α/β iterate) costs the
+  bound ν·(−l·u/(u−l)) through the triangle's upper intercept; splitting it removes that
+  term. The neuron with the largest |ν|·(−l·u/(u−l)) is split (earlier layers first on ties);
+  with ``branching="intercept"`` the coefficient is dropped (intercept alone).
 * **Leaves**: split constraints only reach the bound through intermediate bounds, so
   CROWN alone is not complete. A sub-domain that is still undecided after ``max_depth``
   splits goes to the exact MILP (:mod:`certkd.verification.milp`) with its tightened
@@ -114,7 +116,8 @@ def _attack_from(model: nn.Module, starts: Tensor, label: int, lower: Tensor, up
     return best_x, best_m
 
 
-def _pick_branch(bounds: Dict[int, Tuple[Tensor, Tensor]], d: int, dom: _Domain) -> Optional[Tuple[int, int]]:
+def _pick_branch(bounds: Dict[int, Tuple[Tensor, Tensor]], d: int, dom: _Domain,
+                 coefficients: Optional[List[Tensor]] = None) -> Optional[Tuple[int, int]]:
     best, best_score = None, 0.0
     for k in sorted(bounds):
         l, u = bounds[k][0][d].reshape(-1), bounds[k][1][d].reshape(-1)
@@ -122,6 +125,9 @@ def _pick_branch(bounds: Dict[int, Tuple[Tensor, Tensor]], d: int, dom: _Domain)
         if not bool(unstable.any()):
             continue
         score = torch.where(unstable, -l * u / (u - l).clamp(min=1e-12), torch.zeros_like(l))
+        if coefficients is not None:
+            # + a tiny intercept share: neurons the bound does not pay for still get an order
+            score = score * ((-coefficients[k][d].reshape(-1)).clamp(min=0) + 1e-6)
         for (layer, j) in dom.splits:
             if layer == k:
                 score[j] = 0.0
@@ -134,13 +140,16 @@ def _pick_branch(bounds: Dict[int, Tuple[Tensor, Tensor]], d: int, dom: _Domain)
 def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Tensor, *, timeout: float = 60.0,
                batch_domains: int = 32, max_depth: int = 12, max_domains: int = 20000, alpha_iterations: int = 10,
                intermediate="crown", margin_tol: float = 1e-6, beta: bool = True,
-               attack_steps: int = 5) -> BabResult:
+               attack_steps: int = 5, branching: str = "babsr") -> BabResult:
     """Decide z_y − z_j > 0 for all j ≠ y on the box [lower, upper] (pixel space, (C, H, W)).
 
     "verified" needs every leaf's proven bound > ``margin_tol``. ``beta=False`` drops the
     β-CROWN multipliers (splits then act through interval bounds only); ``attack_steps=0``
     only evaluates the bound minimisers, ``attack_steps < 0`` disables the sub-domain attack.
+    ``branching``: "babsr" (coefficient × intercept) or "intercept".
     """
+    if branching not in ("babsr", "intercept"):
+        raise ValueError(f"branching must be 'babsr' or 'intercept', got {branching!r}")
     from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
     from certkd.verification.milp import EmptyDomainError, milp_verify
 
@@ -185,7 +194,8 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
                     leaves_min = min(leaves_min, float(worst[d]))
                     continue
                 dom_bounds = {k: v for k, v in enumerate(lb.intermediate)}
-                branch = _pick_branch(dom_bounds, d, dom) if len(dom.splits) < max_depth else None
+                coeffs = lb.relu_coefficients if branching == "babsr" else None
+                branch = _pick_branch(dom_bounds, d, dom, coeffs) if len(dom.splits) < max_depth else None
                 if branch is None:  # leaf: exact MILP on this sub-domain
                     pre = [(l[d], u[d]) for l, u in lb.intermediate]
                     remaining = timeout - elapsed()
