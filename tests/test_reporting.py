@@ -28,12 +28,7 @@ def _quiet(_):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A PGD-AT teacher, two CC-IBP seeds and a CC-Dist student of the teacher (2 epochs each, evaluated)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only contend on a busy machine (10× slower)
-    try:
-        yield _train_runs(tmp_path_factory.mktemp("runs"))
-    finally:
-        torch.set_num_threads(threads)
+    yield _train_runs(tmp_path_factory.mktemp("runs"))
 
 
 def _train_runs(root):
