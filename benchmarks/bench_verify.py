@@ -42,7 +42,8 @@ def main() -> None:
     lines += ["", f"verified accuracy {100 * s['verified_accuracy']:.1f}% "
                   f"(IBP {100 * s['ibp_verified_accuracy']:.1f}%, CROWN {100 * s['crown_verified_accuracy']:.1f}%, "
                   f"α-CROWN {100 * s['alpha_crown_verified_accuracy']:.1f}%), clean {100 * s['clean_accuracy']:.1f}%, "
-                  f"PGD {100 * s['pgd_accuracy']:.1f}%",
+                  f"PGD {100 * s['pgd_accuracy']:.1f}%; counterexamples found by the verifier after PGD failed: "
+                  f"{s['falsified_by_verifier']}, so at most {100 * s['empirical_robust_accuracy']:.1f}% is robust",
               f"median time per point: {s['median_time_s']:.3f}s"]
     text = "\n".join(lines)
     print(text)

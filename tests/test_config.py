@@ -204,3 +204,18 @@ def test_validate_returns_self():
     cfg = TrainConfig()
     assert cfg.validate() is cfg
     assert dataclasses.is_dataclass(cfg)
+
+
+@pytest.mark.parametrize("method", ["cc-ibp", "ibp", "sabr", "cc-dist"])
+def test_amp_is_refused_for_certified_and_distillation_methods(method):
+    cfg = TrainConfig(method=method, amp=True, teacher="some/run")
+    with pytest.raises(CertkdError, match="AMP is off for certified losses: bounds in reduced precision are not "
+                                          "sound; drop --amp"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("method", ["standard", "pgd-at", "trades"])
+def test_amp_is_accepted_for_empirical_methods_and_tf32_off_by_default(method):
+    cfg = resolve_config("digits-small", {"method": method, "amp": "true"})
+    assert cfg.amp is True and cfg.allow_tf32 is False
+    assert resolve_config("digits-small", {"allow_tf32": True}).allow_tf32 is True

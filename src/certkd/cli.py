@@ -27,10 +27,14 @@ _TRAIN_OPTIONS = [
     click.option("--dist-combination", help="CC-Dist combination: literal, box (default) or distance."),
     click.option("--feature-adapter", help="none or linear (learned map on the teacher side)."),
     click.option("--epochs", type=int, help="Number of epochs."),
-    click.option("--batch-size", type=int, help="Training batch size."),
+    click.option("--batch-size", type=int, help="Training batch size (global: split across torchrun processes)."),
     click.option("--lr", type=float, help="Learning rate."),
     click.option("--seed", type=int, help="Random seed."),
-    click.option("--device", help="auto (CUDA when present), cpu or cuda[:N]."),
+    click.option("--device", help="auto (CUDA when present), cpu or cuda[:N]; under torchrun: cuda:LOCAL_RANK."),
+    click.option("--tf32", "allow_tf32", is_flag=True, default=None,
+                 help="Allow TF32 matmuls/convolutions in training (off by default: bounds are not sound in TF32)."),
+    click.option("--amp", is_flag=True, default=None,
+                 help="bfloat16 autocast on CUDA; empirical methods (standard, pgd-at, trades) only."),
     click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable)."),
     click.option("--out", required=True, type=click.Path(), help="Run directory to write."),
     click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
@@ -59,7 +63,7 @@ def _parse_sets(sets: Sequence[str]) -> Dict[str, Any]:
 
 def _overrides(kw: Dict[str, Any]) -> Dict[str, Any]:
     keys = ("dataset", "data_dir", "model", "method", "eps", "alpha", "beta", "teacher", "dist_combination",
-            "feature_adapter", "epochs", "batch_size", "lr", "seed", "device")
+            "feature_adapter", "epochs", "batch_size", "lr", "seed", "device", "allow_tf32", "amp")
     values = {k: kw[k] for k in keys if kw.get(k) is not None}
     values.update(_parse_sets(kw.get("sets") or ()))
     return values
@@ -79,6 +83,13 @@ def _run_training(kw: Dict[str, Any], teacher: bool = False) -> Path:
                  log=click.echo)
 
 
+def _is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job (only rank 0 reports)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="certkd")
 def cli() -> None:
@@ -90,7 +101,8 @@ def cli() -> None:
 def train(**kw: Any) -> None:
     """Train a (certified) model: IBP, CC-IBP, MTL-IBP, Exp-IBP, SABR or a distillation method."""
     out = _run_training(kw)
-    click.echo(f"run written to {out}; evaluate it with: certkd evaluate {out}")
+    if _is_main_process():
+        click.echo(f"run written to {out}; evaluate it with: certkd evaluate {out}")
 
 
 @cli.command()
@@ -98,7 +110,8 @@ def train(**kw: Any) -> None:
 def teacher(**kw: Any) -> None:
     """Train an empirically robust teacher (PGD-AT by default, or --method trades)."""
     out = _run_training(kw, teacher=True)
-    click.echo(f"teacher written to {out}; distil it with: certkd train --method cc-dist --teacher {out} ...")
+    if _is_main_process():
+        click.echo(f"teacher written to {out}; distil it with: certkd train --method cc-dist --teacher {out} ...")
 
 
 @cli.command()
@@ -132,14 +145,16 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 @click.option("--engine", default="bab", show_default=True, help="Complete stage: bab, milp or none.")
 @click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
 @click.option("--alpha-iterations", type=int, default=20, show_default=True, help="α-CROWN iterations (0: off).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision of the attack and the IBP/CROWN bounds (concrete points are always re-checked in float32).")
 @click.option("--out", "out_dir", type=click.Path(), help="Where to write verification.json/.jsonl (default: the run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted verification.")
 @click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(run: str, eps: Optional[float], timeout: float, limit: Optional[int], workers: int, engine: str,
-           restarts: int, alpha_iterations: int, out_dir: Optional[str], resume: bool, data_dir: Optional[str],
-           device: str, quiet: bool) -> None:
+           restarts: int, alpha_iterations: int, dtype: str, out_dir: Optional[str], resume: bool,
+           data_dir: Optional[str], device: str, quiet: bool) -> None:
     """Verified robust accuracy: clean → PGD → IBP → CROWN → α-CROWN → branch-and-bound (SPEC §6)."""
     from certkd.checkpoints import load_model
     from certkd.verification.pipeline import VerifyConfig, verify_run
@@ -147,7 +162,7 @@ def verify(run: str, eps: Optional[float], timeout: float, limit: Optional[int],
     if eps is None:
         eps = float(load_model(run).certkd_meta.get("config", {}).get("eps", 0.0))
     cfg = VerifyConfig(eps=eps, timeout=timeout, engine=engine, attack_restarts=restarts,
-                       alpha_iterations=alpha_iterations)
+                       alpha_iterations=alpha_iterations, dtype=dtype)
     s = verify_run(run, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, data_dir=data_dir,
                    device=device, progress=not quiet)
     rows = [("clean", s["clean_accuracy"]), ("PGD", s["pgd_accuracy"]), ("IBP-verified", s["ibp_verified_accuracy"]),

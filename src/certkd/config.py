@@ -80,6 +80,8 @@ class TrainConfig:
     # runtime
     seed: int = 100
     device: str = "auto"
+    allow_tf32: bool = False        # TF32 matmuls/convs in training (never in evaluation/verification)
+    amp: bool = False               # bfloat16 autocast on CUDA; empirical methods only (certkd.precision)
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`CertkdError` with a one-line message on the first invalid value."""
@@ -115,6 +117,8 @@ class TrainConfig:
             raise CertkdError(f"unknown dist_reduction '{self.dist_reduction}'; choose sum or mean")
         if self.feature_adapter not in ("none", "linear"):
             raise CertkdError(f"unknown feature_adapter '{self.feature_adapter}'; choose none or linear")
+        if self.amp and self.method not in EMPIRICAL_METHODS:
+            raise CertkdError("AMP is off for certified losses: bounds in reduced precision are not sound; drop --amp")
         if self.method in DISTILLATION_METHODS and not self.teacher:
             raise CertkdError(f"method '{self.method}' distils a teacher: pass --teacher RUN_DIR "
                               "(train one with 'certkd teacher')")

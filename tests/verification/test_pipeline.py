@@ -8,6 +8,7 @@ from certkd import load_model, resolve_config, train
 from certkd.attacks import PGD, linf_box, margin_loss
 from certkd.cli import main
 from certkd.data import load_dataset
+from certkd.errors import CertkdError
 from certkd.verification.bab import bab_verify
 from certkd.verification.milp import milp_verify
 from certkd.verification.pipeline import STATUSES, VerifyConfig, verify_run, verify_sample
@@ -211,3 +212,33 @@ def test_verify_bad_input(small_runs, tmp_path, capsys, argv, expected):
         main(["verify", str(small_runs["cnn"]), "--out", str(tmp_path / "o"), "--quiet"] + argv)
     assert exc.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_verify_float64_gives_the_same_statuses(small_runs, tmp_path, monkeypatch):
+    """`certkd verify --dtype float64` runs attack and bounds in float64 and decides every point
+    as the float32 run does (the margins differ by rounding only)."""
+    import certkd.verification.pipeline as pl
+
+    dtypes = set()
+    real = pl.ibp_logit_difference_bounds
+
+    def spy(model, lower, *args, **kwargs):
+        dtypes.add((lower.dtype, next(model.parameters()).dtype))
+        return real(model, lower, *args, **kwargs)
+
+    monkeypatch.setattr(pl, "ibp_logit_difference_bounds", spy)
+    verify_run(small_runs["cnn"], VerifyConfig(eps=0.05, engine="none"), limit=40, out_dir=tmp_path / "f32",
+               progress=False)
+    assert dtypes == {(torch.float32, torch.float32)}
+    dtypes.clear()
+    main(["verify", str(small_runs["cnn"]), "--eps", "0.05", "--engine", "none", "--limit", "40", "--dtype", "float64",
+          "--out", str(tmp_path / "f64"), "--quiet"])
+    assert dtypes == {(torch.float64, torch.float64)}
+    r32, r64 = _rows(tmp_path / "f32"), _rows(tmp_path / "f64")
+    assert [r["status"] for r in r32] == [r["status"] for r in r64]
+    assert len({r["status"] for r in r32}) >= 2, r32  # a mix of outcomes, not a trivial agreement
+    for a, b in zip(r32, r64):
+        assert b["margin"] == pytest.approx(a["margin"], rel=1e-3, abs=1e-4), (a, b)
+    assert json.loads((tmp_path / "f64" / "verification.json").read_text())["settings"]["dtype"] == "float64"
+    with pytest.raises(CertkdError, match="unknown dtype"):
+        VerifyConfig(eps=0.05, dtype="float16").validate()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from certkd.distributed import uniform_like
+
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits (N,K), target) -> per-sample loss (N,)
 
 
@@ -95,8 +97,7 @@ class PGD:
              generator: Optional[torch.Generator]) -> tuple:
         rho = (upper - lower) / 2
         if self.random_start:
-            u = torch.rand(x.shape, generator=generator, device="cpu" if generator is not None else x.device,
-                           dtype=x.dtype).to(x.device)
+            u = uniform_like(x, generator)  # global-batch noise in multi-process training
             xa = lower + (upper - lower) * u
         else:
             xa = (lower + upper) / 2

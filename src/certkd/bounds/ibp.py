@@ -8,7 +8,10 @@ Design notes
   That is why :func:`interval_bounds` can carry a ``point`` through the same pass: in train
   mode the point's batch statistics normalise both the point and the box, and the running
   statistics are updated exactly as in a normal forward. The point's features come back
-  for free (the CC-IBP and CC-Dist losses need them), so no forward is done twice.
+  for free (the CC-IBP and CC-Dist losses need them), so no forward is done twice. A BN layer
+  with a ``forward_with_stats(p) -> (output, mean, var)`` method supplies these statistics
+  itself: the sync BN of :mod:`certkd.distributed` returns those of the *global* batch in
+  multi-process training, so the bounds match a single process with the global batch.
 * Speed (``benchmarks/bench_bounds.py``): a Conv2d followed by BatchNorm2d is propagated
   as one fused affine map (the BN scale/shift folded into the conv weights), in eval mode
   with the running statistics and in train mode with the point's batch statistics, so the
@@ -106,6 +109,10 @@ def _batch_stats(layer: nn.modules.batchnorm._BatchNorm, p: Optional[Tensor]) ->
     if p is None:
         raise ValueError("train-mode IBP through BatchNorm needs the point whose batch statistics define "
                          "the layer (pass point=...), or put the model in eval mode")
+    with_stats = getattr(layer, "forward_with_stats", None)
+    if with_stats is not None:  # sync BN (certkd.distributed): statistics of the global batch
+        out, mean, var = with_stats(p)
+        return mean, var, out
     dims = [0] + list(range(2, p.dim()))
     var, mean = torch.var_mean(p, dims, unbiased=False)
     return mean, var, layer(p)  # same statistics; updates the running ones as a normal forward does

@@ -2,13 +2,17 @@
 
 All inputs are logit-difference vectors d (N, K−1) with entries z_y − z_j: ``lb`` are IBP
 lower bounds on a box, ``d_adv`` the differences at an adversarial point. Each loss returns
-the batch mean (a scalar), except :func:`difference_loss`, which is per sample.
+the batch mean (a scalar), except :func:`difference_loss`, which is per sample. Batch means
+go through :func:`certkd.distributed.batch_mean` (``t.mean()`` in one process; the mean over
+the global batch in multi-process training).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from certkd.distributed import batch_mean
 
 
 def difference_loss(d: Tensor) -> Tensor:
@@ -22,12 +26,12 @@ def difference_loss(d: Tensor) -> Tensor:
 
 def ibp_loss(lb: Tensor) -> Tensor:
     """L_IBP = mean ℒ(lb)."""
-    return difference_loss(lb).mean()
+    return batch_mean(difference_loss(lb))
 
 
 def adversarial_loss(d_adv: Tensor) -> Tensor:
     """L_adv = mean ℒ(C z_adv) = CE(z_adv, y)."""
-    return difference_loss(d_adv).mean()
+    return batch_mean(difference_loss(d_adv))
 
 
 def _check_alpha(alpha: float) -> None:
@@ -42,7 +46,7 @@ def cc_ibp_loss(lb: Tensor, d_adv: Tensor, alpha: float) -> Tensor:
         return adversarial_loss(d_adv)
     if alpha == 1.0:
         return ibp_loss(lb)
-    return difference_loss(alpha * lb + (1.0 - alpha) * d_adv).mean()
+    return batch_mean(difference_loss(alpha * lb + (1.0 - alpha) * d_adv))
 
 
 def mtl_ibp_loss(lb: Tensor, d_adv: Tensor, alpha: float) -> Tensor:

@@ -20,7 +20,8 @@ sum or a mean over the feature dimension (the last dimension) and ``phi`` is
 Per-sample functions return shape ``(N,)`` (more generally ``(*batch,)`` for inputs
 of shape ``(*batch, m)``); reducing over the batch is the caller's job, except for
 :func:`exp_dist_distance` and :func:`logit_distillation_loss`, which are defined on
-batch means and return scalars.
+batch means and return scalars; their batch means are those of
+:func:`certkd.distributed.batch_mean` (global in multi-process training).
 
 Gradients flow into every tensor argument, the teacher target included; pass the
 teacher features computed under ``torch.no_grad()`` (or detached) when the teacher
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from certkd.distributed import active as _distributed, batch_mean
 from certkd.errors import CertkdError
 
 __all__ = [
@@ -357,11 +359,11 @@ def exp_dist_distance(
     _check_teacher(adv_features, target)
     _check_box(lower, upper, adv_features, "student features")
     if a_ == 0.0:
-        return feature_distance(adv_features, target, distance, reduction).mean()
-    d1 = worst_case_feature_distance(lower, upper, target, distance, reduction).mean()
+        return batch_mean(feature_distance(adv_features, target, distance, reduction))
+    d1 = batch_mean(worst_case_feature_distance(lower, upper, target, distance, reduction))
     if a_ == 1.0:
         return d1
-    d0 = feature_distance(adv_features, target, distance, reduction).mean()
+    d0 = batch_mean(feature_distance(adv_features, target, distance, reduction))
     return d1.pow(a_) * d0.pow(1.0 - a_)
 
 
@@ -409,5 +411,8 @@ def logit_distillation_loss(
         )
     log_p_s = F.log_softmax(student_logits / tau, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / tau, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    if _distributed():  # mean over the global batch in multi-process training
+        kl = batch_mean(F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1))
+    else:
+        kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * (tau * tau)

@@ -1,10 +1,17 @@
-"""Warm-up regularisers of Shi et al. 2021 (SPEC §3.2), from IBP pre-activation bounds."""
+"""Warm-up regularisers of Shi et al. 2021 (SPEC §3.2), from IBP pre-activation bounds.
+
+The means and sums over the batch are those of :mod:`certkd.distributed` (plain ``mean``/``sum``
+in one process, over the global batch in multi-process training): the terms are ratios of
+batch means, which per-rank means averaged afterwards would not reproduce.
+"""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from certkd.distributed import batch_mean, batch_sum
 
 
 def _symmetrize(r: Tensor) -> Tensor:
@@ -25,12 +32,12 @@ def warmup_regularizer(preactivations: Sequence[Tuple[Tensor, Tensor]], input_ra
     tightness: List[Tensor] = []
     balance: List[Tensor] = []
     for c, delta in preactivations:
-        tightness.append(torch.relu(tol - input_radius / torch.clamp(delta.mean(), min=1e-12)) / tol)
+        tightness.append(torch.relu(tol - input_radius / torch.clamp(batch_mean(delta), min=1e-12)) / tol)
         lower, upper = c - delta, c + delta
         active, inactive = (lower > 0).to(c.dtype), (upper < 0).to(c.dtype)
-        r1 = _symmetrize((c * active).mean() / -(c * inactive).mean())
-        centered = (c - c.mean()) ** 2
-        r2 = _symmetrize((centered * active).sum() / (centered * inactive).sum())
+        r1 = _symmetrize(batch_mean(c * active) / -batch_mean(c * inactive))
+        centered = (c - batch_mean(c)) ** 2
+        r2 = _symmetrize(batch_sum(centered * active) / batch_sum(centered * inactive))
         term = (torch.relu(tol - r1) + torch.relu(tol - r2)) / tol
         if bool(torch.isfinite(term)):  # SPEC: skipped when NaN or Inf
             balance.append(term)

@@ -4,6 +4,12 @@ config → data → model (+ teacher) → per-batch loss (:mod:`certkd.training.
 optimizer → per-epoch evaluation → atomic checkpoint. ``resume=True`` continues from the
 last complete checkpoint with the optimiser and RNG state restored, so an interrupted run
 ends with the same weights as an uninterrupted one.
+
+Started by ``torchrun`` (``WORLD_SIZE`` > 1), every process runs :func:`train` on its slice
+of each global batch (``batch_size`` is the global batch) with sync BatchNorm, global loss
+means and averaged gradients, so the result equals one process up to float rounding; only
+rank 0 writes the run directory and evaluates (design: :mod:`certkd.distributed`). TF32 is
+off unless ``allow_tf32``, AMP is for empirical methods only (:mod:`certkd.precision`).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 import yaml
 from torch import nn
 
+from certkd import distributed, precision
 from certkd.attacks import PGD
 from certkd.checkpoints import (append_jsonl, atomic_write_text, latest_checkpoint, load_model, load_weights,
                                 optimizer_from_tensors, read_meta, read_tensors, save_checkpoint)
@@ -115,13 +122,40 @@ def _mean_logs(acc: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float
 
 def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = False, progress: bool = True,
           log: Callable[[str], None] = print) -> Path:
-    """Train a model as ``cfg`` says and write the run to ``out_dir``; returns the run directory."""
+    """Train a model as ``cfg`` says and write the run to ``out_dir``; returns the run directory.
+
+    Under torchrun every process calls this (see :mod:`certkd.distributed`). The TF32 flags
+    are set from ``cfg.allow_tf32`` for the run and restored on return.
+    """
+    saved = precision.tf32_flags()
+    try:
+        return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log)
+    finally:
+        precision.set_tf32_flags(*saved)
+        distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bool,
+           log: Callable[[str], None]) -> Path:
     cfg.validate()
     out = Path(out_dir)
-    prepare_run_dir(out, resume, force)
-    if resume:  # the stored config wins: a resumed run must be the same run
+    if resume:  # read-only checks, done on every rank; the stored config wins: a resumed run must be the same run
+        prepare_run_dir(out, resume, force)
         cfg = _stored_config(out)
-    device = resolve_device(cfg.device)
+    dctx = distributed.setup(cfg.device)  # None in a single process
+    world, rank = (dctx.world_size, dctx.rank) if dctx is not None else (1, 0)
+    main = rank == 0
+    if not main:  # rank 0 logs and writes; the others compute
+        log, progress = (lambda s: None), False
+    if cfg.batch_size % world:
+        raise CertkdError(f"batch_size {cfg.batch_size} is the global batch and must be a multiple of the "
+                          f"{world} processes; use --batch-size {cfg.batch_size // world * world or world}")
+    if not resume:
+        distributed.on_main(dctx, lambda: prepare_run_dir(out, resume, force))
+    device = dctx.device if dctx is not None else resolve_device(cfg.device)
+    precision.set_tf32_flags(cfg.allow_tf32, cfg.allow_tf32)
+    if cfg.amp and device.type != "cuda":
+        log("note: amp has no effect on CPU; training runs in float32")
     torch.manual_seed(cfg.seed)
 
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_dir)
@@ -130,6 +164,8 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
     if cfg.ibp_init:
         ibp_initialize(model)
     model.to(device)
+    if dctx is not None:
+        distributed.convert_batchnorm(model)  # batch statistics of the global batch
     with torch.random.fork_rng(devices=[]):  # loading a teacher must not change the student's random stream
         teacher = load_teacher(cfg, model, device)
     if teacher is not None and teacher.model.spec.input_size != info.input_size:
@@ -159,12 +195,13 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
             torch.cuda.set_rng_state(extra["rng_cuda"])
         start_epoch = int(meta["epoch"]) + 1
         metrics = out / "metrics.jsonl"
-        if metrics.exists():
+        if main and metrics.exists():
             kept = [l for l in metrics.read_text().splitlines() if _epoch_of(l) is not None and _epoch_of(l) < start_epoch]
             atomic_write_text(metrics, "".join(l + "\n" for l in kept))
         log(f"resuming {out} from epoch {meta['epoch']}")
-    else:
+    elif main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    distributed.broadcast_module(dctx, model, teacher.adapter if teacher is not None else None)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = multistep_lr(cfg.lr, epoch, cfg.lr_milestones, cfg.lr_gamma)
@@ -175,9 +212,9 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
         sums: Dict[str, float] = {}
         counts: Dict[str, int] = {}
         start = time.perf_counter()
-        batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+        batches = iterate_batches(train_set, cfg.batch_size // world, shuffle=True, seed=cfg.seed * 1000 + epoch,
                                   augmentation=info.augmentation if cfg.augment else "none",
-                                  crop_padding=info.crop_padding, device=device)
+                                  crop_padding=info.crop_padding, rank=rank, world_size=world, device=device)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -187,7 +224,10 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
         for i, (x, y) in enumerate(batches):
             q = (epoch - 1) * steps_per_epoch + i
             eps_sched = schedule(q)
-            loss, logs = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher)
+            n_global = min(cfg.batch_size, len(train_set) - i * cfg.batch_size)
+            with distributed.sharded_batch(dctx, x.shape[0], n_global), precision.autocast(cfg.amp, device):
+                loss, logs = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher)
+            logs = distributed.reduce_logs(dctx, logs, x.shape[0], n_global)
             if not torch.isfinite(loss):
                 bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
@@ -196,6 +236,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
                                      "check the data, then rerun with --resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(dctx, params)
             norm = _clip_gradients(params, cfg.grad_clip)
             if not torch.isfinite(norm):
                 names = {id(p): n for n, p in model.named_parameters()}
@@ -216,11 +257,16 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
             bar.close()
         record: Dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(time.perf_counter() - start, 3),
                                   "train": _mean_logs(sums, counts)}
+        if not main:  # rank 0 evaluates and writes; the others wait for it
+            distributed.barrier(dctx)
+            continue
         if epoch % cfg.test_interval == 0 or epoch == cfg.epochs:
-            record["test"] = evaluate_accuracy(model, test_set, cfg.eps, limit=cfg.eval_limit,
-                                               batch_size=cfg.eval_batch_size, attack_steps=cfg.test_attack_steps,
-                                               attack_step_size=cfg.test_attack_step_size, device=device,
-                                               seed=cfg.seed)
+            with precision.tf32(False):  # reported IBP-verified accuracy: sound bounds only
+                record["test"] = evaluate_accuracy(model, test_set, cfg.eps, limit=cfg.eval_limit,
+                                                   batch_size=cfg.eval_batch_size,
+                                                   attack_steps=cfg.test_attack_steps,
+                                                   attack_step_size=cfg.test_attack_step_size, device=device,
+                                                   seed=cfg.seed)
         extra = {"rng_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             extra["rng_cuda"] = torch.cuda.get_rng_state()
@@ -230,6 +276,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
         append_jsonl(out / "metrics.jsonl", record)
         save_checkpoint(out, epoch, model, model_meta, optimizer, extra)
         log(_epoch_line(record))
+        distributed.barrier(dctx)
     return out
 
 

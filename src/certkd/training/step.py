@@ -3,7 +3,9 @@
 Order matters for BatchNorm: clean forward (train mode) → attack (eval mode) → adversarial
 forward in train mode, carried through the same IBP pass, so the bounds use the batch
 statistics of the adversarial batch. The loss formulas themselves are the pure functions of
-:mod:`certkd.losses`.
+:mod:`certkd.losses`. Every batch mean of a loss term is :func:`certkd.distributed.batch_mean`
+(the mean over the global batch in multi-process training, see :mod:`certkd.distributed`);
+logged numbers are this rank's and are averaged by the training loop.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from torch import Tensor, nn
 
 from certkd.attacks import PGD, linf_box
 from certkd.bounds import ibp_logit_difference_bounds, logit_differences
+from certkd import distributed
 from certkd.config import DISTILLATION_METHODS, TrainConfig
+from certkd.distributed import batch_mean
 from certkd.losses import certified as L
 from certkd.losses import distillation as D
 from certkd.losses.regularizers import warmup_regularizer
@@ -55,7 +59,14 @@ class Teacher:
 def _input_radius(model: nn.Module, lower: Tensor, upper: Tensor) -> Tensor:
     """δ0: mean half-width of the input box in normalised space."""
     norm = model.normalize
-    return ((upper - lower) / 2 / norm._view(norm.std, lower)).mean()
+    return batch_mean((upper - lower) / 2 / norm._view(norm.std, lower))
+
+
+def _ce(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy, the mean over the (global, in multi-process training) batch."""
+    if distributed.active():
+        return batch_mean(F.cross_entropy(logits, y, reduction="none"))
+    return F.cross_entropy(logits, y)
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> float:
@@ -83,13 +94,13 @@ def training_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, eps_
 
     if method == "standard":
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = _ce(logits, y)
         logs.update(ce_clean=loss.item(), acc_clean=_accuracy(logits, y))
         return loss, logs
 
     if method in ("pgd-at", "trades"):
         logits = model(x)
-        ce_clean = F.cross_entropy(logits, y)
+        ce_clean = _ce(logits, y)
         logs.update(ce_clean=ce_clean.item(), acc_clean=_accuracy(logits, y))
         if warmup:
             return ce_clean, logs
@@ -97,13 +108,13 @@ def training_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, eps_
         if method == "pgd-at":
             x_adv = attack(model, x, y, lo, hi)
             adv_logits = model(x_adv)
-            loss = F.cross_entropy(adv_logits, y)
+            loss = _ce(adv_logits, y)
             logs.update(ce_adv=loss.item(), acc_adv=_accuracy(adv_logits, y))
             return loss, logs
         target = logits.detach()
         kl_attack = PGD(attack.steps, attack.step_size, loss_fn=lambda z, t: L.trades_kl(z, t))
         x_adv = kl_attack(model, x, target, lo, hi)
-        kl = L.trades_kl(model(x_adv), logits).mean()
+        kl = batch_mean(L.trades_kl(model(x_adv), logits))
         logs.update(kl=kl.item())
         return ce_clean + cfg.trades_beta * kl, logs
 
@@ -146,10 +157,10 @@ def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_ac
         else:
             feats = model.features(x)
         logits = model.head(feats)
-        loss = F.cross_entropy(logits, y)
+        loss = _ce(logits, y)
         logs.update(ce_clean=loss.item(), acc_clean=_accuracy(logits, y))
         if distil and cfg.dist_warmup and cfg.beta > 0 and t is not None:
-            dist = D.feature_distance(feats, t, cfg.dist_distance, cfg.dist_reduction).mean()
+            dist = batch_mean(D.feature_distance(feats, t, cfg.dist_distance, cfg.dist_reduction))
             loss = loss + cfg.beta * dist
             logs["dist"] = dist.item()
     else:
@@ -196,19 +207,20 @@ def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_ac
                     dist = D.logit_distillation_loss(adv_logits, teacher.logits(x_adv), cfg.kd_temperature)
                 elif family == "cc":
                     if alpha > 0:
-                        dist = D.cc_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_combination,
-                                                  cfg.dist_distance, cfg.dist_reduction).mean()
+                        dist = batch_mean(D.cc_dist_distance(a_dist, fb.lower, fb.upper, t, alpha,
+                                                             cfg.dist_combination, cfg.dist_distance,
+                                                             cfg.dist_reduction))
                     else:
-                        dist = D.feature_distance(a_dist, t, cfg.dist_distance, cfg.dist_reduction).mean()
+                        dist = batch_mean(D.feature_distance(a_dist, t, cfg.dist_distance, cfg.dist_reduction))
                 elif family == "mtl":
-                    dist = D.mtl_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_distance,
-                                               cfg.dist_reduction).mean()
+                    dist = batch_mean(D.mtl_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_distance,
+                                                          cfg.dist_reduction))
                 elif family == "exp":
                     dist = D.exp_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_distance,
                                                cfg.dist_reduction)
                 else:  # sabr-dist: worst case over the small-box features
-                    dist = D.worst_case_feature_distance(fb.lower, fb.upper, t, cfg.dist_distance,
-                                                         cfg.dist_reduction).mean()
+                    dist = batch_mean(D.worst_case_feature_distance(fb.lower, fb.upper, t, cfg.dist_distance,
+                                                                    cfg.dist_reduction))
                 loss = loss + cfg.beta * dist
                 logs["dist"] = dist.item()
             if use_reg:

@@ -15,14 +15,23 @@ Rows go to ``verification.jsonl`` (``index``, ``label``, ``status``, ``time_s``,
 the summary to ``verification.json``. Each worker appends complete lines to its own part
 file (flushed and fsynced line by line; a torn last line is dropped on resume), and the
 merged files are written atomically at the end.
+
+Precision: TF32 is always off. Bounds and attacks run in float32 by default; ``dtype="float64"``
+(``certkd verify --dtype float64``) runs the PGD attack and the IBP, CROWN and α-CROWN bounds
+on a float64 copy of the network, which removes float32 rounding from the bounds. Concrete
+points are always judged by the float32 network as deployed: the clean check, and the
+re-check of every counterexample. The complete stage keeps its own arithmetic (BaB's β-CROWN
+on the float32 network, the MILP in float64 in HiGHS).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -32,12 +41,23 @@ from torch import nn
 
 from certkd.attacks import PGD, linf_box, margin_loss
 from certkd.bounds import ibp_logit_difference_bounds
+from certkd import precision
 from certkd.checkpoints import atomic_write_json, atomic_write_text
 from certkd.errors import CertkdError
 
 VERIFIED = ("verified-ibp", "verified-crown", "verified-alpha-crown", "verified-bab", "verified-milp")
 STATUSES = ("misclassified", "attacked") + VERIFIED + ("timeout",)
 ENGINES = ("bab", "milp", "none")
+DTYPES = ("float32", "float64")
+_FLOAT64_COPIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` (made once per model and process)."""
+    copy64 = _FLOAT64_COPIES.get(model)
+    if copy64 is None:
+        copy64 = _FLOAT64_COPIES[model] = copy.deepcopy(model).double().eval()
+    return copy64
 
 
 @dataclass(frozen=True)
@@ -55,6 +75,7 @@ class VerifyConfig:
     alpha_iterations: int = 20
     alpha_lr: float = 0.1
     seed: int = 0
+    dtype: str = "float32"             # "float64": attack and IBP/CROWN/α-CROWN bounds in float64
 
     def validate(self) -> "VerifyConfig":
         if not 0.0 < self.eps <= 1.0:
@@ -65,6 +86,8 @@ class VerifyConfig:
             raise CertkdError(f"unknown engine '{self.engine}'; choose one of: {', '.join(ENGINES)}")
         if self.attack_restarts < 1 or self.attack_steps < 0:
             raise CertkdError("attack restarts must be >= 1 and steps >= 0")
+        if self.dtype not in DTYPES:
+            raise CertkdError(f"unknown dtype '{self.dtype}'; choose float32 or float64")
         return self
 
 
@@ -106,10 +129,14 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
     if clean_margin <= 0:
         return done("misclassified", clean_margin)
 
+    ref, x32, lo32, hi32 = model, x, lo, hi  # the float32 network judges concrete points
+    if cfg.dtype == "float64":  # attack and bounds in float64
+        model, x = _float64_copy(model), x.double()
+        lo, hi = linf_box(x, cfg.eps)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(index))  # order-independent
     attack = PGD(cfg.attack_steps, cfg.attack_step_size, cfg.attack_restarts, stop_on_success=True)
     x_adv = attack(model, x, yt, lo, hi, generator=gen)
-    adv_margin = _float32_margin(model, x_adv, y, lo, hi)
+    adv_margin = _float32_margin(ref, x_adv, y, lo32, hi32)
     if adv_margin <= 0:
         return done("attacked", adv_margin, stage="pgd")
 
@@ -144,15 +171,15 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
     if cfg.engine == "milp":
         from certkd.verification.milp import milp_verify
 
-        res = milp_verify(model, x[0], int(y), lower=lo[0], upper=hi[0], timeout=remaining)
+        res = milp_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining)
         status_map = {"verified": "verified-milp"}
     else:
         from certkd.verification.bab import bab_verify
 
-        res = bab_verify(model, x[0], int(y), lower=lo[0], upper=hi[0], timeout=remaining)
+        res = bab_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining)
         status_map = {"verified": "verified-bab"}
     if res.status == "falsified":
-        margin = _float32_margin(model, res.counterexample.unsqueeze(0).to(x.device), y, lo, hi)
+        margin = _float32_margin(ref, res.counterexample.unsqueeze(0).to(x.device), y, lo32, hi32)
         if margin <= 0:
             return done("attacked", margin, stage=cfg.engine)
         return done("timeout", float(best.min()), note="counterexample did not re-check in float32")
@@ -203,6 +230,7 @@ def summarize(rows: Sequence[Dict[str, Any]], cfg: VerifyConfig, n_total: int) -
 def _worker(args) -> None:
     model_path, data_spec, indices, cfg_dict, part_path, device, threads = args
     torch.set_num_threads(threads)
+    precision.set_tf32_flags(False, False)  # a fresh process: PyTorch's default has cuDNN TF32 on
     from certkd.checkpoints import load_model
     from certkd.data import load_dataset
 
@@ -227,7 +255,17 @@ def _verify_indices(model, test_set, indices, cfg, part_path: Path, device, prog
 def verify_run(path, cfg: VerifyConfig, *, limit: Optional[int] = None, out_dir=None, workers: int = 1,
                resume: bool = False, data_dir: Optional[str] = None, device: str = "auto",
                progress: bool = True) -> Dict[str, Any]:
-    """Verify the first ``limit`` test points of a run; returns the summary (also written to disk)."""
+    """Verify the first ``limit`` test points of a run; returns the summary (also written to disk).
+
+    TF32 is off throughout (SPEC §3.3) and the caller's TF32 flags are restored on return.
+    """
+    with precision.tf32(False):
+        return _verify_run(path, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume,
+                           data_dir=data_dir, device=device, progress=progress)
+
+
+def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, workers: int, resume: bool,
+                data_dir: Optional[str], device: str, progress: bool) -> Dict[str, Any]:
     from certkd.checkpoints import load_model, resolve_checkpoint
     from certkd.data import load_dataset
     from certkd.evaluation import run_directory
@@ -239,8 +277,6 @@ def verify_run(path, cfg: VerifyConfig, *, limit: Optional[int] = None, out_dir=
     if limit is not None and limit < 1:
         raise CertkdError(f"--limit must be >= 1, got {limit}")
     dev = resolve_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = False  # SPEC §3.3: TF32 always off in verification
-    torch.backends.cudnn.allow_tf32 = False
     model = load_model(path, device=dev)
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:

@@ -1,0 +1,50 @@
+"""Numeric precision of training and verification: TF32 flags and mixed precision (AMP).
+
+* **TF32 off by default.** On Ampere+ GPUs TF32 matmuls/convolutions round inputs to 10
+  mantissa bits; IBP and CROWN bounds computed that way are not sound bounds of the float32
+  network, and bound-based losses then train against the wrong quantity. Training turns TF32
+  off unless ``allow_tf32: true`` (``--tf32``), which speeds up CNN training on A100/H100 at
+  the cost of looser-than-computed bounds during training only: the periodic evaluation and
+  ``certkd verify`` always run with TF32 off. :func:`tf32` sets both
+  ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` and
+  restores the previous values on exit (PyTorch's own default has cuDNN TF32 *on*).
+* **AMP only for empirical methods.** ``amp: true`` runs the forward passes of ``standard``,
+  ``pgd-at`` and ``trades`` under ``torch.autocast`` on CUDA in bfloat16 (the same exponent
+  range as float32, so no gradient scaler is needed). Certified and distillation methods
+  refuse it (:class:`TrainConfig` validation): bounds in reduced precision are not sound. On
+  CPU ``amp`` has no effect.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Tuple
+
+import torch
+
+
+def tf32_flags() -> Tuple[bool, bool]:
+    """(matmul, cudnn) TF32 flags as currently set."""
+    return bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+
+
+def set_tf32_flags(matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = bool(matmul)
+    torch.backends.cudnn.allow_tf32 = bool(cudnn)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """Set both TF32 flags to ``enabled`` inside the block; restore the previous values after."""
+    saved = tf32_flags()
+    set_tf32_flags(enabled, enabled)
+    try:
+        yield
+    finally:
+        set_tf32_flags(*saved)
+
+
+def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when ``enabled``; a no-op otherwise (CPU, or amp off)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
