@@ -1,4 +1,5 @@
 """CLI behaviour: bad input exits with code 2 and one line naming the problem."""
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,21 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """certkd demo: teacher → CC-IBP and CC-Dist students → table with a complete-verifier column."""
+    main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "4", "--verify-limit", "20", "--verify-timeout", "2",
+          "--quiet"])
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in table[0].split("|")[1:-1]] == ["run", "clean", "PGD", "IBP-verified", "verified"]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[1:]}
+    assert set(rows) == {"teacher", "cc-ibp", "cc-dist"}
+    assert rows["teacher"][3] == "–" and rows["cc-ibp"][3].endswith("%") and rows["cc-dist"][3].endswith("%")
+    for name in ("cc-ibp", "cc-dist"):
+        v = json.loads((tmp_path / "demo" / name / "verification.json").read_text())
+        assert v["n"] == 20 and f"{100 * v['verified_accuracy']:.1f}%" == rows[name][3]
+        # complete verification never certifies fewer points than IBP on the same ones
+        assert v["verified_accuracy"] >= v["ibp_verified_accuracy"]

@@ -19,14 +19,6 @@ def _quiet(_):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only contend on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def counters(monkeypatch):
     calls = {"train": [], "evaluate": []}
@@ -144,3 +136,27 @@ def test_cli_sweep(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "did you mean 'alpha'" in err and len(err.splitlines()) == 1
+
+
+def test_devices_run_in_worker_processes_and_match_sequential(tmp_path, capsys):
+    """--devices cpu,cpu: two spawned workers share the queue; weights equal the in-process sweep."""
+    from safetensors.torch import load_file
+
+    from certkd.checkpoints import latest_checkpoint
+
+    grid = ["lr=0.001,0.002"]
+    seq = run_sweep(tmp_path / "seq", "digits-small", grid, [0], SETS, log=_quiet)
+    par = run_sweep(tmp_path / "par", "digits-small", grid, [0], SETS, log=_quiet, devices="cpu,cpu")
+    assert par["devices"] == ["cpu", "cpu"] and par["counts"] == {"complete": 2}
+    for a, b in zip(seq["runs"], par["runs"]):
+        assert b["action"] == "trained" and b["device"] == "cpu"
+        assert (tmp_path / "par" / f"{b['name']}.log").read_text().startswith(f"{b['name']} on cpu")
+        wa = load_file(str(latest_checkpoint(tmp_path / "seq" / a["dir"]) / "model.safetensors"))
+        wb = load_file(str(latest_checkpoint(tmp_path / "par" / b["dir"]) / "model.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    again = run_sweep(tmp_path / "par", "digits-small", grid, [0], SETS, log=_quiet, devices="cpu,cpu")
+    assert [r["action"] for r in again["runs"]] == ["skipped", "skipped"]
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "--preset", "digits-small", "--out", str(tmp_path / "x"), "--devices", "cuda:7"])
+    assert exc.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err or torch.cuda.is_available()

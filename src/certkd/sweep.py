@@ -10,12 +10,17 @@ a run of another configuration is refused before anything trains.
 Every combination is resolved and validated before the first run starts, so a typo in a key
 (``--grid alpah=...``) or a bad value fails at once with a one-line :class:`CertkdError`.
 
-Scheduling over several GPUs or machines is out of scope: run disjoint sweeps (different
-``--grid`` values, same ``--out``) in separate processes, one per device (``--set device=cuda:1``).
+Several devices: ``devices=["cuda:0", "cuda:1"]`` (``--devices cuda:0,cuda:1``) starts one
+worker process per device (spawned, so CUDA initialises cleanly in each); the workers take the
+pending combinations from one queue in grid order, each with ``device`` set to its own, and
+only the parent process writes ``sweep.json``. A worker's log goes to ``out/NAME.log``. Several
+machines: run disjoint sweeps (different ``--grid`` values, same shared ``--out``).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import multiprocessing
 import re
 import shlex
 import time
@@ -233,18 +238,81 @@ def sweep_command(out, preset, grid: GridSpec, seeds, sets, evaluate: bool, eval
     return " ".join(shlex.quote(a) for a in args)
 
 
+def _run_one(run: SweepRun, state: str, evaluate: bool, eval_limit: Optional[int], progress: bool,
+             log: Callable[[str], None]) -> Dict[str, Any]:
+    """Train (resume, or skip) and evaluate one combination; returns the fields of its sweep entry."""
+    upd: Dict[str, Any] = {}
+    if state == "partial":
+        upd["action"] = "resumed"
+        _training.train(run.config, run.path, resume=True, progress=progress, log=log)
+    elif state == "new":
+        upd["action"] = "trained"
+        _training.train(run.config, run.path, force=True, progress=progress, log=log)
+    else:
+        upd["action"] = "skipped"
+    ck = latest_checkpoint(run.path)
+    upd["epoch"] = int(read_meta(ck)["epoch"]) if ck is not None else None
+    if evaluate:
+        ev = _evaluation_summary(run.path, upd["epoch"])
+        if ev is None:
+            log(f"{run.name}: evaluating")
+            _evaluation.evaluate_run(run.path, limit=eval_limit, device=run.config.device)
+            ev = _evaluation_summary(run.path, upd["epoch"])
+        upd["evaluation"] = ev
+    return upd
+
+
+_WORKER_DEVICE: Optional[str] = None
+
+
+def _init_worker(devices: "multiprocessing.Queue") -> None:
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = devices.get()
+
+
+def _worker_run(run: SweepRun, state: str, evaluate: bool, eval_limit: Optional[int], log_path: str) -> Dict[str, Any]:
+    """In a device worker: one combination on this worker's device, logging to ``log_path``."""
+    run = dataclasses.replace(run, config=dataclasses.replace(run.config, device=_WORKER_DEVICE))
+    with open(log_path, "a") as fh:
+        def log(line: str) -> None:
+            fh.write(line + "\n")
+            fh.flush()
+        log(f"{run.name} on {_WORKER_DEVICE}")
+        try:
+            upd = _run_one(run, state, evaluate, eval_limit, False, log)
+        except CertkdError as e:
+            log(f"failed: {e}")
+            return {"status": "failed", "error": str(e), "device": _WORKER_DEVICE}
+    upd.update(status="complete", error=None, device=_WORKER_DEVICE)
+    return upd
+
+
+def parse_devices(devices: Union[None, str, Sequence[str]]) -> Optional[List[str]]:
+    if devices is None:
+        return None
+    items = [d.strip() for d in (devices.split(",") if isinstance(devices, str) else devices) if d.strip()]
+    if not items:
+        raise CertkdError("--devices is empty; give e.g. cuda:0,cuda:1")
+    from certkd.training.loop import resolve_device
+    for d in items:
+        resolve_device(d)  # one-line error for unknown / unavailable devices
+    return items
+
+
 def run_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None, sets=None, *,
               evaluate: bool = False, eval_limit: Optional[int] = None, progress: bool = False,
-              log: Callable[[str], None] = print) -> Dict[str, Any]:
+              log: Callable[[str], None] = print, devices: Union[None, str, Sequence[str]] = None) -> Dict[str, Any]:
     """Train (and with ``evaluate`` evaluate) every combination of ``grid`` × ``seeds`` in ``out``.
 
     Finished combinations are skipped, partial ones resumed (``train(..., resume=True)``). A
     combination that fails with a :class:`CertkdError` (e.g. a diverging loss) is recorded as
     ``failed`` and the sweep goes on. ``out/sweep.json`` is rewritten after every run; the
     returned dict is its content (``runs``: name, dir, overrides, seed, status, action, epoch,
-    epochs, evaluation, error; ``counts`` per status).
+    epochs, evaluation, error; ``counts`` per status). ``devices``: one worker process per device
+    (see the module notes); None trains in this process on each config's own device.
     """
     out = Path(out)
+    device_list = parse_devices(devices)
     if out.exists() and not out.is_dir():
         raise CertkdError(f"--out {out} exists and is not a directory; choose another --out")
     if (out / "config.yaml").exists():
@@ -257,7 +325,9 @@ def run_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None
         "preset": preset, "grid": {k: [v for _, v in vals] for k, vals in axes}, "grid_keys": [k for k, _ in axes],
         "seeds": sorted({r.seed for r in runs}, key=[r.seed for r in runs].index),
         "sets": parse_sets(sets), "evaluate": evaluate, "eval_limit": eval_limit,
-        "note": "runs train sequentially in one process; run disjoint sweeps per GPU for parallelism",
+        "devices": device_list,
+        "note": ("runs train sequentially in one process" if not device_list else
+                 f"one worker process per device ({', '.join(device_list)}); logs in NAME.log"),
         "runs": [{"name": r.name, "dir": r.name, "overrides": r.overrides, "seed": r.seed, "epochs": r.config.epochs,
                   "epoch": epoch, "status": "complete" if state == "done" else "pending", "action": None,
                   "evaluation": _evaluation_summary(r.path, epoch), "error": None}
@@ -274,33 +344,21 @@ def run_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None
 
     out.mkdir(parents=True, exist_ok=True)
     write()
+    if device_list:
+        _run_on_devices(out, runs, states, summary, write, device_list, evaluate, eval_limit, log)
+        return summary
     total = len(runs)
     for i, (run, (state, epoch), entry) in enumerate(zip(runs, states, summary["runs"]), 1):
         tag = f"[{i}/{total}] {run.name}"
         try:
             if state == "done":
-                entry["action"] = "skipped"
                 log(f"{tag}: complete (epoch {epoch}/{run.config.epochs}), skipped")
             else:
                 entry["status"] = "running"
                 write()
-                if state == "partial":
-                    entry["action"] = "resumed"
-                    log(f"{tag}: resuming from epoch {epoch}/{run.config.epochs}")
-                    _training.train(run.config, run.path, resume=True, progress=progress, log=log)
-                else:
-                    entry["action"] = "trained"
-                    log(f"{tag}: training {run.config.method}, {run.config.epochs} epochs")
-                    _training.train(run.config, run.path, force=True, progress=progress, log=log)
-                ck = latest_checkpoint(run.path)
-                entry["epoch"] = int(read_meta(ck)["epoch"]) if ck is not None else None
-            if evaluate:
-                ev = _evaluation_summary(run.path, entry["epoch"])
-                if ev is None:
-                    log(f"{tag}: evaluating")
-                    _evaluation.evaluate_run(run.path, limit=eval_limit, device=run.config.device)
-                    ev = _evaluation_summary(run.path, entry["epoch"])
-                entry["evaluation"] = ev
+                log(f"{tag}: resuming from epoch {epoch}/{run.config.epochs}" if state == "partial" else
+                    f"{tag}: training {run.config.method}, {run.config.epochs} epochs")
+            entry.update(_run_one(run, state, evaluate, eval_limit, progress, log))
             entry["status"] = "complete"
             entry["error"] = None
         except CertkdError as e:
@@ -313,6 +371,44 @@ def run_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None
             raise
         write()
     return summary
+
+
+def _run_on_devices(out: Path, runs: List[SweepRun], states, summary: Dict[str, Any], write: Callable[[], None],
+                    devices: List[str], evaluate: bool, eval_limit: Optional[int],
+                    log: Callable[[str], None]) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    for d in devices:
+        queue.put(d)
+    todo = [(r, st, entry) for r, (st, _), entry in zip(runs, states, summary["runs"])
+            if st != "done" or (evaluate and entry["evaluation"] is None)]
+    for r, (st, epoch), entry in zip(runs, states, summary["runs"]):
+        if st == "done" and not (evaluate and entry["evaluation"] is None):
+            entry["action"] = "skipped"
+            log(f"{r.name}: complete (epoch {epoch}/{r.config.epochs}), skipped")
+    if not todo:
+        write()
+        return
+    with ProcessPoolExecutor(max_workers=min(len(devices), len(todo)), mp_context=ctx,
+                             initializer=_init_worker, initargs=(queue,)) as pool:
+        futures = {}
+        for r, st, entry in todo:
+            entry["status"] = "queued"
+            futures[pool.submit(_worker_run, r, st, evaluate, eval_limit, str(out / f"{r.name}.log"))] = (r, entry)
+        write()
+        done = 0
+        for fut in as_completed(futures):
+            r, entry = futures[fut]
+            done += 1
+            try:
+                entry.update(fut.result())
+            except Exception as e:  # a crashed worker process or an unexpected error in it
+                entry["status"], entry["error"] = "failed", f"{type(e).__name__}: {e}"
+            msg = entry["status"] + (f": {entry['error']}" if entry.get("error") else "")
+            log(f"[{done}/{len(todo)}] {r.name} on {entry.get('device', '?')}: {msg}")
+            write()
 
 
 def _evaluation_summary(run_dir: Path, epoch: Optional[int]) -> Optional[Dict[str, Any]]:

@@ -148,8 +148,15 @@ def test_verify_cli_writes_json_and_jsonl(small_runs, tmp_path, capsys):
     assert summary["n"] == 12 and len(rows) == 12 and [r["index"] for r in rows] == list(range(12))
     assert sum(summary["counts"].values()) == 12
     assert summary["ibp_verified_accuracy"] <= summary["crown_verified_accuracy"] <= summary["alpha_crown_verified_accuracy"]
-    assert summary["alpha_crown_verified_accuracy"] <= summary["verified_accuracy"] <= summary["pgd_accuracy"]
+    assert summary["alpha_crown_verified_accuracy"] <= summary["verified_accuracy"]
+    assert summary["verified_accuracy"] <= summary["empirical_robust_accuracy"] <= summary["pgd_accuracy"]
     assert summary["pgd_accuracy"] <= summary["clean_accuracy"]
+    # PGD accuracy counts PGD's counterexamples only; the verifier's own lower the upper bound
+    pgd_rows = sum(r["status"] == "attacked" and r["stage"] == "pgd" for r in rows)
+    wrong = summary["counts"]["misclassified"]
+    assert summary["pgd_accuracy"] == pytest.approx((12 - wrong - pgd_rows) / 12)
+    assert summary["falsified_by_verifier"] == summary["counts"]["attacked"] - pgd_rows
+    assert "not falsified (upper bound)" in text
 
 
 def test_resume_after_interruption_gives_same_result(small_runs, tmp_path, monkeypatch):
