@@ -176,7 +176,8 @@ def test_unknown_method_did_you_mean():
 @pytest.mark.parametrize("key, value", [("batch_size", 0), ("epochs", 0), ("l1", -1e-5), ("lr", 0.0),
                                         ("beta", -1.0), ("attack_steps", -1), ("optimizer", "rmsprop"),
                                         ("dist_combination", "foo"), ("dist_distance", "l3"),
-                                        ("eps_start", 0), ("attack_restarts", 0), ("eval_limit", 0)])
+                                        ("eps_start", 0), ("attack_restarts", 0), ("eval_limit", 0),
+                                        ("train_limit", 0)])
 def test_invalid_values_name_the_problem(key, value):
     with pytest.raises(CertkdError, match=key):
         resolve_config(overrides={key: value})

@@ -32,6 +32,7 @@ class TrainConfig:
     data_dir: Optional[str] = None
     batch_size: int = 256
     augment: bool = True
+    train_limit: Optional[int] = None   # train on N points: a fixed-seed (0) random subset, same for every run
     # model
     model: str = "cnn7"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -124,6 +125,8 @@ class TrainConfig:
                               "(train one with 'certkd teacher')")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise CertkdError(f"eval_limit must be >= 1, got {self.eval_limit}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise CertkdError(f"train_limit must be >= 1, got {self.train_limit}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:

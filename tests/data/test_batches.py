@@ -133,3 +133,16 @@ def test_float_dataset_and_argument_checks() -> None:
         next(iterate_batches(ds, 4, shuffle=False, rank=2, world_size=2))
     with pytest.raises(ValueError, match="explicit seed"):
         next(iterate_batches(ds, 4, shuffle=True, world_size=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_match_cpu_batches() -> None:
+    """Pinned, non-blocking copies to CUDA give exactly the CPU batches (same order and augmentation)."""
+    ds = ImageDataset(torch.randint(0, 256, (37, 3, 8, 8), dtype=torch.uint8), torch.arange(37))
+    kw = dict(shuffle=True, seed=3, augmentation="crop-flip", crop_padding=2)
+    cpu = list(iterate_batches(ds, 8, **kw))
+    gpu = list(iterate_batches(ds, 8, device="cuda", **kw))
+    assert len(cpu) == len(gpu)
+    for (xc, yc), (xg, yg) in zip(cpu, gpu):
+        assert xg.is_cuda and yg.is_cuda
+        assert torch.equal(xc, xg.cpu()) and torch.equal(yc, yg.cpu())

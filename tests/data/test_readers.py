@@ -341,3 +341,17 @@ def test_image_dataset_get_and_subset() -> None:
     assert x.dtype == torch.float32 and torch.equal(x, images[[4, 1]].float() / 255) and y.tolist() == [0, 3]
     assert len(ds.subset(2)) == 2 and ds.subset(2).labels.tolist() == [4, 3]
     assert ds.take(3).labels.tolist() == [1, 0]
+
+
+def test_image_dataset_sample_is_a_fixed_seed_subset() -> None:
+    ds = ImageDataset(torch.arange(100, dtype=torch.uint8).reshape(100, 1, 1, 1), torch.arange(100))
+    a, b = ds.sample(30), ds.sample(30)
+    assert len(a) == 30 and torch.equal(a.labels, b.labels)             # deterministic
+    assert a.labels.tolist() == sorted(a.labels.tolist())                # stored order kept
+    assert torch.equal(a.images.flatten().long(), a.labels)              # images and labels stay paired
+    assert a.labels.tolist() != list(range(30))                          # random, not the first 30
+    assert set(ds.sample(10).labels.tolist()) <= set(a.labels.tolist())  # nested: a prefix of one permutation
+    assert ds.sample(30, seed=1).labels.tolist() != a.labels.tolist()
+    assert ds.sample(100) is ds and ds.sample(500) is ds
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        ds.sample(0)

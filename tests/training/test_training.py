@@ -104,3 +104,42 @@ def test_every_method_trains(tmp_path, method):
     assert last["train"]["eps"] == pytest.approx(0.05)
     assert 0.0 <= last["test"]["ibp_verified_accuracy"] <= last["test"]["clean_accuracy"]
     assert last["train"]["loss"] == last["train"]["loss"]  # not NaN
+
+
+def test_train_limit_trains_on_a_fixed_subset(tmp_path, monkeypatch):
+    seen = []
+    real = loop.iterate_batches
+
+    def spy(dataset, *args, **kwargs):
+        seen.append(dataset.labels.clone())
+        return real(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "iterate_batches", spy)
+    for name, seed in (("a", 100), ("b", 7)):
+        cfg = resolve_config("digits-small", {"epochs": 1, "eps_start": 1, "eps_length": 1, "eval_limit": 20,
+                                              "train_limit": 200, "seed": seed})
+        run = train(cfg, tmp_path / name, progress=False, log=lambda s: None)
+        assert json.loads((run / "metrics.jsonl").read_text())["epoch"] == 1
+    assert [len(s) for s in seen] == [200, 200]
+    assert torch.equal(seen[0], seen[1])  # the subset does not depend on the run's seed
+
+
+def test_force_with_a_bad_flag_keeps_the_old_run_and_a_refused_run_writes_nothing(tmp_path):
+    """--force only deletes the old run once data, model and teacher have loaded."""
+    from certkd.cli import main
+
+    cfg = resolve_config("digits-small", {"method": "standard", "model": "mlp", "epochs": 1, "eval_limit": 10,
+                                          "model_kwargs": {"hidden": [16]}})
+    run = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for argv in (["--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere")],
+                 ["--method", "cc-dist", "--teacher", str(tmp_path / "no-teacher")]):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--preset", "digits-small", "--model", "mlp", "--epochs", "1", *argv,
+                  "--out", str(run), "--force"])
+        assert exc.value.code == 2
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "digits-small", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"),
+              "--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists()

@@ -1,7 +1,7 @@
 """In-memory image datasets and their metadata.
 
-Every certkd dataset is small enough to live in memory (TinyImageNet's 100k
-64×64 RGB training images take 1.2 GB as uint8), so a dataset is just two
+Every certkd dataset lives in memory as uint8 (TinyImageNet's 100k 64×64 RGB
+training images take 1.2 GB, ImageNet64's 1.28M take 15.7 GB), so a dataset is just two
 tensors; batching, shuffling and augmentation live in :mod:`certkd.data.batches`.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ class DatasetInfo:
     inputs themselves always stay in pixel units [0, 1].
     """
 
-    name: str                 # "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "tinyimagenet"
+    name: str                 # "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "tinyimagenet", "imagenet64"
     num_classes: int
     in_channels: int
     input_size: int           # H == W
@@ -77,6 +77,21 @@ class ImageDataset:
     def subset(self, n: int) -> "ImageDataset":
         """The first ``n`` points (no copy); ``n`` larger than the dataset keeps all of it."""
         return self.take(0, n)
+
+    def sample(self, n: int, seed: int = 0) -> "ImageDataset":
+        """``n`` points drawn without replacement by a fixed-seed permutation, kept in stored order.
+
+        Deterministic: the same ``(n, seed)`` always gives the same points, and a smaller ``n``
+        gives a subset of a larger one's points. ``n >= len(self)`` returns ``self`` unchanged.
+        Used for ``train_limit`` (a quick run on part of the training set). Copies the chosen points.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if n >= len(self):
+            return self
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(int(seed)))
+        index = perm[:n].sort().values
+        return ImageDataset(self.images[index], self.labels[index])
 
     def take(self, start: int, stop: int | None = None) -> "ImageDataset":
         """Points ``start:stop`` in stored order (no copy), e.g. the unshuffled

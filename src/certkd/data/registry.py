@@ -13,8 +13,10 @@ from .cifar import CIFAR_DIRNAME, load_cifar10
 from .dataset import DatasetInfo, ImageDataset
 from .idx import FASHION_CLASSES, MNIST_FILES, load_mnist_like
 from .imagefolder import LAYOUT_HINT, load_image_folder
+from .imagenet64 import IMAGENET64_CLASSES, LAYOUT_HINT as IMAGENET64_HINT, load_imagenet64
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "tinyimagenet")
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "tinyimagenet",
+                              "imagenet64")
 
 # Common spellings users type; mapped to the canonical names above.
 _ALIASES: dict[str, str] = {
@@ -22,12 +24,15 @@ _ALIASES: dict[str, str] = {
     "cifar-10": "cifar10", "cifar_10": "cifar10",
     "tiny-imagenet": "tinyimagenet", "tiny_imagenet": "tinyimagenet",
     "image-folder": "imagefolder", "image_folder": "imagefolder",
+    "imagenet-64": "imagenet64", "imagenet_64": "imagenet64", "imagenet64x64": "imagenet64",
 }
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 TINYIMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
 TINYIMAGENET_STD = (0.2302, 0.2265, 0.2262)
+IMAGENET64_MEAN = (0.4815, 0.4578, 0.4082)
+IMAGENET64_STD = (0.2153, 0.2111, 0.2121)
 
 DIGITS_TRAIN = 1437  # of 1797; the remaining 360 are the test set
 
@@ -38,6 +43,7 @@ _EXPECTED: dict[str, str] = {
     "cifar10": f"{CIFAR_DIRNAME}/data_batch_1..5 and test_batch",
     "imagefolder": LAYOUT_HINT.removeprefix("expected "),
     "tinyimagenet": LAYOUT_HINT.removeprefix("expected "),
+    "imagenet64": IMAGENET64_HINT.removeprefix("expected "),
 }
 
 
@@ -100,6 +106,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None
     elif key == "cifar10":
         train, test, classes = load_cifar10(root)
         info = DatasetInfo("cifar10", 10, 3, 32, CIFAR10_MEAN, CIFAR10_STD, "crop-flip", 2, classes)
+    elif key == "imagenet64":
+        train, test = load_imagenet64(root)
+        info = DatasetInfo("imagenet64", IMAGENET64_CLASSES, 3, 64, IMAGENET64_MEAN, IMAGENET64_STD, "crop-flip", 4,
+                           tuple(str(i) for i in range(IMAGENET64_CLASSES)))
     else:  # imagefolder / tinyimagenet: same reader, TinyImageNet constants for both
         train, test, classes = load_image_folder(root)
         info = DatasetInfo(key, len(classes), 3, int(train.images.shape[-1]),

@@ -14,6 +14,7 @@ off unless ``allow_tf32``, AMP is for empirical methods only (:mod:`certkd.preci
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
 import time
@@ -52,8 +53,13 @@ def resolve_device(name: str) -> torch.device:
         raise CertkdError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
 
 
-def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a run by accident; --force starts afresh, --resume continues."""
+def prepare_run_dir(out: Path, resume: bool, force: bool, check_only: bool = False) -> None:
+    """Refuse to overwrite a run by accident; --force starts afresh, --resume continues.
+
+    ``check_only`` raises the same errors without touching the disk: training checks first,
+    loads data, model and teacher, and only then deletes a run it was told to --force over,
+    so a typo in another flag never costs the old run.
+    """
     if resume and force:
         raise CertkdError("--resume and --force contradict each other; pass only one")
     if out.exists() and not out.is_dir():
@@ -65,7 +71,16 @@ def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CertkdError(f"output directory {out} already exists; pass --resume to continue it or --force to overwrite")
+        if check_only:
+            return
         shutil.rmtree(out)
+    if check_only:
+        parent = out
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise CertkdError(f"cannot write to output directory {out} (Permission denied); choose a writable --out")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -151,7 +166,7 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         raise CertkdError(f"batch_size {cfg.batch_size} is the global batch and must be a multiple of the "
                           f"{world} processes; use --batch-size {cfg.batch_size // world * world or world}")
     if not resume:
-        distributed.on_main(dctx, lambda: prepare_run_dir(out, resume, force))
+        prepare_run_dir(out, resume, force, check_only=True)
     device = dctx.device if dctx is not None else resolve_device(cfg.device)
     precision.set_tf32_flags(cfg.allow_tf32, cfg.allow_tf32)
     if cfg.amp and device.type != "cuda":
@@ -159,6 +174,8 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
     torch.manual_seed(cfg.seed)
 
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.train_limit is not None:  # fixed seed 0, not cfg.seed: every run/seed sees the same points
+        train_set = train_set.sample(cfg.train_limit, seed=0)
     model = create_model(cfg.model, info.in_channels, info.input_size, info.num_classes, info.mean, info.std,
                          **cfg.model_kwargs)
     if cfg.ibp_init:
@@ -171,6 +188,8 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
     if teacher is not None and teacher.model.spec.input_size != info.input_size:
         raise CertkdError(f"teacher expects {teacher.model.spec.input_size}×{teacher.model.spec.input_size} inputs "
                           f"but {cfg.dataset} has {info.input_size}×{info.input_size}; use a teacher of this dataset")
+    if not resume:  # everything loaded: only now may --force replace the old run
+        distributed.on_main(dctx, lambda: prepare_run_dir(out, resume, force))
     params = list(model.parameters()) + (list(teacher.adapter.parameters()) if teacher and teacher.adapter else [])
     optimizer = _make_optimizer(cfg, params)
 
