@@ -16,7 +16,7 @@ from certkd.errors import CertkdError
 # Options shared by `train` and `teacher`; None means "not given" so presets are not overridden.
 _TRAIN_OPTIONS = [
     click.option("--preset", help="Preset name from configs/ (or a YAML path); flags override it."),
-    click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, imagefolder, tinyimagenet."),
+    click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, imagefolder, tinyimagenet, imagenet64."),
     click.option("--data-dir", type=click.Path(), help="Directory holding the dataset files."),
     click.option("--model", help="Architecture: cnn7, cnn7-imagenet, cnn-small, mlp."),
     click.option("--method", help="standard, pgd-at, trades, ibp, cc-ibp, mtl-ibp, exp-ibp, sabr, cc-dist, ..."),
