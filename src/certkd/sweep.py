@@ -13,7 +13,9 @@ Every combination is resolved and validated before the first run starts, so a ty
 Several devices: ``devices=["cuda:0", "cuda:1"]`` (``--devices cuda:0,cuda:1``) starts one
 worker process per device (spawned, so CUDA initialises cleanly in each); the workers take the
 pending combinations from one queue in grid order, each with ``device`` set to its own, and
-only the parent process writes ``sweep.json``. A worker's log goes to ``out/NAME.log``. Several
+only the parent process writes ``sweep.json``. A worker's log goes to ``out/NAME.log``. Each
+worker gets this process's torch threads divided by the number of devices, so a run trains
+with the same arithmetic (and weights) as in a sequential sweep with that thread count. Several
 machines: run disjoint sweeps (different ``--grid`` values, same shared ``--out``).
 """
 from __future__ import annotations
@@ -265,9 +267,12 @@ def _run_one(run: SweepRun, state: str, evaluate: bool, eval_limit: Optional[int
 _WORKER_DEVICE: Optional[str] = None
 
 
-def _init_worker(devices: "multiprocessing.Queue") -> None:
+def _init_worker(devices: "multiprocessing.Queue", threads: int) -> None:
+    import torch
+
     global _WORKER_DEVICE
     _WORKER_DEVICE = devices.get()
+    torch.set_num_threads(threads)
 
 
 def _worker_run(run: SweepRun, state: str, evaluate: bool, eval_limit: Optional[int], log_path: str) -> Dict[str, Any]:
@@ -378,7 +383,10 @@ def _run_on_devices(out: Path, runs: List[SweepRun], states, summary: Dict[str, 
                     log: Callable[[str], None]) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    import torch
+
     ctx = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // len(devices))  # the workers share this process's CPU threads
     queue = ctx.Queue()
     for d in devices:
         queue.put(d)
@@ -392,7 +400,7 @@ def _run_on_devices(out: Path, runs: List[SweepRun], states, summary: Dict[str, 
         write()
         return
     with ProcessPoolExecutor(max_workers=min(len(devices), len(todo)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(queue,)) as pool:
+                             initializer=_init_worker, initargs=(queue, threads)) as pool:
         futures = {}
         for r, st, entry in todo:
             entry["status"] = "queued"
