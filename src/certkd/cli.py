@@ -55,7 +55,7 @@ def _parse_sets(sets: Sequence[str]) -> Dict[str, Any]:
     values: Dict[str, Any] = {}
     for item in sets:
         if "=" not in item:
-            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'")
+            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'; write e.g. --set alpha=0.5")
         key, raw = item.split("=", 1)
         values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
     return values

@@ -92,12 +92,12 @@ class TrainConfig:
         if not (0.0 < self.eps <= 1.0):
             raise CertkdError(f"eps must be in (0, 1] (pixel units), got {self.eps}; e.g. --eps 0.1 for MNIST")
         if not (0.0 <= self.alpha <= 1.0):
-            raise CertkdError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise CertkdError(f"alpha must be in [0, 1], got {self.alpha}; pass e.g. --alpha 0.5 (0: adversarial loss, 1: IBP)")
         if not self.beta >= 0:
-            raise CertkdError(f"beta must be >= 0, got {self.beta}")
+            raise CertkdError(f"beta must be >= 0, got {self.beta}; pass e.g. --beta 0.01 (0 turns distillation off)")
         for name in ("batch_size", "epochs", "test_interval", "eval_batch_size", "attack_restarts"):
             if getattr(self, name) < 1:
-                raise CertkdError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise CertkdError(f"{name} must be >= 1, got {getattr(self, name)}; pass a positive integer")
         for name in ("l1", "reg_lambda", "train_eps_mul", "attack_eps_factor", "grad_clip", "weight_decay",
                      "trades_beta"):
             if not getattr(self, name) >= 0:  # also rejects NaN
@@ -124,9 +124,9 @@ class TrainConfig:
             raise CertkdError(f"method '{self.method}' distils a teacher: pass --teacher RUN_DIR "
                               "(train one with 'certkd teacher')")
         if self.eval_limit is not None and self.eval_limit < 1:
-            raise CertkdError(f"eval_limit must be >= 1, got {self.eval_limit}")
+            raise CertkdError(f"eval_limit must be >= 1, got {self.eval_limit}; pass a positive number of points or leave it unset for all")
         if self.train_limit is not None and self.train_limit < 1:
-            raise CertkdError(f"train_limit must be >= 1, got {self.train_limit}")
+            raise CertkdError(f"train_limit must be >= 1, got {self.train_limit}; pass a positive number of points or leave it unset for all")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -189,7 +189,8 @@ def apply_overrides(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in hints:
-            raise CertkdError(f"unknown config key '{key}'{_did_you_mean(name, names)}")
+            raise CertkdError(f"unknown config key '{key}'{_did_you_mean(name, names)}; "
+                              "'certkd train --help' and certkd.config.TrainConfig list the keys")
         updates[name] = _coerce(name, hints[name], value)
     return dataclasses.replace(cfg, **updates)
 

@@ -138,7 +138,7 @@ def parse_sets(sets: Union[None, Sequence[str], Mapping[str, Any]]) -> Dict[str,
     values: Dict[str, Any] = {}
     for item in sets:
         if "=" not in item:
-            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'")
+            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'; write e.g. --set alpha=0.5")
         key, raw = item.split("=", 1)
         values[key.strip()] = _yaml_value(raw)
     return values

@@ -79,9 +79,9 @@ class VerifyConfig:
 
     def validate(self) -> "VerifyConfig":
         if not 0.0 < self.eps <= 1.0:
-            raise CertkdError(f"eps must be in (0, 1] (pixel units), got {self.eps}")
+            raise CertkdError(f"eps must be in (0, 1] (pixel units), got {self.eps}; pass --eps in pixel units of [0, 1] images, e.g. --eps 0.1 (MNIST) or --eps 0.00784 (2/255)")
         if not self.timeout > 0:
-            raise CertkdError(f"timeout must be > 0 seconds, got {self.timeout}")
+            raise CertkdError(f"timeout must be > 0 seconds, got {self.timeout}; pass e.g. --timeout 60")
         if self.engine not in ENGINES:
             raise CertkdError(f"unknown engine '{self.engine}'; choose one of: {', '.join(ENGINES)}")
         if self.attack_restarts < 1 or self.attack_steps < 0:
@@ -278,9 +278,9 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
 
     cfg.validate()
     if workers < 1:
-        raise CertkdError(f"--workers must be >= 1, got {workers}")
+        raise CertkdError(f"--workers must be >= 1, got {workers}; pass e.g. --workers 2 (one process per worker)")
     if limit is not None and limit < 1:
-        raise CertkdError(f"--limit must be >= 1, got {limit}")
+        raise CertkdError(f"--limit must be >= 1, got {limit}; pass a positive number of test points or omit it for all")
     dev = resolve_device(device)
     model = load_model(path, device=dev)
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
