@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from certkd import load_model, resolve_config, train
+from certkd import resolve_config, train
 from certkd.checkpoints import atomic_write_json, atomic_write_text, latest_checkpoint, read_meta
 from certkd.evaluation import evaluate_run
 from certkd.reporting import accuracy_table
