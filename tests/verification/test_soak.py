@@ -34,3 +34,42 @@ def test_tree_rss_sees_this_process():
 
     rss = soak.tree_rss(os.getpid())
     assert rss[os.getpid()] > 0
+
+
+def _rss() -> int:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_repeated_verification_does_not_leak(tmp_path):
+    """The same points verified 6 times in one process, a third of them decided by BaB (or its
+    MILP leaves): after a warm-up round, the resident memory must not keep growing."""
+    import torch
+
+    from certkd import load_model
+    from certkd.data import load_dataset
+    from certkd.verification.pipeline import VerifyConfig, verify_sample
+
+    run = train(resolve_config("digits-small", {"method": "cc-ibp", "epochs": 8, "eps_length": 3, "eval_limit": 10}),
+                tmp_path / "run", progress=False, log=lambda s: None)
+    model = load_model(run)
+    _, test, _ = load_dataset("digits")
+    cfg = VerifyConfig(eps=0.08, timeout=3.0)
+    hard, easy = [], []
+    for i in range(len(test)):
+        x, y = test.get(torch.tensor([i]))
+        row = verify_sample(model, x, int(y), cfg, index=i)
+        (hard if row["status"] in ("verified-bab", "timeout") or row.get("stage") == "bab" else easy).append((x, y))
+        if len(hard) >= 8 and len(easy) >= 16:
+            break
+    assert len(hard) >= 4, "no point needed branch and bound; the test would not exercise it"
+    points = hard[:8] + easy[:16]
+    rss = []
+    for _ in range(6):
+        for i, (x, y) in enumerate(points):
+            verify_sample(model, x, int(y), cfg, index=i)
+        rss.append(_rss())
+    growth = rss[-1] - rss[1]
+    assert growth < 10 * 2 ** 20, [r // 2 ** 20 for r in rss]
