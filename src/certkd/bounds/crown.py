@@ -733,10 +733,6 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
             captured: Optional[Dict[int, Tensor]] = {} if return_intermediate else None
             A, bias = _backward(ops, len(ops), A0, bias0, relax, alphas, betas, signs, captured)
             lb = _concretize(A, bias, c_in, r_in)
-        with torch.no_grad():  # vertex minimising the weakest row's linear bound
-            weakest = (torch.arange(n, device=A.device), lb.detach().argmin(1))
-            minimizer = (c_in - A.detach()[weakest].sign() * r_in).clamp(lower, upper)
-            coefficients = None if captured is None else [captured[k][weakest] for k in range(len(relax))]
         improved = lb.detach() > best
         best = torch.where(improved, lb.detach(), best)
         for k, a in enumerate(alphas):
@@ -744,6 +740,11 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
                 mask = improved.view(n, s, *([1] * (a.dim() - 2)))
                 best_alpha[k] = torch.where(mask, a.detach(), best_alpha[k])
         if it == iterations or not params or (deadline is not None and time.perf_counter() > deadline):
+            if return_intermediate:  # for BaB: the vertex minimising the weakest row's linear bound
+                with torch.no_grad():
+                    weakest = (torch.arange(n, device=A.device), lb.detach().argmin(1))
+                    minimizer = (c_in - A.detach()[weakest].sign() * r_in).clamp(lower, upper)
+                    coefficients = [captured[k][weakest] for k in range(len(relax))]
             break
         grads = torch.autograd.grad(lb.sum(), params)  # ascent direction
         with torch.no_grad():
