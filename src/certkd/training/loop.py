@@ -78,6 +78,8 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, check_only: bool = Fal
         parent = out
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
+        if not parent.is_dir():
+            raise CertkdError(f"cannot create output directory {out} ({parent} is a file); choose another --out")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise CertkdError(f"cannot write to output directory {out} (Permission denied); choose a writable --out")
         return
