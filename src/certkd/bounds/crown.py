@@ -92,6 +92,7 @@ class CrownResult:
     relu_coefficients: α-CROWN only: per ReLU layer (N, *neuron_shape), the last iterate's
         coefficients of the weakest row on that ReLU's output. A negative coefficient makes the
         bound pay the triangle intercept −l·u/(u−l) of that neuron: BaB's branching score.
+        None when a deadline stopped the optimisation early (BaB then branches on the intercept).
     """
 
     lower: Tensor
@@ -730,7 +731,10 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
     for it in range(iterations + 1):
         with torch.enable_grad():
-            captured: Optional[Dict[int, Tensor]] = {} if return_intermediate else None
+            # ReLU coefficients for BaB's branching: only the planned last iterate keeps them
+            # (holding every layer's A would raise the peak memory of all the other iterations)
+            captured: Optional[Dict[int, Tensor]] = \
+                {} if return_intermediate and (it == iterations or not params) else None
             A, bias = _backward(ops, len(ops), A0, bias0, relax, alphas, betas, signs, captured)
             lb = _concretize(A, bias, c_in, r_in)
         improved = lb.detach() > best
@@ -744,7 +748,7 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
                 with torch.no_grad():
                     weakest = (torch.arange(n, device=A.device), lb.detach().argmin(1))
                     minimizer = (c_in - A.detach()[weakest].sign() * r_in).clamp(lower, upper)
-                    coefficients = [captured[k][weakest] for k in range(len(relax))]
+                    coefficients = None if captured is None else [captured[k][weakest] for k in range(len(relax))]
             break
         grads = torch.autograd.grad(lb.sum(), params)  # ascent direction
         with torch.no_grad():
