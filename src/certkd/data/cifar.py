@@ -76,8 +76,10 @@ def load_cifar_pickle(path: Path) -> Any:
         with open(path, "rb") as f:
             return RestrictedUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # any failure while parsing means a bad file, not a certkd bug
+        # MemoryError (a pickle declaring a huge object) has no message; keep the error on one line.
+        detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CertkdError(
-            f"{path} is not a valid CIFAR-10 python batch ({exc}); it is corrupt or not the official "
+            f"{path} is not a valid CIFAR-10 python batch ({detail}); it is corrupt or not the official "
             f"{CIFAR_DIRNAME} file, re-download it") from exc
 
 
@@ -89,17 +91,26 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise CertkdError(f"{bad} (expected a dict with b'data' and b'labels'); re-download it")
     data = obj[b"data"]
     if isinstance(data, (bytes, bytearray)):
+        if len(data) % 3072:
+            raise CertkdError(f"{bad} (b'data' holds {len(data)} bytes, not a whole number of 3072-byte "
+                              "32x32 RGB images); re-download it")
         data = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3072)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise CertkdError(f"{bad} (b'data' must be an (N, 3072) uint8 array); re-download it")
+    if data.shape[0] == 0:
+        raise CertkdError(f"{path} holds 0 images; it is empty or not the official {CIFAR_DIRNAME} file, "
+                          "re-download it")
     labels = obj[b"labels"]
-    if not isinstance(labels, (list, np.ndarray)) or not all(
+    if not isinstance(labels, (list, np.ndarray)) or (isinstance(labels, np.ndarray) and labels.ndim != 1) or not all(
             isinstance(v, (int, np.integer)) for v in labels):
         raise CertkdError(f"{bad} (b'labels' must be a list of ints); re-download it")
-    labels_arr = np.asarray(labels, dtype=np.int64)
-    if labels_arr.shape != (data.shape[0],) or (labels_arr.size and (labels_arr.min() < 0 or labels_arr.max() > 9)):
-        raise CertkdError(f"{bad} ({data.shape[0]} images but labels of shape {labels_arr.shape} "
-                          "or outside 0..9); re-download it")
+    if len(labels) != data.shape[0]:
+        raise CertkdError(f"{bad} ({data.shape[0]} images but {len(labels)} labels); re-download it")
+    # Compared as Python ints first: a label like 2**70 would overflow int64 in np.asarray.
+    out_of_range = next((int(v) for v in labels if not 0 <= int(v) <= 9), None)
+    if out_of_range is not None:
+        raise CertkdError(f"{bad} (label {out_of_range} is outside 0..9); re-download it")
+    labels_arr = np.asarray(labels, dtype=np.int64).reshape(-1)
     return data.reshape(-1, 3, 32, 32), labels_arr
 
 

@@ -34,15 +34,43 @@ FASHION_CLASSES: tuple[str, ...] = (
 )
 
 
-def _read_bytes(path: Path) -> bytes:
-    """Whole file, gunzipped when the name ends in .gz."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        raise CertkdError(f"{path} is truncated or corrupt ({exc}); re-download it") from exc
+# Deflate cannot expand data by more than ~1032:1, so a .gz file of S bytes never holds more than
+# about 1032*S bytes; a header declaring more is refused before anything is decompressed or allocated.
+_MAX_GZIP_RATIO = 1100
+_CHUNK = 1 << 24
+
+
+def _payload(f, path: Path, header: int, expected: int, dims: tuple[int, ...]) -> np.ndarray:
+    """Read exactly ``expected`` payload bytes after the header, checking the size *before* reading.
+
+    A plain file's payload size is known from its size on disk; a .gz file is decompressed in
+    chunks and at most one byte past ``expected`` is read, so neither a lying header nor a
+    gzip bomb can make this allocate more than the file can really hold.
+    """
+    size = path.stat().st_size
+    need = f"header dims {dims} need {expected} payload bytes"
+    if path.suffix != ".gz":
+        got = size - header
+        if got != expected:
+            what = "truncated" if got < expected else "corrupt (trailing bytes)"
+            raise CertkdError(f"{path} is {what}: {need}, found {got}; re-download it")
+        out = np.fromfile(f, dtype=np.uint8, count=expected)
+        if out.size != expected:  # the file shrank while we read it
+            raise CertkdError(f"{path} is truncated: {need}, read {out.size}; re-download it")
+        return out
+    if expected > _MAX_GZIP_RATIO * size:
+        raise CertkdError(f"{path} is corrupt: {need}, more than a {size}-byte .gz file can hold; re-download it")
+    buf = bytearray()
+    while len(buf) <= expected:
+        chunk = f.read(min(_CHUNK, expected + 1 - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    if len(buf) != expected:
+        what = "truncated" if len(buf) < expected else "corrupt (trailing bytes)"
+        found = len(buf) if len(buf) < expected else f"more than {expected}"
+        raise CertkdError(f"{path} is {what}: {need}, found {found}; re-download it")
+    return np.frombuffer(buf, dtype=np.uint8)   # a bytearray: the array is writable, no copy needed
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
@@ -55,26 +83,27 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
         uint8 array with the dims from the header, e.g. (N, 28, 28) or (N,).
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise CertkdError(f"{path} is truncated or corrupt (only {len(raw)} bytes); re-download it")
-    (found,) = struct.unpack(">I", raw[:4])
-    if found != magic:
-        raise CertkdError(
-            f"{path} is not an IDX {'image' if magic == IDX_IMAGES_MAGIC else 'label'} file "
-            f"(magic 0x{found:08x}, expected 0x{magic:08x}); check the file name or re-download it")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise CertkdError(f"{path} is truncated or corrupt (header cut short); re-download it")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = math.prod(dims)
-    got = len(raw) - header
-    if got != expected:
-        what = "truncated" if got < expected else "corrupt (trailing bytes)"
-        raise CertkdError(
-            f"{path} is {what}: header dims {dims} need {expected} payload bytes, found {got}; re-download it")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(header)
+            if len(head) < 4:
+                raise CertkdError(f"{path} is truncated or corrupt (only {len(head)} bytes); re-download it")
+            (found,) = struct.unpack(">I", head[:4])
+            if found != magic:
+                raise CertkdError(
+                    f"{path} is not an IDX {'image' if magic == IDX_IMAGES_MAGIC else 'label'} file "
+                    f"(magic 0x{found:08x}, expected 0x{magic:08x}); check the file name or re-download it")
+            if len(head) < header:
+                raise CertkdError(f"{path} is truncated or corrupt (header cut short); re-download it")
+            dims = struct.unpack(f">{ndim}I", head[4:header])
+            data = _payload(f, path, header, math.prod(dims), dims)
+    except PermissionError as exc:
+        raise CertkdError(f"cannot read {path} (permission denied); check the file's permissions") from exc
+    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise CertkdError(f"{path} is truncated or corrupt ({exc}); re-download it") from exc
+    return data.reshape(dims)
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
@@ -102,6 +131,12 @@ def find_mnist_dir(data_dir: Path, torchvision_name: str) -> dict[str, Path]:
 
 def _load_split(images_path: Path, labels_path: Path) -> ImageDataset:
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    n, rows, cols = images.shape
+    if rows == 0 or cols == 0 or rows != cols:
+        raise CertkdError(f"{images_path} holds {rows}x{cols} images; certkd needs square images of at least 1x1 "
+                          "(MNIST is 28x28), the file is corrupt or of another dataset, re-download it")
+    if n == 0:
+        raise CertkdError(f"{images_path} holds 0 images; the file is empty or corrupt, re-download it")
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
         raise CertkdError(
@@ -109,8 +144,7 @@ def _load_split(images_path: Path, labels_path: Path) -> ImageDataset:
             "the files do not belong together, re-download them")
     if labels.size and int(labels.max()) > 9:
         raise CertkdError(f"{labels_path} has label {int(labels.max())} outside 0..9; the file is corrupt, re-download it")
-    # np.frombuffer views read-only bytes; copy into a tensor we own.
-    x = torch.from_numpy(images.copy()).unsqueeze(1)          # (N, 1, rows, cols)
+    x = torch.from_numpy(images).unsqueeze(1)          # (N, 1, rows, cols); read_idx's arrays are writable
     y = torch.from_numpy(labels.astype(np.int64))
     return ImageDataset(x, y)
 

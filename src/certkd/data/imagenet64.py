@@ -22,6 +22,7 @@ preallocated tensor, so loading needs about one extra batch (~1.6 GB) beyond tha
 """
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -43,6 +44,7 @@ LAYOUT_HINT = (f"expected train_data_batch_1..10.npz and {VAL_FILE} (the downsam
                "and <data-dir>/Imagenet64_val_npz/")
 
 _ROW = 3 * IMAGENET64_SIZE * IMAGENET64_SIZE  # 12288 bytes per image
+_MAX_DEFLATE_RATIO = 1100  # deflate expands at most ~1032:1; a member claiming more is corrupt
 
 
 def _find(root: Path, name: str, folders: tuple[str, ...]) -> Path | None:
@@ -83,6 +85,8 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _ROW:
         raise CertkdError(f"{bad} ('data' must be an (N, {_ROW}) uint8 array for 3x64x64 images, got "
                           f"{data.dtype} {data.shape}); check that it is the 64x64 version, re-download it")
+    if data.shape[0] == 0:
+        raise CertkdError(f"{path} holds 0 images; it is empty or not an official file, re-download it")
     labels = np.asarray(labels).reshape(-1)
     if labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
         raise CertkdError(f"{bad} ({data.shape[0]} images but 'labels' is {labels.dtype} {labels.shape}); "
@@ -93,16 +97,45 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, IMAGENET64_SIZE, IMAGENET64_SIZE), labels.astype(np.int64) - 1
 
 
-def _npz_rows(path: Path) -> int:
-    """Number of images in ``path`` from the .npy header of its ``data`` member, without decompressing the array."""
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open("data.npy") as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+def _member_header(path: Path, zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype from the .npy header of member ``name``; refuses a header declaring more (or fewer)
+    bytes than the member holds, or a member larger than its compressed size could hold. None for object
+    arrays (pickles, refused later by ``allow_pickle=False``)."""
+    info = zf.getinfo(name)
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
                            else np.lib.format.read_array_header_2_0(f))
-        return int(shape[0])
+        offset = f.tell()
+    if dtype.hasobject:
+        return None
+    declared = offset + math.prod(shape) * dtype.itemsize
+    if declared != info.file_size or (info.compress_type != zipfile.ZIP_STORED
+                                      and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size):
+        raise CertkdError(f"{path} is not a valid ImageNet64 npz batch ('{name[:-4]}' declares {dtype} {shape}, "
+                          f"{declared} bytes, but the member holds {info.file_size} bytes stored in "
+                          f"{info.compress_size}); it is truncated or corrupt, re-download it")
+    return shape, dtype
+
+
+def _npz_rows(path: Path) -> int:
+    """Number of images in ``path`` from the .npy header of its ``data`` member, without decompressing the array.
+
+    Headers that lie about their size are refused here (:func:`_member_header`), before numpy or
+    :func:`_load_files` preallocates what they declare. -1 when a header cannot be read or ``data`` is not
+    (N, 12288) uint8: :func:`_read_npz` then explains what is wrong.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            data = _member_header(path, zf, "data.npy")
+            _member_header(path, zf, "labels.npy")
+    except CertkdError:
+        raise
     except Exception:
         return -1  # unknown: _read_npz will explain what is wrong
+    if data is None or data[1] != np.uint8 or len(data[0]) != 2 or data[0][1] != _ROW:
+        return -1
+    return int(data[0][0])
 
 
 def _load_files(paths: list[Path]) -> ImageDataset:

@@ -114,4 +114,21 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None
         train, test, classes = load_image_folder(root)
         info = DatasetInfo(key, len(classes), 3, int(train.images.shape[-1]),
                            TINYIMAGENET_MEAN, TINYIMAGENET_STD, "crop-flip", 4, classes)
+    _check_loaded(key, root, train, test)
     return train, test, info
+
+
+def _check_loaded(name: str, root: Path, train: ImageDataset, test: ImageDataset) -> None:
+    """Last line of defence behind the readers' own checks: every split non-empty, images square and
+    non-empty, so bad data fails at load time and never after an epoch of training."""
+    for split, ds in (("training", train), ("test", test)):
+        _, _, h, w = ds.images.shape
+        if len(ds) == 0:
+            raise CertkdError(f"the {split} split of {name} in {root} holds 0 images; "
+                              "the files are empty or corrupt, re-download them")
+        if h == 0 or h != w:
+            raise CertkdError(f"the {split} images of {name} in {root} are {h}x{w}; certkd needs square images "
+                              "of at least 1x1, re-download or resize them")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise CertkdError(f"the training images of {name} in {root} are {tuple(train.images.shape[1:])} but the "
+                          f"test images {tuple(test.images.shape[1:])}; use the files of one dataset")
