@@ -84,7 +84,7 @@ def soak(run: str, limit: int, workers: int, timeout: float, mem_cap_gb: float, 
          out: Optional[Path] = None, eps: Optional[float] = None, data_dir: Optional[str] = None) -> dict:
     out = Path(out or tempfile.mkdtemp(prefix="soak_verify_"))
     cmd = [sys.executable, "-m", "certkd", "verify", run, "--limit", str(limit), "--workers", str(workers),
-           "--timeout", str(timeout), "--out", str(out), "--quiet"]
+           "--timeout", str(timeout), "--out", str(out), "--force", "--quiet"]
     if eps is not None:
         cmd += ["--eps", str(eps)]
     if data_dir is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import json
 import pickle
 import shutil
 import struct
@@ -117,9 +118,14 @@ CASES: List[Case] = [
          "pass only one"),
     Case("--resume with a broken config.yaml", ("train", "--out", "{w}/broken-config", "--resume", "--quiet"),
          "config.yaml is not valid YAML", "start afresh with --force"),
+    Case("verify --resume of rows computed for other weights", ("verify", "{w}/run", "--out", "{w}/vx-other",
+                                                                 "--resume", "--quiet"), "computed for other weights",
+         "--force to start over"),
+    Case("verify into a folder that holds a verification", ("verify", "{w}/run", "--out", "{w}/vx-other", "--quiet"),
+         "already holds a verification", "pass --resume to continue it"),
     Case("verify --resume with a corrupt verification.json", ("verify", "{w}/corrupt-summary", "--resume",
                                                                "--quiet"),
-         "verification.json is corrupt", "rerun without --resume"),
+         "verification.json is corrupt", "--force to start over"),
 ]
 
 
@@ -195,6 +201,8 @@ def build_workspace(w: Path) -> Path:
     (w / "broken-config" / "config.yaml").write_text("dataset: [digits\n")
     make_run(w / "corrupt-summary", hidden=[32, 32])
     (w / "corrupt-summary" / "verification.json").write_text('{"settings": {"eps"')
+    (w / "vx-other").mkdir()  # a verification that certifies other weights (issue #10 §1)
+    (w / "vx-other" / "verification.json").write_text(json.dumps({"certifies": {"weights_sha256": "0" * 64}}))
     return w
 
 

@@ -15,6 +15,6 @@ from certkd.evaluation import evaluate_run
 from certkd.models import create_model, list_models
 from certkd.training import train
 
-__version__ = "0.1.0"
+from certkd._version import __version__
 __all__ = ["CertkdError", "TrainConfig", "create_model", "evaluate_run", "list_models", "load_model",
            "load_preset", "resolve_config", "train", "__version__"]

@@ -14,15 +14,17 @@ crash at any moment leaves the previous checkpoint usable.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,8 +32,50 @@ from certkd.errors import CertkdError
 
 PathLike = Union[str, os.PathLike]
 FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+META_MAX_BYTES = 64 << 20  # meta.json is a few kB (optimiser hyper-parameters); refuse to read gigabytes
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def current_umask() -> int:
+    """The process umask, read when needed (not at import: a caller may change it later)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_umask(path: PathLike, directory: bool = False) -> None:
+    """chmod ``path`` to what a plain open()/mkdir() would have made (0666/0777 & ~umask): tempfile's
+    mkstemp/mkdtemp (and safetensors) create 0600/0700, but results are meant to be shared like any file."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def _os_error_of(e: BaseException) -> Optional[OSError]:
+    """The OSError behind ``e``: itself, a chained cause/context, or safetensors' "os error N" text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        if isinstance(e, SafetensorError):
+            m = re.search(r"os error (\d+)", str(e))
+            if m:
+                code = int(m.group(1))
+                return OSError(code, os.strerror(code))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_full(e: BaseException) -> Optional[OSError]:
+    """The ENOSPC/EDQUOT error behind ``e`` (also when chained or inside a SafetensorError), else None."""
+    err = _os_error_of(e)
+    return err if err is not None and err.errno in DISK_FULL_ERRNOS else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,7 +97,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -123,15 +167,17 @@ def save_checkpoint(run_dir: PathLike, epoch: int, model: nn.Module, meta: Dict[
             stale.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=f".{name}."))
     try:
-        save_file(_state_to_tensors(model), str(tmp / "model.safetensors"))
+        share_like_umask(tmp, directory=True)  # mkdtemp makes 0700
+        _save_tensors(_state_to_tensors(model), tmp / "model.safetensors")
         meta = dict(meta, epoch=epoch, format_version=FORMAT_VERSION)
         if optimizer is not None:
             tensors, plain = optimizer_to_tensors(optimizer)
             tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            _save_tensors(tensors, tmp / "optimizer.safetensors")
             meta["optimizer"] = plain
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         for f in tmp.iterdir():
+            share_like_umask(f)  # safetensors writes 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         final = ckdir / name
@@ -149,14 +195,43 @@ def save_checkpoint(run_dir: PathLike, epoch: int, model: nn.Module, meta: Dict[
     return final
 
 
+def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with its I/O failures (e.g. a full disk) raised as OSError."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:
+        err = _os_error_of(e)
+        if err is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None
+
+
 def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run, or None.
+
+    ``checkpoints/latest`` holds a folder name written by :func:`save_checkpoint`; anything else
+    there (a directory, a binary file, a path leading elsewhere) is refused with a CertkdError.
+    """
     ckdir = Path(run_dir) / "checkpoints"
     pointer = ckdir / "latest"
-    if pointer.exists():
-        cand = ckdir / pointer.read_text().strip()
-        if (cand / "meta.json").exists():
-            return cand
+    if not os.path.lexists(pointer):
+        return None
+    newest = sorted(p.name for p in ckdir.glob("epoch-*") if (p / "meta.json").is_file())
+    fix = (f"delete it and pass the checkpoint folder {ckdir / newest[-1]} instead, or rewrite it to hold that "
+           "name" if newest else "delete it and retrain")
+    if not pointer.is_file():
+        raise CertkdError(f"{pointer} is not a file (it should name the newest checkpoint folder); {fix}")
+    try:
+        with open(pointer, "rb") as f:
+            name = f.read(4097).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CertkdError(f"cannot read {pointer} ({getattr(e, 'strerror', None) or e}); {fix}") from None
+    if not re.fullmatch(r"epoch-\d{1,12}", name):
+        raise CertkdError(f"{pointer} does not name a checkpoint folder (expected e.g. epoch-0003, got "
+                          f"{name[:40]!r}); {fix}")
+    cand = ckdir / name
+    if (cand / "meta.json").is_file():
+        return cand
     return None
 
 
@@ -181,13 +256,51 @@ def resolve_checkpoint(path: PathLike) -> Path:
 
 
 def read_meta(ckpt: Path) -> Dict[str, Any]:
+    """A checkpoint's meta.json, checked as untrusted input: a JSON object of bounded size whose
+    ``model``, ``config`` and ``epoch`` entries have the right types (a one-line CertkdError otherwise)."""
+    path = ckpt / "meta.json"
+    restore = "restore the checkpoint's meta.json or retrain"
     try:
-        meta = json.loads((ckpt / "meta.json").read_text())
+        if not path.is_file():
+            raise CertkdError(f"{path} is not a regular file; {restore}")
+        with open(path, "rb") as f:
+            raw = f.read(META_MAX_BYTES + 1)
+        if len(raw) > META_MAX_BYTES:
+            raise CertkdError(f"{path} is larger than {META_MAX_BYTES >> 20} MB, not certkd checkpoint metadata; "
+                              f"{restore}")
+        meta = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as e:
-        raise CertkdError(f"corrupted checkpoint metadata {ckpt / 'meta.json'}: {e}; retrain or restore it") from None
+        raise CertkdError(f"corrupted checkpoint metadata {path}: {e}; retrain or restore it") from None
     if not isinstance(meta, dict) or "model" not in meta:
-        raise CertkdError(f"{ckpt / 'meta.json'} is not certkd checkpoint metadata (no 'model' entry)")
+        raise CertkdError(f"{path} is not certkd checkpoint metadata (no 'model' entry); {restore}")
+    if not isinstance(meta["model"], dict):
+        raise CertkdError(f"{path} has an invalid model description (not a mapping); {restore}")
+    if "config" in meta:
+        cfg = meta["config"]
+        if not isinstance(cfg, dict):
+            raise CertkdError(f"{path} has an invalid config (not a mapping); {restore}")
+        eps = cfg.get("eps")
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                                or not 0.0 < eps <= 1.0):
+            raise CertkdError(f"{path} has an invalid config.eps {eps!r} (not a number in (0, 1]); pass --eps "
+                              f"explicitly, or {restore}")
+        for key in ("dataset", "data_dir", "method"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], str):
+                raise CertkdError(f"{path} has an invalid config.{key} {cfg[key]!r} (not a string); {restore}")
+    if "epoch" in meta and (isinstance(meta["epoch"], bool) or not isinstance(meta["epoch"], int)
+                            or meta["epoch"] < 0):
+        raise CertkdError(f"{path} has an invalid epoch {meta['epoch']!r} (not an integer >= 0); {restore}")
     return meta
+
+
+def checkpoint_eps(meta: Dict[str, Any], where: PathLike) -> float:
+    """The training ε recorded in checkpoint metadata (checked by :func:`read_meta`), or a CertkdError
+    asking for --eps when the checkpoint has none."""
+    eps = (meta.get("config") or {}).get("eps")
+    if eps is None:
+        raise CertkdError(f"checkpoint {where} has no eps recorded (its meta.json has no config.eps); "
+                          "pass --eps, e.g. --eps 0.1")
+    return float(eps)
 
 
 def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
@@ -197,36 +310,73 @@ def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
         raise CertkdError(f"corrupted checkpoint file {path}: {e}; retrain or restore it") from None
 
 
-def _state_mismatch(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+Layout = Dict[str, Tuple[Tuple[int, ...], Union[torch.dtype, str]]]  # name -> (shape, dtype)
+
+
+def _layout(tensors: Dict[str, torch.Tensor]) -> Layout:
+    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+def read_layout(path: Path) -> Layout:
+    """Names, shapes and dtypes of the tensors in a safetensors file, from its header only (no data read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out: Layout = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+            return out
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CertkdError(f"corrupted checkpoint file {path}: {e}; retrain or restore it") from None
+
+
+def _state_mismatch(expected: Layout, found: Layout) -> Optional[str]:
     """The first difference between a model's state and checkpoint tensors, in words (None: they fit)."""
-    expected = model.state_dict()
-    shape = lambda t: "×".join(str(d) for d in t.shape) or "scalar"  # noqa: E731
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
+    shape = lambda s: "×".join(str(d) for d in s) or "scalar"  # noqa: E731
+    dtype = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
     if missing:
         return f"missing {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "")
     if unexpected:
         return f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more tensors" if len(unexpected) > 1 else "")
-    for k, v in expected.items():
-        if tensors[k].shape != v.shape:
-            return f"{k} is {shape(tensors[k])} in the file but {shape(v)} in the model"
+    for k, (s, _) in expected.items():
+        if tuple(found[k][0]) != tuple(s):
+            return f"{k} is {shape(found[k][0])} in the file but {shape(s)} in the model"
+    for k, (_, d) in expected.items():
+        if found[k][1] != d:
+            kind = "" if isinstance(found[k][1], torch.dtype) and found[k][1].is_floating_point else \
+                " (not floating point)"
+            return f"{k} is {dtype(found[k][1])}{kind} in the file but {dtype(d)} in the model"
     return None
 
 
+def _fit_problem(model: nn.Module, path: Path, problem: str) -> CertkdError:
+    spec = getattr(model, "spec", None)
+    arch = f"a {spec.name} model for {spec.in_channels}×{spec.input_size}×{spec.input_size} inputs" if spec \
+        else "this model"
+    return CertkdError(f"checkpoint {path} does not fit {arch}: {problem}; the weights "
+                       "belong to another architecture or one of the files was altered, restore the matching "
+                       "model.safetensors or retrain")
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``path`` into ``model``: names, shapes and dtypes must all match (no silent casts)."""
+    problem = _state_mismatch(_layout(model.state_dict()), read_layout(path))
+    if problem is not None:
+        raise _fit_problem(model, path, problem)
     tensors = read_tensors(path)
-    problem = _state_mismatch(model, tensors)
+    problem = _state_mismatch(_layout(model.state_dict()), _layout(tensors))
     if problem is None:
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
             problem = (str(e).strip().splitlines() or ["shape mismatch"])[-1].strip()
     if problem is not None:
-        spec = getattr(model, "spec", None)
-        arch = f"a {spec.name} model for {spec.in_channels}×{spec.input_size}×{spec.input_size} inputs" if spec \
-            else "this model"
-        raise CertkdError(f"checkpoint {path} does not fit {arch}: {problem}; the weights belong to another "
-                          "architecture, restore the matching model.safetensors or retrain")
+        raise _fit_problem(model, path, problem)
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
@@ -234,16 +384,31 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.M
 
     The returned :class:`~certkd.models.CertifiableNet` takes pixel-space inputs in [0, 1].
     """
-    from certkd.models import ModelSpec, create_model_from_spec
+    from certkd.models import ModelSpec, create_model_from_spec, list_models, model_kwargs_problem
 
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    where, restore = ckpt / "meta.json", "restore the checkpoint's meta.json or retrain"
+    # the metadata is untrusted: check it, and that it describes the tensors in the file, before allocating
     try:
         spec = ModelSpec.from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CertkdError(f"{ckpt / 'meta.json'} has an invalid model description ({e})") from None
+        raise CertkdError(f"{where} has an invalid model description ({e}); {restore}") from None
+    if spec.name not in list_models():
+        raise CertkdError(f"{where} names an unknown model '{spec.name}' (this certkd has: "
+                          f"{', '.join(list_models())}); {restore}, or use the certkd version that wrote it")
+    bad = model_kwargs_problem(spec.name, spec.kwargs)
+    if bad:
+        raise CertkdError(f"{where} has invalid model kwargs: {bad[0]} ({bad[1]}); {restore}")
+    weights = ckpt / "model.safetensors"
+    found = read_layout(weights)
+    with torch.device("meta"):  # shapes and dtypes only: no memory is allocated
+        skeleton = create_model_from_spec(spec)
+    problem = _state_mismatch(_layout(skeleton.state_dict()), found)
+    if problem is not None:
+        raise _fit_problem(skeleton, weights, problem)
     model = create_model_from_spec(spec)
-    load_weights(model, ckpt / "model.safetensors")
+    load_weights(model, weights)
     model.to(device).eval()
     model.certkd_meta = meta  # provenance for reports (config, epoch)
     return model

@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-from certkd.checkpoints import atomic_write_json, load_model, resolve_checkpoint
+from certkd.checkpoints import atomic_write_json, checkpoint_eps, load_model, resolve_checkpoint
 from certkd.data import load_dataset
+from certkd.data.subsets import describe_points, stratified_indices
 from certkd.errors import CertkdError
+from certkd.runs import check_finite_weights, data_sha256, fingerprint, training_progress
 
 
 def run_directory(path) -> Optional[Path]:
@@ -28,9 +30,11 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
     from certkd.verification import evaluate_accuracy
 
     dev = resolve_device(device)
-    model = load_model(path, device=dev)
+    ckpt = resolve_checkpoint(path)
+    model = load_model(ckpt, device=dev)
+    check_finite_weights(model, "evaluate")
     cfg = model.certkd_meta.get("config", {})
-    eps = float(cfg.get("eps")) if eps is None else float(eps)
+    eps = checkpoint_eps(model.certkd_meta, path) if eps is None else float(eps)
     if not 0.0 < eps <= 1.0:
         raise CertkdError(f"eps must be in (0, 1] (pixel units), got {eps}; pass --eps in pixel units of [0, 1] images, e.g. --eps 0.1 (MNIST) or --eps 0.00784 (2/255)")
     if limit is not None and limit < 1:
@@ -45,6 +49,13 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
     result.update(attack_steps=attack_steps, attack_step_size=attack_step_size, attack_restarts=1)
     result["method"] = cfg.get("method")
     result["checkpoint_epoch"] = model.certkd_meta.get("epoch")
+    result["training"] = training_progress(model)
+    index = stratified_indices(test_set.labels, limit)
+    settings = {"attack_steps": attack_steps, "attack_step_size": attack_step_size, "attack_restarts": 1}
+    result["certifies"] = fingerprint(model, eps=eps, dataset=info.name, split="test",
+                                      points=describe_points(test_set.labels, index),
+                                      data_digest=data_sha256(test_set.images[index], test_set.labels[index]),
+                                      settings=settings, checkpoint=str(ckpt))
     run = run_directory(path)
     if write and run is not None:
         try:

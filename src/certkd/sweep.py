@@ -36,6 +36,7 @@ from certkd import evaluation as _evaluation
 from certkd import training as _training
 from certkd.checkpoints import atomic_write_json, latest_checkpoint, read_meta
 from certkd.config import TrainConfig, apply_overrides, resolve_config
+from certkd.config import parse_sets as _parse_sets
 from certkd.errors import CertkdError
 
 GridSpec = Union[Sequence[str], Mapping[str, Sequence[Any]]]
@@ -130,18 +131,9 @@ def parse_seeds(seeds: Union[None, str, Sequence[int]]) -> Optional[List[int]]:
 
 
 def parse_sets(sets: Union[None, Sequence[str], Mapping[str, Any]]) -> Dict[str, Any]:
-    """``["k=v", ...]`` (YAML values, like ``certkd train --set``) or a mapping → dict."""
-    if not sets:
-        return {}
-    if isinstance(sets, Mapping):
-        return dict(sets)
-    values: Dict[str, Any] = {}
-    for item in sets:
-        if "=" not in item:
-            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'; write e.g. --set alpha=0.5")
-        key, raw = item.split("=", 1)
-        values[key.strip()] = _yaml_value(raw)
-    return values
+    """``["k=v", ...]`` (YAML values) or a mapping → dict: :func:`certkd.config.parse_sets`, the
+    parser of ``certkd train --set`` too."""
+    return _parse_sets(sets)
 
 
 def _dir_part(raw: str) -> str:

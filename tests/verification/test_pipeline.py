@@ -8,6 +8,7 @@ from certkd import load_model, resolve_config, train
 from certkd.attacks import PGD, linf_box, margin_loss
 from certkd.cli import main
 from certkd.data import load_dataset
+from certkd.data.subsets import stratified_indices
 from certkd.errors import CertkdError
 from certkd.verification.bab import bab_verify
 from certkd.verification.milp import milp_verify
@@ -145,7 +146,9 @@ def test_verify_cli_writes_json_and_jsonl(small_runs, tmp_path, capsys):
     assert "verified (bab)" in text and "CROWN" in text
     summary = json.loads((out / "verification.json").read_text())
     rows = _rows(out)
-    assert summary["n"] == 12 and len(rows) == 12 and [r["index"] for r in rows] == list(range(12))
+    _, test_set, _ = load_dataset("digits")
+    chosen = stratified_indices(test_set.labels, 12).tolist()
+    assert summary["n"] == 12 and len(rows) == 12 and [r["index"] for r in rows] == chosen
     assert sum(summary["counts"].values()) == 12
     assert summary["ibp_verified_accuracy"] <= summary["crown_verified_accuracy"] <= summary["alpha_crown_verified_accuracy"]
     assert summary["alpha_crown_verified_accuracy"] <= summary["verified_accuracy"]

@@ -9,6 +9,8 @@ from torch import nn
 from certkd.attacks import PGD, linf_box
 from certkd.bounds import ibp_logit_difference_bounds
 from certkd.data import ImageDataset, iterate_batches
+from certkd.data.subsets import describe_points, stratified_indices
+from certkd.runs import collapse
 
 
 class SoundnessError(RuntimeError):
@@ -23,14 +25,19 @@ def evaluate_accuracy(model: nn.Module, dataset: ImageDataset, eps: float, *, li
 
     The model is evaluated in eval mode (running BatchNorm statistics). Misclassified points
     count as neither robust nor verified; all fractions share the denominator ``n``.
-    Raises :class:`SoundnessError` if a point is both IBP-verified and attacked.
+    ``limit`` selects a fixed class-stratified subset (:mod:`certkd.data.subsets`), never the
+    first N points. Raises :class:`SoundnessError` if a point is both IBP-verified and attacked.
+    Returns the fractions, ``n``, ``points`` (which points, in words) and ``predictions``
+    (:func:`certkd.runs.collapse` of the predicted classes).
     """
-    data = dataset.subset(limit) if limit is not None else dataset
+    index = stratified_indices(dataset.labels, limit)
+    data = dataset if len(index) == len(dataset) else ImageDataset(dataset.images[index], dataset.labels[index])
     was_training = model.training
     model.eval()
     attack = PGD(attack_steps, attack_step_size, attack_restarts, stop_on_success=True)
     gen = torch.Generator().manual_seed(seed)
     clean = robust = verified = n = 0
+    predicted = []
     batches = iterate_batches(data, batch_size, shuffle=False, device=device)
     if progress:
         from tqdm import tqdm
@@ -39,7 +46,9 @@ def evaluate_accuracy(model: nn.Module, dataset: ImageDataset, eps: float, *, li
         for x, y in batches:
             lo, hi = linf_box(x, eps)
             with torch.no_grad():
-                correct = model(x).argmax(1) == y
+                pred = model(x).argmax(1)
+                correct = pred == y
+                predicted.append(pred.cpu())
                 lb, _ = ibp_logit_difference_bounds(model, lo, hi, y)
             certified = correct & (lb.min(1).values > 0)
             x_adv = attack(model, x, y, lo, hi, generator=gen)
@@ -53,5 +62,9 @@ def evaluate_accuracy(model: nn.Module, dataset: ImageDataset, eps: float, *, li
             n += y.shape[0]
     finally:
         model.train(was_training)
+    if n == 0:
+        raise ValueError("no test points to evaluate")
+    num_classes = int(dataset.labels.max()) + 1
     return {"clean_accuracy": clean / n, "pgd_accuracy": robust / n, "ibp_verified_accuracy": verified / n,
-            "eps": float(eps), "n": n}
+            "eps": float(eps), "n": n, "points": describe_points(dataset.labels, index)["points"],
+            "predictions": collapse(torch.cat(predicted), num_classes)}

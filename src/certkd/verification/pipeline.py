@@ -43,7 +43,10 @@ from certkd.attacks import PGD, linf_box, margin_loss
 from certkd.bounds import ibp_logit_difference_bounds
 from certkd import precision
 from certkd.checkpoints import atomic_write_json, atomic_write_text
+from certkd.data.subsets import describe_points, stratified_indices
 from certkd.errors import CertkdError
+from certkd.runs import (check_finite_weights, check_same_subject, collapse, data_sha256, fingerprint,
+                         training_progress, weights_sha256)
 
 VERIFIED = ("verified-ibp", "verified-crown", "verified-alpha-crown", "verified-bab", "verified-milp")
 STATUSES = ("misclassified", "attacked") + VERIFIED + ("timeout",)
@@ -125,6 +128,7 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
 
     with torch.no_grad():
         logits = model(x)
+    row["predicted"] = int(logits[0].argmax())
     clean_margin = float(-margin_loss(logits, yt)[0])
     if clean_margin <= 0:
         return done("misclassified", clean_margin)
@@ -233,7 +237,7 @@ def summarize(rows: Sequence[Dict[str, Any]], cfg: VerifyConfig, n_total: int) -
 
 
 def _worker(args) -> None:
-    model_path, data_spec, indices, cfg_dict, part_path, device, threads = args
+    model_path, data_spec, indices, cfg_dict, part_path, device, threads, weights_digest = args
     torch.set_num_threads(threads)
     precision.set_tf32_flags(False, False)  # a fresh process: PyTorch's default has cuDNN TF32 on
     from certkd.checkpoints import load_model
@@ -241,6 +245,8 @@ def _worker(args) -> None:
 
     cfg = VerifyConfig(**cfg_dict)
     model = load_model(model_path, device=device)
+    if weights_sha256(model) != weights_digest:  # the checkpoint was replaced while we ran
+        raise CertkdError(f"the weights in {model_path} changed during verification; rerun certkd verify")
     _, test_set, _ = load_dataset(*data_spec)
     _verify_indices(model, test_set, indices, cfg, Path(part_path), device)
 
@@ -258,35 +264,79 @@ def _verify_indices(model, test_set, indices, cfg, part_path: Path, device, prog
 
 
 def verify_run(path, cfg: VerifyConfig, *, limit: Optional[int] = None, out_dir=None, workers: int = 1,
-               resume: bool = False, data_dir: Optional[str] = None, device: str = "auto",
+               resume: bool = False, force: bool = False, data_dir: Optional[str] = None, device: str = "auto",
                progress: bool = True) -> Dict[str, Any]:
-    """Verify the first ``limit`` test points of a run; returns the summary (also written to disk).
+    """Verify ``limit`` test points of a run (class-stratified, docs/bad_inputs.md); returns the summary.
 
-    TF32 is off throughout (SPEC §3.3) and the caller's TF32 flags are restored on return.
+    The summary (also written to ``verification.json``) records under ``certifies`` the weights'
+    SHA-256, the model, ε, the points and the settings; ``resume`` reuses stored rows only when
+    that record is unchanged, and existing results are replaced only with ``force``.
+    TF32 is off throughout and the caller's TF32 flags are restored on return.
     """
-    with precision.tf32(False):
-        return _verify_run(path, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume,
-                           data_dir=data_dir, device=device, progress=progress)
+    created = _first_missing(Path(out_dir)) if out_dir is not None else None
+    try:
+        with precision.tf32(False):
+            return _verify_run(path, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, force=force,
+                               data_dir=data_dir, device=device, progress=progress)
+    except BaseException as e:
+        # outermost handling only: no stub folder for a verification that saved nothing, one line for a full disk
+        from certkd.checkpoints import disk_full
+
+        if created is not None and created.is_dir() and not _saved_rows(Path(out_dir)):
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)
+        full = disk_full(e) if isinstance(e, Exception) else None
+        if full is None:
+            raise
+        where = Path(out_dir) if out_dir is not None else _default_out(path)
+        n = _saved_rows(where) if where is not None else 0
+        kept = (f"the {n} points verified so far are kept; free space and rerun with --resume, or choose another "
+                "--out" if n else "no verified point was saved; free space or choose another --out")
+        raise CertkdError(f"disk full while writing the verification results to {where or 'the run directory'} "
+                          f"({full.strerror}): "
+                          f"{kept}") from None
 
 
-def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, workers: int, resume: bool,
-                data_dir: Optional[str], device: str, progress: bool) -> Dict[str, Any]:
+def _default_out(path) -> Optional[Path]:
+    """Where verify writes without --out (the run directory, or the checkpoint folder); None if unknown."""
+    from certkd.checkpoints import resolve_checkpoint
+    from certkd.evaluation import run_directory
+
+    try:
+        return run_directory(path) or resolve_checkpoint(path)
+    except CertkdError:
+        return None
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The topmost folder of ``path`` that does not exist yet (None: ``path`` exists)."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path.parent.parent:
+        path = path.parent
+    return path
+
+
+def _saved_rows(out: Path) -> int:
+    """How many complete result lines the row files in ``out`` hold (0 if none or unreadable)."""
+    n = 0
+    for p in [out / "verification.jsonl", *out.glob("verification.part*.jsonl")]:
+        try:
+            n += sum(1 for line in p.read_text().splitlines() if line.strip().endswith("}"))
+        except (OSError, UnicodeDecodeError):
+            continue
+    return n
+
+
+def _load_subject(path, cfg: VerifyConfig, limit: Optional[int], data_dir: Optional[str], dev):
+    """Model, test set, selected indices and the ``certifies`` record of a verification."""
     from certkd.checkpoints import load_model, resolve_checkpoint
     from certkd.data import load_dataset
-    from certkd.evaluation import run_directory
-    from certkd.training import resolve_device
 
-    cfg.validate()
-    if workers < 1:
-        raise CertkdError(f"--workers must be >= 1, got {workers}; pass e.g. --workers 2 (one process per worker)")
-    if limit is not None and limit < 1:
-        raise CertkdError(f"--limit must be >= 1, got {limit}; pass a positive number of test points or omit it for all")
-    dev = resolve_device(device)
-    model = load_model(path, device=dev)
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise CertkdError(f"model weights contain NaN/Inf ({bad[0]}); refusing to verify, restore the checkpoint "
-                          "or retrain")
+    ckpt = resolve_checkpoint(path)
+    model = load_model(ckpt, device=dev)
+    check_finite_weights(model, "verify")
     meta_cfg = model.certkd_meta.get("config", {})
     data_spec = (meta_cfg.get("dataset", "digits"), data_dir or meta_cfg.get("data_dir"))
     _, test_set, info = load_dataset(*data_spec)
@@ -295,9 +345,57 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
         raise CertkdError(f"model expects {s.in_channels}×{s.input_size}×{s.input_size} inputs but the "
                           f"{info.name} data is {info.in_channels}×{info.input_size}×{info.input_size}; pass the "
                           "--data-dir of the dataset the model was trained on")
-    n_total = min(limit or len(test_set), len(test_set))
+    indices = stratified_indices(test_set.labels, limit)
+    subject = fingerprint(model, eps=cfg.eps, dataset=info.name, split="test",
+                          points=describe_points(test_set.labels, indices),
+                          data_digest=data_sha256(test_set.images[indices], test_set.labels[indices]),
+                          settings=asdict(cfg), checkpoint=str(ckpt))
+    return model, ckpt, data_spec, test_set, indices.tolist(), subject
 
-    out = Path(out_dir) if out_dir is not None else (run_directory(path) or resolve_checkpoint(path))
+
+def _prepare_out(out: Path, summary_path: Path, rows_path: Path, subject: Dict[str, Any], resume: bool,
+                 force: bool) -> List[Path]:
+    """Check what ``out`` already holds against resume/force; returns the part files to continue."""
+    parts = sorted(out.glob("verification.part*.jsonl"))
+    existing = [p for p in [summary_path, rows_path] + parts if p.exists()]
+    if resume:
+        if not summary_path.exists():
+            if existing:
+                raise CertkdError(f"--resume: {out} holds verification rows but no verification.json, so what they "
+                                  "certify is unknown; pass --force to start over")
+            return parts
+        try:
+            old = json.loads(summary_path.read_text())
+        except ValueError:
+            raise CertkdError(f"--resume: {summary_path} is corrupt, so its settings cannot be checked; rerun "
+                              "with --force to start over") from None
+        check_same_subject(old, subject, str(summary_path))
+        return parts
+    if existing and not force:
+        raise CertkdError(f"{out} already holds a verification ({existing[0].name}); pass --resume to continue it, "
+                          "--force to replace it, or --out to write elsewhere")
+    for p in existing:
+        p.unlink()
+    return []
+
+
+def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, workers: int, resume: bool, force: bool,
+                data_dir: Optional[str], device: str, progress: bool) -> Dict[str, Any]:
+    from certkd.evaluation import run_directory
+    from certkd.training import resolve_device
+
+    cfg.validate()
+    if resume and force:
+        raise CertkdError("--resume and --force contradict each other; pass only one")
+    if workers < 1:
+        raise CertkdError(f"--workers must be >= 1, got {workers}; pass e.g. --workers 2 (one process per worker)")
+    if limit is not None and limit < 1:
+        raise CertkdError(f"--limit must be >= 1, got {limit}; pass a positive number of test points or omit it for all")
+    dev = resolve_device(device)
+    model, ckpt, data_spec, test_set, indices, subject = _load_subject(path, cfg, limit, data_dir, dev)
+    n_total = len(indices)
+
+    out = Path(out_dir) if out_dir is not None else (run_directory(path) or ckpt)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -305,32 +403,18 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
     if not os.access(out, os.W_OK | os.X_OK):
         raise CertkdError(f"cannot write to output directory {out} (Permission denied); choose a writable --out")
     summary_path, rows_path = out / "verification.json", out / "verification.jsonl"
-    parts = sorted(out.glob("verification.part*.jsonl"))
-    settings = {"settings": asdict(cfg), "n_requested": n_total}
-    if resume:
-        if summary_path.exists():
-            try:
-                old = json.loads(summary_path.read_text())
-            except ValueError:
-                raise CertkdError(f"--resume: {summary_path} is corrupt, so its settings cannot be checked; rerun "
-                                  "without --resume to start over") from None
-            if not isinstance(old, dict) or old.get("settings") != asdict(cfg) or old.get("n_requested") != n_total:
-                raise CertkdError(f"--resume: {summary_path} was made with other settings; rerun without --resume "
-                                  "(or with the same --eps/--timeout/--limit/--engine)")
-    elif summary_path.exists() or parts or rows_path.exists():
-        for p in parts + [rows_path]:
-            if p.exists():
-                p.unlink()
-        parts = []
-    atomic_write_json(summary_path, dict(summarize([], cfg, n_total), **settings, complete=False))
+    parts = _prepare_out(out, summary_path, rows_path, subject, resume, force)
+    extra = {"n_requested": n_total, "certifies": subject, "training": training_progress(model)}
+    atomic_write_json(summary_path, dict(summarize([], cfg, n_total), **extra, complete=False))
 
-    done_rows = {r["index"]: r for r in _read_rows(rows_path)}
+    wanted = set(indices)
+    done_rows = {r["index"]: r for r in _read_rows(rows_path) if r.get("index") in wanted}
     for p in parts:
         kept = _read_rows(p)
-        done_rows.update({r["index"]: r for r in kept})
+        done_rows.update({r["index"]: r for r in kept if r.get("index") in wanted})
         # drop a torn last line so that appended rows start on a fresh line
         atomic_write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    todo = [i for i in range(n_total) if i not in done_rows]
+    todo = [i for i in indices if i not in done_rows]
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -349,18 +433,20 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
                 if not chunk:
                     continue
                 wdev = f"cuda:{k % n_gpu}" if n_gpu else "cpu"
-                jobs.append((str(path), data_spec, chunk, asdict(cfg), str(out / f"verification.part{k}.jsonl"),
-                             wdev, threads))
+                jobs.append((str(ckpt), data_spec, chunk, asdict(cfg), str(out / f"verification.part{k}.jsonl"),
+                             wdev, threads, subject["weights_sha256"]))
             ctx = mp.get_context("spawn")
             with ctx.Pool(len(jobs)) as pool:
                 pool.map(_worker, jobs)
     if bar is not None:
         bar.close()
     for p in sorted(out.glob("verification.part*.jsonl")):
-        done_rows.update({r["index"]: r for r in _read_rows(p)})
-    rows = [done_rows[i] for i in sorted(done_rows) if i < n_total]
+        done_rows.update({r["index"]: r for r in _read_rows(p) if r.get("index") in wanted})
+    rows = [done_rows[i] for i in indices if i in done_rows]
     atomic_write_text(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    summary = dict(summarize(rows, cfg, n_total), n_requested=n_total)
+    predicted = torch.tensor([r["predicted"] for r in rows if "predicted" in r], dtype=torch.int64)
+    summary = dict(summarize(rows, cfg, n_total), **extra,
+                   predictions=collapse(predicted, model.spec.num_classes))
     atomic_write_json(summary_path, summary)
     for p in out.glob("verification.part*.jsonl"):
         p.unlink()
