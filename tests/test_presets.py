@@ -376,3 +376,55 @@ def test_cpu_preset_trains_to_completion_on_synthetic_files(name, tmp_path):
     data = FAKE_WRITERS[dataset](tmp_path / dataset)
     cfg = resolve_config(name, {"data_dir": str(data), "device": "cpu", "train_limit": 300, "eval_limit": 50})
     _check_completed(train(cfg, tmp_path / "run", progress=False, log=lambda _: None), cfg)
+
+
+# --- small BatchNorm CNN7 presets for CPU studies (issue #11) -------------------------------------
+# (ccibp, ccdist, SPEC §7 setting or None for digits, model)
+CNN7W = [("digits-cnn7w16-ccibp", "digits-cnn7w16-ccdist", None, "cnn7-w16"),
+         ("mnist-0.1-cnn7w16-ccibp", "mnist-0.1-cnn7w16-ccdist", "mnist-0.1", "cnn7-w16"),
+         ("cifar10-2_255-cnn7w32-ccibp", "cifar10-2_255-cnn7w32-ccdist", "cifar10-2_255", "cnn7-w32")]
+
+
+@pytest.mark.parametrize("ccibp, ccdist, setting, model", CNN7W)
+def test_cnn7w_presets_load_and_pair(ccibp, ccdist, setting, model):
+    from certkd.errors import CertkdError
+    from certkd.models import create_model
+
+    assert {ccibp, ccdist} <= set(ALL_PRESETS) and {ccibp, ccdist} <= set(list_presets())
+    base, dist = resolve(ccibp), resolve(ccdist)
+    assert base.method == "cc-ibp" and dist.method == "cc-dist" and base.model == dist.model == model
+    assert base.model_kwargs == {} and base.ibp_init is True
+    # the ccdist preset is its ccibp preset plus the distillation keys, with a β inside SPEC §10.6's range
+    d, b = dist.to_dict(), base.to_dict()
+    assert {k for k in d if d[k] != b[k]} <= DIST_KEYS
+    assert 1e-3 <= dist.beta <= 3e-3 and dist.dist_combination == "box" and dist.dist_reduction == "sum"
+    with pytest.raises(CertkdError, match="--teacher"):
+        resolve_config(ccdist)
+    assert resolve_config(ccdist, {"dist_target": "zero"}).dist_target == "zero"  # the no-teacher control
+    # a teacher from the ccibp preset: PGD-AT, same model
+    t = resolve_config(ccibp, teacher=True)
+    assert t.method == "pgd-at" and t.model == model
+    # the model builds and has the dataset's shapes
+    shapes = dict(SHAPES, digits=(1, 8, 10))
+    channels, size, classes = shapes[base.dataset]
+    with torch.device("meta"):
+        net = create_model(base.model, channels, size, classes, **base.model_kwargs)
+    assert net.num_classes == classes and net.feature_dim == {"cnn7-w16": 100, "cnn7-w32": 200}[model]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.features)
+    if setting is None:
+        assert base.dataset == "digits" and base.epochs <= 40
+        return
+    # CPU-sized like the *-cpu presets, keeping the row's CC-IBP settings
+    r, (alpha, l1) = row(setting), COEFFS[setting]["ccibp"]
+    first = (CONFIG_DIR / f"{ccibp}.yaml").read_text().splitlines()[0]
+    assert first.startswith("# SPEC §7 row")
+    assert base.dataset == r["dataset"] and base.eps == approx(r["eps"])
+    assert base.alpha == approx(alpha) and base.l1 == approx(l1)
+    assert base.batch_size == r["batch_size"] and base.eps_start == r["eps_start"]
+    assert base.attack_steps == r["attack_steps"] and base.attack_step_size == approx(r["attack_step_size"])
+    assert base.attack_eps_factor == approx(r["attack_eps_factor"])
+    assert base.train_eps_mul == approx(r["train_eps_mul"]) and base.reg_lambda == approx(r["reg_lambda"])
+    assert base.epochs <= 20 and base.eps_start + base.eps_length - 1 < base.epochs
+    assert all(1 <= m <= base.epochs for m in base.lr_milestones)
+    assert base.eval_limit is not None and base.eval_limit <= 1000
+    assert base.train_limit is not None and base.train_limit <= 5000

@@ -18,14 +18,18 @@ _TRAIN_OPTIONS = [
     click.option("--preset", help="Preset name from configs/ (or a YAML path); flags override it."),
     click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, imagefolder, tinyimagenet, imagenet64."),
     click.option("--data-dir", type=click.Path(), help="Directory holding the dataset files."),
-    click.option("--model", help="Architecture: cnn7, cnn7-imagenet, cnn-small, mlp."),
+    click.option("--model", help="Architecture: cnn7, cnn7-imagenet, cnn7-w16, cnn7-w32, cnn-small, mlp "
+                                 "('certkd models' describes them)."),
     click.option("--method", help="standard, pgd-at, trades, ibp, cc-ibp, mtl-ibp, exp-ibp, sabr, cc-dist, ..."),
     click.option("--eps", type=float, help="Target L∞ radius in pixel units [0, 1]."),
     click.option("--alpha", type=float, help="Over-approximation coefficient α (SABR: λ)."),
     click.option("--beta", type=float, help="Distillation weight β."),
     click.option("--teacher", type=click.Path(), help="Teacher run directory (distillation methods)."),
     click.option("--dist-combination", help="CC-Dist combination: literal, box (default) or distance."),
-    click.option("--feature-adapter", help="none or linear (learned map on the teacher side)."),
+    click.option("--dist-target", help="Distillation target: teacher (default: the teacher's clean features) or "
+                                       "zero (distil towards 0, no teacher needed: the control of SPEC §10.6)."),
+    click.option("--feature-adapter", help="none or linear (learned linear map on the student's side, from student "
+                                           "to teacher features, trained with the student; IBP maps the box exactly)."),
     click.option("--epochs", type=int, help="Number of epochs."),
     click.option("--batch-size", type=int, help="Training batch size (global: split across torchrun processes)."),
     click.option("--lr", type=float, help="Learning rate."),
@@ -50,26 +54,48 @@ def _train_options(fn):
 
 
 def _parse_sets(sets: Sequence[str]) -> Dict[str, Any]:
-    import yaml
+    from certkd.config import parse_sets
 
-    values: Dict[str, Any] = {}
-    for item in sets:
-        if "=" not in item:
-            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'; write e.g. --set alpha=0.5")
-        key, raw = item.split("=", 1)
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    return values
+    return parse_sets(sets)  # the one --set parser, shared with `certkd sweep`
 
 
 def _overrides(kw: Dict[str, Any]) -> Dict[str, Any]:
     keys = ("dataset", "data_dir", "model", "method", "eps", "alpha", "beta", "teacher", "dist_combination",
-            "feature_adapter", "epochs", "batch_size", "lr", "seed", "device", "allow_tf32", "amp")
+            "dist_target", "feature_adapter", "epochs", "batch_size", "lr", "seed", "device", "allow_tf32", "amp")
     values = {k: kw[k] for k in keys if kw.get(k) is not None}
     values.update(_parse_sets(kw.get("sets") or ()))
     return values
 
 
+class _Interrupted(Exception):
+    """Ctrl-C during train/verify, carrying the hint to print. Not a KeyboardInterrupt, so that click
+    does not turn it into a bare Abort ("aborted") before :func:`main` can say how to continue."""
+
+
+def _train_interrupted(kw: Dict[str, Any]) -> _Interrupted:
+    from certkd.checkpoints import latest_checkpoint
+
+    out = Path(kw["out"])
+    try:
+        ckpt = latest_checkpoint(out) if out.is_dir() else None
+    except CertkdError:
+        ckpt = None
+    if ckpt is None:
+        return _Interrupted("interrupted before the first checkpoint was saved, so nothing was kept; rerun the same "
+                            "command (without --resume) to start again")
+    epoch = ckpt.name.split("-")[-1].lstrip("0") or "0"
+    return _Interrupted(f"interrupted; the checkpoint of epoch {epoch} in {out} is kept: rerun the command with "
+                        "--resume to continue from it")
+
+
 def _run_training(kw: Dict[str, Any], teacher: bool = False) -> Path:
+    try:
+        return _run_training_inner(kw, teacher)
+    except KeyboardInterrupt:
+        raise _train_interrupted(kw) from None
+
+
+def _run_training_inner(kw: Dict[str, Any], teacher: bool = False) -> Path:
     from certkd.config import resolve_config
     from certkd.training import train
 
@@ -114,10 +140,18 @@ def teacher(**kw: Any) -> None:
         click.echo(f"teacher written to {out}; distil it with: certkd train --method cc-dist --teacher {out} ...")
 
 
+def _warn_result(result: Dict[str, Any], prefix: str = "") -> None:
+    """Warnings a reader must not miss (unfinished or collapsed model), one line each on stderr."""
+    from certkd.runs import result_warnings
+
+    for line in result_warnings(result):
+        click.echo(f"warning: {prefix}{line}", err=True)
+
+
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--eps", type=float, help="Radius (default: the run's training ε).")
-@click.option("--limit", type=int, help="Evaluate the first N test points only.")
+@click.option("--limit", type=int, help="Evaluate N test points only, a fixed class-stratified subset.")
 @click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -132,15 +166,17 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
         results[str(run)] = evaluate_run(run, eps=eps, limit=limit, data_dir=data_dir, batch_size=batch_size,
                                          device=device)
     first = next(iter(results.values()))
-    click.echo(f"eps={first['eps']:g}, n={first['n']}")
+    click.echo(f"eps={first['eps']:g}, n={first['n']} ({first['certifies']['points']})")
     click.echo(accuracy_table(results))
+    for run, res in results.items():
+        _warn_result(res, f"{run}: ")
 
 
 @cli.command()
 @click.argument("run", type=click.Path())
 @click.option("--eps", type=float, help="Radius in pixel units (default: the run's training ε).")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Per-sample budget of the complete stage (s).")
-@click.option("--limit", type=int, help="Verify the first N test points (default: all).")
+@click.option("--limit", type=int, help="Verify N test points, a fixed class-stratified subset (default: all).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes (one per GPU when present).")
 @click.option("--engine", default="bab", show_default=True, help="Complete stage: bab, milp or none.")
 @click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
@@ -148,28 +184,42 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of the attack and the IBP/CROWN bounds (concrete points are always re-checked in float32).")
 @click.option("--out", "out_dir", type=click.Path(), help="Where to write verification.json/.jsonl (default: the run).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted verification.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted verification of the same weights and settings.")
+@click.option("--force", is_flag=True, help="Replace an existing verification in the output folder.")
 @click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(run: str, eps: Optional[float], timeout: float, limit: Optional[int], workers: int, engine: str,
-           restarts: int, alpha_iterations: int, dtype: str, out_dir: Optional[str], resume: bool,
+           restarts: int, alpha_iterations: int, dtype: str, out_dir: Optional[str], resume: bool, force: bool,
            data_dir: Optional[str], device: str, quiet: bool) -> None:
     """Verified robust accuracy: clean → PGD → IBP → CROWN → α-CROWN → branch-and-bound (SPEC §6)."""
-    from certkd.checkpoints import load_model
+    from certkd.checkpoints import checkpoint_eps, load_model
     from certkd.verification.pipeline import VerifyConfig, verify_run
 
     if eps is None:
-        eps = float(load_model(run).certkd_meta.get("config", {}).get("eps", 0.0))
+        eps = checkpoint_eps(load_model(run).certkd_meta, run)
     cfg = VerifyConfig(eps=eps, timeout=timeout, engine=engine, attack_restarts=restarts,
                        alpha_iterations=alpha_iterations, dtype=dtype)
-    s = verify_run(run, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, data_dir=data_dir,
-                   device=device, progress=not quiet)
+    try:
+        s = verify_run(run, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, force=force,
+                       data_dir=data_dir, device=device, progress=not quiet)
+    except KeyboardInterrupt:
+        from certkd.verification.pipeline import _default_out, _saved_rows
+
+        where = Path(out_dir) if out_dir is not None else _default_out(run)
+        n = _saved_rows(where) if where is not None and where.is_dir() else 0
+        if n:
+            raise _Interrupted(f"interrupted; the {n} points verified so far are kept in {where}: rerun the same "
+                               "command with --resume to continue") from None
+        raise _Interrupted("interrupted before any point was verified, so nothing was kept; rerun the same command "
+                           "(without --resume) to start again") from None
     rows = [("clean", s["clean_accuracy"]), ("PGD", s["pgd_accuracy"]), ("IBP-verified", s["ibp_verified_accuracy"]),
             ("CROWN-verified", s["crown_verified_accuracy"]), ("α-CROWN-verified", s["alpha_crown_verified_accuracy"]),
             (f"verified ({engine})", s["verified_accuracy"]),
             ("not falsified (upper bound)", s["empirical_robust_accuracy"])]
-    click.echo(f"eps={s['eps']:g}, n={s['n']}, timeout={timeout:g}s, median time/point {s['median_time_s']:.3f}s")
+    click.echo(f"eps={s['eps']:g}, n={s['n']} ({s['certifies']['points']}), timeout={timeout:g}s, "
+               f"median time/point {s['median_time_s']:.3f}s")
+    _warn_result(s)
     width = max(len(r[0]) for r in rows)
     for name, val in rows:
         click.echo(f"  {name.ljust(width)}  {100 * val:5.1f}%")
@@ -276,11 +326,13 @@ def presets() -> None:
 
 @cli.command()
 def models() -> None:
-    """List the registered architectures."""
-    from certkd.models import list_models
+    """List the registered architectures, each with a one-line description."""
+    from certkd.models import describe_model, list_models
 
-    for name in list_models():
-        click.echo(name)
+    names = list_models()
+    width = max(len(n) for n in names)
+    for name in names:
+        click.echo(f"{name.ljust(width)}  {describe_model(name)}".rstrip())
 
 
 DEMO_BETA = 0.003
@@ -346,8 +398,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except click.Abort:
-        click.echo("aborted", err=True)
+    except _Interrupted as e:
+        if sys.stderr.isatty():
+            click.echo("", err=True)  # end the terminal's ^C echo
+        click.echo(str(e), err=True)
+        sys.exit(130)
+    except click.Abort as e:
+        interrupted = isinstance(e.__cause__ or e.__context__, KeyboardInterrupt)
+        click.echo("interrupted" if interrupted else "aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command with --resume (train, verify) to continue", err=True)

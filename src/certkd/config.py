@@ -11,7 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -21,6 +21,7 @@ CERTIFIED_METHODS = ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr")
 DISTILLATION_METHODS = ("cc-dist", "mtl-dist", "exp-dist", "sabr-dist", "adv-dist", "ibp-dist", "cc-ibp-kd")
 EMPIRICAL_METHODS = ("standard", "pgd-at", "trades")
 METHODS = EMPIRICAL_METHODS + CERTIFIED_METHODS + DISTILLATION_METHODS
+DIST_TARGETS = ("teacher", "zero")  # what the distillation term pulls the student's features towards
 
 
 @dataclass
@@ -51,7 +52,8 @@ class TrainConfig:
     dist_distance: str = "l2sq"
     dist_reduction: str = "sum"
     dist_warmup: bool = True
-    feature_adapter: str = "none"
+    dist_target: str = "teacher"    # teacher: the teacher's clean features; zero: distil towards 0 (no teacher)
+    feature_adapter: str = "none"   # linear: learned map student → teacher features, on the student's side
     kd_temperature: float = 4.0
     # ε schedule (SPEC §1.4–1.5)
     eps: float = 0.1
@@ -118,15 +120,30 @@ class TrainConfig:
             raise CertkdError(f"unknown dist_reduction '{self.dist_reduction}'; choose sum or mean")
         if self.feature_adapter not in ("none", "linear"):
             raise CertkdError(f"unknown feature_adapter '{self.feature_adapter}'; choose none or linear")
+        if self.dist_target not in DIST_TARGETS:
+            raise CertkdError(f"unknown dist_target '{self.dist_target}'{_did_you_mean(self.dist_target, DIST_TARGETS)}; "
+                              "choose teacher (the teacher's features) or zero (distil towards 0, no teacher)")
+        if self.dist_target == "zero" and self.method == "cc-ibp-kd":
+            raise CertkdError("dist_target zero is for feature distillation; cc-ibp-kd distils a teacher's logits: "
+                              "use another distillation method or dist_target teacher")
+        if self.dist_target == "zero" and self.feature_adapter != "none":
+            raise CertkdError("dist_target zero with a feature adapter is trivial (the adapter maps everything to 0); "
+                              "use --feature-adapter none")
         if self.amp and self.method not in EMPIRICAL_METHODS:
             raise CertkdError("AMP is off for certified losses: bounds in reduced precision are not sound; drop --amp")
-        if self.method in DISTILLATION_METHODS and not self.teacher:
+        if self.method in DISTILLATION_METHODS and self.dist_target == "teacher" and not self.teacher:
             raise CertkdError(f"method '{self.method}' distils a teacher: pass --teacher RUN_DIR "
-                              "(train one with 'certkd teacher')")
+                              "(train one with 'certkd teacher'), or --dist-target zero for the no-teacher control")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise CertkdError(f"eval_limit must be >= 1, got {self.eval_limit}; pass a positive number of points or leave it unset for all")
         if self.train_limit is not None and self.train_limit < 1:
             raise CertkdError(f"train_limit must be >= 1, got {self.train_limit}; pass a positive number of points or leave it unset for all")
+        from certkd.models import list_models, model_kwargs_problem  # an unknown model is reported by create_model
+
+        if self.model in list_models():
+            bad = model_kwargs_problem(self.model, self.model_kwargs)
+            if bad:
+                raise CertkdError(f"{bad[0]}; {bad[1]}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -172,13 +189,52 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return [_coerce(name, args[0], v) for v in value]
         if origin in (dict, Dict):
             if isinstance(value, str):
-                value = yaml.safe_load(value) or {}
+                try:
+                    value = yaml.safe_load(value) or {}
+                except yaml.YAMLError:
+                    raise ValueError from None
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
     except (TypeError, ValueError):
         raise CertkdError(f"invalid value {value!r} for '{name}': expected {getattr(hint, '__name__', hint)}") from None
     return value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return str(getattr(e, "problem", None) or e).strip().splitlines()[0]
+
+
+def parse_set_value(key: str, raw: str) -> Any:
+    """The YAML value of ``--set KEY=RAW`` (None for an empty RAW), or a one-line CertkdError."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise CertkdError(f"--set {key}={raw}: not a valid YAML value ({_yaml_problem(e)}); close the brackets or "
+                          f"quote the value, e.g. --set 'alpha=0.5' or --set 'model_kwargs={{hidden: [32, 32]}}'") from None
+
+
+def parse_sets(sets: Union[None, Sequence[str], Mapping[str, Any]]) -> Dict[str, Any]:
+    """``--set KEY=VALUE`` items (VALUE is YAML) → ``{key: value}``; a mapping is returned as a dict.
+
+    The one parser of ``certkd train/teacher --set`` and ``certkd sweep --set``.
+    """
+    if not sets:
+        return {}
+    if isinstance(sets, Mapping):
+        return dict(sets)
+    values: Dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            raise CertkdError(f"--set expects KEY=VALUE, got '{item}'; write e.g. --set alpha=0.5")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise CertkdError(f"--set '{item}' has no key before '='; write e.g. --set alpha=0.5")
+        values[key] = parse_set_value(key, raw)
+    return values
 
 
 def apply_overrides(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
@@ -212,10 +268,39 @@ def list_presets() -> List[str]:
     return sorted(names)
 
 
+PRESET_MAX_BYTES = 1 << 20  # a preset is a few hundred bytes; never read an unbounded file (/dev/zero)
+_PRESET_FIX = "pass a .yaml preset file or a preset name ('certkd presets' lists them)"
+
+
+def _not_a_preset(path: Path) -> Optional[str]:
+    """Why an existing ``path`` cannot be read as a preset file (None: it is a regular file)."""
+    if path.is_dir():
+        return "is a directory, not a YAML preset file"
+    if not path.is_file():
+        return "is not a regular file (a device, a pipe or a broken link), not a YAML preset file"
+    return None
+
+
 def read_yaml_mapping(path: Path) -> Dict[str, Any]:
+    """A YAML mapping from a regular file of at most :data:`PRESET_MAX_BYTES`, or a one-line CertkdError."""
+    path = Path(path)
+    why = _not_a_preset(path)
+    if why:
+        raise CertkdError(f"preset {path} {why}; {_PRESET_FIX}")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read(PRESET_MAX_BYTES + 1)
+    except OSError as e:
+        raise CertkdError(f"cannot read preset {path} ({e.strerror}); make it readable or {_PRESET_FIX}") from None
+    if len(raw) > PRESET_MAX_BYTES:
+        raise CertkdError(f"preset {path} is larger than {PRESET_MAX_BYTES >> 20} MB, not a YAML preset file; "
+                          f"{_PRESET_FIX}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CertkdError(f"preset {path} is not a text file; {_PRESET_FIX}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -223,19 +308,23 @@ def read_yaml_mapping(path: Path) -> Dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise CertkdError(f"preset {path} must be a YAML mapping of config keys to values")
+        raise CertkdError(f"preset {path} must be a YAML mapping of config keys to values (lines such as "
+                          f"'method: cc-ibp'); fix the file or {_PRESET_FIX}")
     return data
 
 
 def load_preset(name_or_path: str) -> Dict[str, Any]:
     """Preset values by name (``configs/NAME.yaml``) or by path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in (".yaml", ".yml") and os.path.lexists(path):
         return read_yaml_mapping(path)
     for d in config_dirs():
         candidate = d / f"{name_or_path}.yaml"
         if candidate.exists():
             return read_yaml_mapping(candidate)
+    if os.path.lexists(path):  # it exists, but is not a preset: say so rather than "does not exist"
+        why = _not_a_preset(path) or "is not a YAML preset file (preset files end in .yaml or .yml)"
+        raise CertkdError(f"preset {path} {why}; {_PRESET_FIX}")
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         raise CertkdError(f"preset file {path} does not exist; pass an existing YAML file or a preset name "
                           "('certkd presets' lists them)")

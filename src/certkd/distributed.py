@@ -145,6 +145,7 @@ def setup(device: str) -> Optional[DistContext]:
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
             if key not in os.environ:
                 raise CertkdError(f"WORLD_SIZE={world} but {key} is not set; start with torchrun --nproc_per_node N")
+        _import_before_init()
         minutes = float(os.environ.get("CERTKD_DIST_TIMEOUT_MIN", "120"))
         kwargs: Dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
@@ -154,6 +155,28 @@ def setup(device: str) -> Optional[DistContext]:
         raise CertkdError(f"the process group uses {dist.get_backend()} but training runs on {dev}; "
                           "use nccl with CUDA and gloo with --device cpu")
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _import_before_init() -> None:
+    """Import now, before the process group exists, the torch modules that later code imports lazily.
+
+    Several torch.distributed modules bind the default group as a default argument when they are
+    imported (``def broadcast(tensor, src, group=group.WORLD)`` in ``torch.distributed.nn.functional``,
+    likewise in ``_shard``, ``fsdp``). The first optimiser imports ``torch._dynamo``, which imports
+    them; after ``init_process_group`` that keeps a reference to the default ProcessGroup, so
+    ``destroy_process_group`` no longer frees it: its gloo threads live on until interpreter
+    finalisation, which then tears them down and aborts the process now and then ("terminate
+    called without an active exception", exit -6). Imported here, the defaults bind None.
+    """
+    try:
+        import torch._dynamo  # noqa: F401  (what torch.optim imports on its first optimiser)
+    except Exception:  # pragma: no cover - torch builds without dynamo
+        pass
+    for name in ("torch.distributed.nn.functional", "torch.distributed.optim"):
+        try:
+            __import__(name)
+        except Exception:  # pragma: no cover - optional parts of torch.distributed
+            pass
 
 
 def shutdown() -> None:

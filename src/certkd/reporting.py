@@ -28,10 +28,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from certkd.checkpoints import atomic_write_bytes, atomic_write_text, latest_checkpoint, read_meta
+from certkd.checkpoints import atomic_write_bytes, atomic_write_text, latest_checkpoint, read_meta, read_tensors
 from certkd.config import (CERTIFIED_METHODS, DISTILLATION_METHODS, EMPIRICAL_METHODS, TrainConfig,
                            apply_overrides, load_preset)
 from certkd.errors import CertkdError
+from certkd.runs import result_warnings, weights_sha256
 
 ACCURACY_COLUMNS = (("clean_accuracy", "clean"), ("pgd_accuracy", "PGD"), ("ibp_verified_accuracy", "IBP-verified"))
 
@@ -116,6 +117,7 @@ class RunRecord:
     checkpoint: Optional[Path] = None
     meta: Optional[Dict[str, Any]] = None
     preset: Optional[str] = None
+    weights_sha256: Optional[str] = None              # of the latest checkpoint's model.safetensors
     warnings: List[str] = field(default_factory=list)  # one line each; "not evaluated" is ``needs_evaluation``
 
     @property
@@ -215,11 +217,53 @@ def load_run(path, name: Optional[str] = None) -> RunRecord:
     elif rec.epoch is not None and rec.epoch < cfg.epochs:
         rec.warnings.append(f"partially trained (epoch {rec.epoch}/{cfg.epochs}); finish it with "
                             f"`certkd train --resume --out {shlex.quote(str(p))}`")
+    _drop_other_weights(rec)
+    for name, res in (("evaluation.json", rec.evaluation), ("verification.json", rec.verification)):
+        rec.warnings += [f"{name}: {w}" for w in result_warnings(res or {})]
     if rec.evaluation is not None and rec.epoch is not None and rec.evaluation.get("checkpoint_epoch") not in (
             None, rec.epoch):
         rec.warnings.append(f"evaluation.json is from epoch {rec.evaluation.get('checkpoint_epoch')} but the latest "
                             f"checkpoint is epoch {rec.epoch}; rerun `certkd evaluate {shlex.quote(str(p))}`")
     return rec
+
+
+def _drop_other_weights(rec: RunRecord) -> None:
+    """Keep only results measured on the run's latest weights: metrics of different checkpoints
+    must never share a row. Results from before fingerprints were recorded stay, with a caveat."""
+    if rec.checkpoint is None:
+        return
+    try:
+        rec.weights_sha256 = weights_sha256(read_tensors(rec.checkpoint / "model.safetensors"))
+    except CertkdError as e:
+        rec.warnings.append(str(e))
+        return
+    for attr, name, cmd in (("evaluation", "evaluation.json", "evaluate"), ("verification", "verification.json",
+                                                                             "verify")):
+        res = getattr(rec, attr)
+        cert = res.get("certifies") if isinstance(res, dict) else None
+        if res is None:
+            continue
+        if not isinstance(cert, dict):
+            rec.warnings.append(f"{name} does not record which weights it measured (older certkd); rerun "
+                                f"`certkd {cmd} {shlex.quote(str(rec.path))}` to be sure it matches {rec.checkpoint.name}")
+        elif cert.get("weights_sha256") != rec.weights_sha256:
+            setattr(rec, attr, None)
+            rec.warnings.append(f"{name} was measured on other weights (epoch {cert.get('checkpoint_epoch')}, sha256 "
+                                f"{str(cert.get('weights_sha256'))[:12]}) than the latest checkpoint "
+                                f"{rec.checkpoint.name} (sha256 {rec.weights_sha256[:12]}): not used; rerun "
+                                f"`certkd {cmd} {shlex.quote(str(rec.path))}`" + (" --force" if cmd == "verify" else ""))
+
+
+def measured_on(result: Optional[Mapping[str, Any]]) -> str:
+    """Which checkpoint and points a stored result was measured on, in words (for tables and cards)."""
+    if not result:
+        return "–"
+    cert = result.get("certifies") or {}
+    points = cert.get("points") or result.get("points") or f"first {result.get('n')} test points"
+    if not cert:
+        return f"{points}, checkpoint not recorded"
+    return (f"{points}, epoch {cert.get('checkpoint_epoch')} weights (sha256 "
+            f"{str(cert.get('weights_sha256'))[:12]})")
 
 
 def _unique_names(paths: Sequence[Path]) -> List[str]:
@@ -343,7 +387,7 @@ def _fmt_value(value: Any) -> str:
 
 
 # Keys tried first when naming groups; the rest follow in TrainConfig order.
-_NAME_PRIORITY = ("beta", "alpha", "eps", "teacher", "dist_combination", "dist_distance", "dist_reduction",
+_NAME_PRIORITY = ("beta", "alpha", "eps", "teacher", "dist_target", "dist_combination", "dist_distance", "dist_reduction",
                   "feature_adapter", "kd_temperature", "trades_beta", "model", "model_kwargs", "dataset", "epochs",
                   "lr", "batch_size", "train_eps_mul", "eps_length", "eps_start", "attack_steps")
 
@@ -434,6 +478,21 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+def measured_table(runs: Sequence[RunRecord]) -> str:
+    """Markdown table: per run, the checkpoint and the points behind evaluation.json and verification.json."""
+    lines = []
+    for r in runs:
+        ev, ver = r.evaluation, r.verification
+        same = "–"
+        if ev and ver:
+            a, b = (ev.get("certifies") or {}).get("indices_sha256"), (ver.get("certifies") or {}).get("indices_sha256")
+            same = "yes" if a and a == b else "no: IBP and verified are on different points"
+        ckpt = f"{r.checkpoint.name} (sha256 {r.weights_sha256[:12]})" if r.checkpoint and r.weights_sha256 else "–"
+        lines.append([r.name.replace("|", "\\|"), ckpt, measured_on(ev), measured_on(ver), same])
+    return _markdown_table(["run", "latest checkpoint", "evaluation.json (clean, PGD, IBP)",
+                            "verification.json (CROWN, verified)", "same points"], lines)
+
+
 def results_csv(groups: Sequence[Group]) -> str:
     """CSV with one row per group; accuracies as fractions in [0, 1], std empty for a single seed."""
     cols = ["group", "method", "family", "eps", "n_runs", "seeds", "runs"]
@@ -443,12 +502,17 @@ def results_csv(groups: Sequence[Group]) -> str:
 
 def runs_csv(groups: Sequence[Group]) -> str:
     """CSV with one row per run (fractions in [0, 1]; empty where not measured)."""
-    cols = ["run", "path", "group", "method", "seed", "eps", "epoch", "epochs"] + [k for k, _ in REPORT_METRICS]
+    cols = ["run", "path", "group", "method", "seed", "eps", "epoch", "epochs", "weights_sha256", "evaluation_n",
+            "evaluation_points", "verification_n", "verification_points"] + [k for k, _ in REPORT_METRICS]
     rows = []
     for g in groups:
         for r in g.runs:
+            ev, ver = r.evaluation or {}, r.verification or {}
             row = {"run": r.name, "path": str(r.path), "group": g.name, "method": r.method, "seed": r.config.seed,
-                   "eps": r.config.eps, "epoch": r.epoch, "epochs": r.config.epochs}
+                   "eps": r.config.eps, "epoch": r.epoch, "epochs": r.config.epochs,
+                   "weights_sha256": r.weights_sha256, "evaluation_n": ev.get("n"),
+                   "evaluation_points": ev and measured_on(ev), "verification_n": ver.get("n"),
+                   "verification_points": ver and measured_on(ver)}
             row.update({k: r.value(k) for k, _ in REPORT_METRICS})
             rows.append(row)
     return _csv_text(rows, cols)
@@ -460,7 +524,7 @@ def runs_csv(groups: Sequence[Group]) -> str:
 
 # Config keys with a dedicated `certkd train` flag; every other key goes through --set.
 _TRAIN_FLAGS = ("dataset", "data_dir", "model", "method", "eps", "alpha", "beta", "teacher", "dist_combination",
-                "feature_adapter", "epochs", "batch_size", "lr", "seed", "device")
+                "dist_target", "feature_adapter", "epochs", "batch_size", "lr", "seed", "device")
 
 
 def _set_value(value: Any) -> str:
@@ -529,7 +593,8 @@ def train_command(cfg: TrainConfig, out, preset: Optional[str] = None, infer_pre
             base = apply_overrides(TrainConfig(), load_preset(name))
         except CertkdError:
             continue
-        if not preset and base.dataset != cfg.dataset:  # exact but misleading: another dataset's preset
+        # exact but misleading: another dataset's or another architecture's preset
+        if not preset and (base.dataset != cfg.dataset or base.model != cfg.model):
             continue
         args = _train_args(cfg, base)
         if args is not None:
@@ -897,6 +962,7 @@ def write_report(paths: Iterable, out_dir, command: Optional[str] = None) -> Dic
                "*Verified accuracy: complete verifier where `verification.json` exists (filled markers), "
                "else IBP-verified (hollow, a lower bound).* Data: `results.csv` (per configuration), "
                "`runs.csv` (per run).", ""]
+    md += ["## What each run's numbers were measured on", "", measured_table(runs), ""]
     if warnings:
         md += ["## Missing and warnings", ""] + [f"- {w}" for w in warnings] + [""]
     if curves:
@@ -980,7 +1046,11 @@ def model_card(run, release_dir=None) -> str:
     md.append(f"- optimiser: {cfg.optimizer}, lr {cfg.lr:g} (× {cfg.lr_gamma:g} at epochs {cfg.lr_milestones}), "
               f"{cfg.epochs} epochs, seed {cfg.seed}")
     teacher_method = None
-    if cfg.teacher:
+    if rec.family == "distillation" and cfg.dist_target == "zero":
+        md.append("- distillation target: 0 (no teacher; the control of SPEC §10.6)")
+        md.append(f"- distillation: β = {cfg.beta:g}, combination `{cfg.dist_combination}`, distance "
+                  f"`{cfg.dist_distance}`, reduction `{cfg.dist_reduction}`")
+    elif cfg.teacher:
         teacher_method, desc = _teacher_info(cfg.teacher)
         md.append(f"- teacher: {desc}")
         md.append(f"- distillation: β = {cfg.beta:g}, combination `{cfg.dist_combination}`, distance "
@@ -993,7 +1063,7 @@ def model_card(run, release_dir=None) -> str:
         steps = ev.get("attack_steps", 40)
         size = ev.get("attack_step_size", 0.1)
         restarts = ev.get("attack_restarts", 1)
-        where = f"`evaluation.json`, first {n} test points, ε = {e:g}"
+        where = f"`evaluation.json`, {measured_on(ev)}, ε = {e:g}"
         rows.append(["clean accuracy", _pct(ev.get("clean_accuracy")), f"argmax in eval mode; {where}"])
         rows.append(["PGD accuracy", _pct(ev.get("pgd_accuracy")),
                      f"L∞ PGD-{steps}, step {size:g}·ρ (ρ: clipped half-width), {restarts} restart(s), random "
@@ -1004,7 +1074,7 @@ def model_card(run, release_dir=None) -> str:
     if ver is not None:
         st = ver.get("settings") or {}
         n, e = ver.get("n"), st.get("eps", ver.get("eps", cfg.eps))
-        where = f"`verification.json`, first {n} test points, ε = {e:g}"
+        where = f"`verification.json`, {measured_on(ver)}, ε = {e:g}"
         rows.append(["clean accuracy (verifier)", _pct(ver.get("clean_accuracy")), where])
         rows.append(["PGD accuracy (verifier)", _pct(ver.get("pgd_accuracy")),
                      f"PGD-{st.get('attack_steps', '?')}, step {st.get('attack_step_size', '?')}·ρ, "

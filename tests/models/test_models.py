@@ -169,3 +169,68 @@ def test_ibp_initialize_is_deterministic_with_generator():
     for (na, pa), (nb, pb) in zip(a.features.named_parameters(), b.features.named_parameters()):
         if na.endswith("weight"):
             assert torch.equal(pa, pb), na
+
+
+@pytest.mark.parametrize("name", ["cnn-small", "mlp"])
+def test_ibp_initialize_leaves_few_dead_penultimate_units_without_bn(name):
+    """SPEC §3.1 caveat (issue #11): in a network without BatchNorm the shrunken IBP weights leave each
+    pre-activation ≈ its bias, so PyTorch's default (uniform) biases killed 39–54 of cnn-small's 100
+    penultimate units at init on digits (mlp: 21–34). With the biases of BN-free layers zeroed: 5–12."""
+    from certkd.data import load_dataset
+
+    train_set, _, info = load_dataset("digits")
+    x, _ = train_set.get(torch.arange(256))
+    dead = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = create_model(name, info.in_channels, info.input_size, info.num_classes, info.mean, info.std)
+        ibp_initialize(model)
+        for layer in model.features:  # no BN follows any of them: zero biases
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                assert torch.count_nonzero(layer.bias) == 0
+        with torch.no_grad():
+            pre = model.features[:-1](x)  # pre-activation of the last ReLU: (N, m)
+        assert pre.shape == (256, model.feature_dim)
+        dead.append(int((pre <= 0).all(dim=0).sum()))
+    assert max(dead) <= 20 and sum(dead) / len(dead) <= 12, dead
+
+
+def test_ibp_initialize_keeps_bias_of_layers_followed_by_bn():
+    model = create_model("cnn7", 1, 8, 10, width=4, linear=16)
+    before = copy.deepcopy(model)
+    ibp_initialize(model)
+    for new, old in zip(model.features, before.features):
+        if isinstance(new, (nn.Conv2d, nn.Linear)):
+            assert torch.equal(new.bias, old.bias) and torch.count_nonzero(new.bias) > 0
+
+
+@pytest.mark.parametrize("name, width, linear", [("cnn7-w16", 16, 100), ("cnn7-w32", 32, 200)])
+def test_small_cnn7_variants(name, width, linear):
+    """CPU-sized CNN7s with BatchNorm (issue #11): the cnn7 layer pattern at width 16/32, named and described."""
+    from certkd.models import describe_model
+
+    assert name in list_models() and describe_model(name).startswith("CPU-sized CNN7 with BatchNorm")
+    for c, size, k, flat in [(1, 28, 10, 14 * 14 * 2 * width), (3, 32, 10, 16 * 16 * 2 * width), (1, 8, 10, 16 * 2 * width)]:
+        model = create_model(name, c, size, k)
+        convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+        assert [(m.in_channels, m.out_channels, m.stride[0]) for m in convs] == [
+            (c, width, 1), (width, width, 1), (width, 2 * width, 2), (2 * width, 2 * width, 1), (2 * width, 2 * width, 1)]
+        kinds = [type(m).__name__ for m in model.features[1:]]
+        assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"] * 5 + ["Flatten", "Linear", "BatchNorm1d", "ReLU"]
+        (lin,) = _linears(model)
+        assert (lin.in_features, lin.out_features) == (flat, linear) and model.feature_dim == linear
+        x = torch.rand(4, c, size, size)
+        assert model.train()(x).shape == (4, k) and model.eval()(x).shape == (4, k)
+        assert model.features(x).shape == (4, linear)
+    # the linear width can still be changed, and the spec rebuilds the same model
+    model = create_model(name, 1, 28, 10, linear=32)
+    assert model.feature_dim == 32
+    assert create_model_from_spec(ModelSpec.from_dict(model.spec.to_dict())).feature_dim == 32
+
+
+def test_every_model_has_a_one_line_description():
+    from certkd.models import describe_model
+
+    for name in list_models():
+        d = describe_model(name)
+        assert d and "\n" not in d, name

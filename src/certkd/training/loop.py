@@ -27,8 +27,8 @@ from torch import nn
 
 from certkd import distributed, precision
 from certkd.attacks import PGD
-from certkd.checkpoints import (append_jsonl, atomic_write_text, latest_checkpoint, load_model, load_weights,
-                                optimizer_from_tensors, read_meta, read_tensors, save_checkpoint)
+from certkd.checkpoints import (append_jsonl, atomic_write_text, disk_full, latest_checkpoint, load_model,
+                                load_weights, optimizer_from_tensors, read_meta, read_tensors, save_checkpoint)
 from certkd.config import DISTILLATION_METHODS, TrainConfig
 from certkd.data import iterate_batches, load_dataset, num_batches
 from certkd.errors import CertkdError
@@ -92,9 +92,28 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, check_only: bool = Fal
         raise CertkdError(f"cannot write to output directory {out} ({e.strerror}); choose a writable --out") from None
 
 
+def _create_run_dir(out: Path, force: bool, state: Dict[str, Any]) -> None:
+    """prepare_run_dir for a new run, noting in ``state["created"]`` what to remove should the run fail
+    before its first checkpoint: the topmost folder this call creates (``out`` itself when --force
+    replaces a run), or None for an empty folder that already existed."""
+    root: Optional[Path] = out
+    if out.exists():
+        root = out if any(out.iterdir()) else None
+    else:
+        while not root.parent.exists() and root.parent != root.parent.parent:
+            root = root.parent
+    state["created"] = root
+    prepare_run_dir(out, False, force)
+
+
 def load_teacher(cfg: TrainConfig, student: nn.Module, device: torch.device) -> Optional[Teacher]:
-    """Load and freeze the teacher of a distillation method; check it fits the student."""
-    if cfg.method not in DISTILLATION_METHODS:
+    """Load and freeze the teacher of a distillation method; check it fits the student.
+
+    None for non-distillation methods and for ``dist_target: zero`` (the no-teacher control).
+    With ``feature_adapter: linear`` the adapter maps the *student's* features to the teacher's
+    (``nn.Linear(m_S, m_T)``), trained with the student; the teacher's target stays fixed.
+    """
+    if cfg.method not in DISTILLATION_METHODS or cfg.dist_target == "zero":
         return None
     model = load_model(cfg.teacher, device=device)
     for p in model.parameters():
@@ -108,8 +127,27 @@ def load_teacher(cfg: TrainConfig, student: nn.Module, device: torch.device) -> 
             raise CertkdError(f"teacher features have {model.feature_dim} dimensions but student features have "
                               f"{student.feature_dim}; pass --feature-adapter linear or use a teacher with matching features")
     if cfg.feature_adapter == "linear" and cfg.method != "cc-ibp-kd":
-        adapter = nn.Linear(model.feature_dim, student.feature_dim).to(device)
+        adapter = nn.Linear(student.feature_dim, model.feature_dim).to(device)
     return Teacher(model=model, adapter=adapter)
+
+
+def _batchnorm_drop_last(model: nn.Module, cfg: TrainConfig, n: int, log: Callable[[str], None]) -> bool:
+    """Whether to drop the last (global) batch of every epoch: for a BatchNorm model when it holds a
+    single point, as BatchNorm (and its IBP batch statistics) cannot normalise one sample."""
+    bn = next((m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if bn is None:
+        return False
+    if cfg.batch_size < 2:
+        raise CertkdError(f"batch_size 1 cannot train {cfg.model}: its BatchNorm layers need at least 2 points per "
+                          "batch; pass --batch-size 2 or more, or a model without BatchNorm (mlp, cnn-small)")
+    if n < 2:
+        raise CertkdError(f"{cfg.model} has BatchNorm layers, which need at least 2 training points per batch, but "
+                          f"the training set has {n}; raise train_limit to 2 or more")
+    if n % cfg.batch_size == 1:
+        log(f"note: {n} training points leave a last batch of 1 point, which BatchNorm cannot normalise; it is "
+            "skipped every epoch (a different point each epoch)")
+        return True
+    return False
 
 
 def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -145,15 +183,47 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
     are set from ``cfg.allow_tf32`` for the run and restored on return.
     """
     saved = precision.tf32_flags()
+    state: Dict[str, Any] = {}
     try:
-        return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log)
+        return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log, state=state)
+    except BaseException as e:
+        out = Path(out_dir)
+        ckpt = _discard_unsaved_run(out, state)
+        full = disk_full(e) if isinstance(e, Exception) else None
+        if full is None:
+            raise
+        kept = (f"the checkpoint of epoch {ckpt.name.split('-')[-1].lstrip('0') or '0'} is intact; free space and "
+                "rerun with --resume, or choose another --out" if ckpt is not None else
+                "nothing was saved; free space or choose another --out")
+        raise CertkdError(f"disk full while writing the run {out} ({full.strerror}): {kept}") from None
     finally:
         precision.set_tf32_flags(*saved)
         distributed.shutdown()
 
 
+def _discard_unsaved_run(out: Path, state: Dict[str, Any]) -> Optional[Path]:
+    """After a failed run: remove what this call created in ``out`` if no checkpoint was ever saved
+    (no stub folder is left behind); returns the run's latest checkpoint (None: there is none)."""
+    try:
+        ckpt = latest_checkpoint(out)
+    except CertkdError:
+        return None
+    if ckpt is not None or "created" not in state:  # a saved checkpoint, or nothing created by this call
+        return ckpt
+    root = state["created"]
+    try:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        elif out.is_dir():  # an empty folder the user made: keep it, empty
+            for p in out.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+    except OSError:
+        pass
+    return None
+
+
 def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bool,
-           log: Callable[[str], None]) -> Path:
+           log: Callable[[str], None], state: Optional[Dict[str, Any]] = None) -> Path:
     cfg.validate()
     out = Path(out_dir)
     if resume:  # read-only checks, done on every rank; the stored config wins: a resumed run must be the same run
@@ -180,6 +250,7 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         train_set = train_set.sample(cfg.train_limit, seed=0)
     model = create_model(cfg.model, info.in_channels, info.input_size, info.num_classes, info.mean, info.std,
                          **cfg.model_kwargs)
+    drop_last = _batchnorm_drop_last(model, cfg, len(train_set), log)
     if cfg.ibp_init:
         ibp_initialize(model)
     model.to(device)
@@ -191,11 +262,11 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         raise CertkdError(f"teacher expects {teacher.model.spec.input_size}×{teacher.model.spec.input_size} inputs "
                           f"but {cfg.dataset} has {info.input_size}×{info.input_size}; use a teacher of this dataset")
     if not resume:  # everything loaded: only now may --force replace the old run
-        distributed.on_main(dctx, lambda: prepare_run_dir(out, resume, force))
+        distributed.on_main(dctx, lambda: _create_run_dir(out, force, {} if state is None else state))
     params = list(model.parameters()) + (list(teacher.adapter.parameters()) if teacher and teacher.adapter else [])
     optimizer = _make_optimizer(cfg, params)
 
-    steps_per_epoch = num_batches(len(train_set), cfg.batch_size)
+    steps_per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last)
     schedule = SmoothedEpsilonSchedule(cfg.eps, cfg.eps_start, cfg.eps_length, steps_per_epoch)
     attack = PGD(cfg.attack_steps, cfg.attack_step_size, cfg.attack_restarts)
     model_meta = {"model": model.spec.to_dict(), "config": cfg.to_dict(), "dataset": info.name}
@@ -210,7 +281,7 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         optimizer_from_tensors(optimizer, {k: v for k, v in tensors.items() if not k.startswith("extra.")},
                                meta["optimizer"])
         if teacher is not None and teacher.adapter is not None:
-            teacher.adapter.load_state_dict({k[len("adapter."):]: v for k, v in extra.items() if k.startswith("adapter.")})
+            _load_adapter(teacher.adapter, extra, out)
         torch.set_rng_state(extra["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"])
@@ -235,7 +306,8 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         start = time.perf_counter()
         batches = iterate_batches(train_set, cfg.batch_size // world, shuffle=True, seed=cfg.seed * 1000 + epoch,
                                   augmentation=info.augmentation if cfg.augment else "none",
-                                  crop_padding=info.crop_padding, rank=rank, world_size=world, device=device)
+                                  crop_padding=info.crop_padding, drop_last=drop_last, rank=rank, world_size=world,
+                                  device=device)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -253,8 +325,7 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
                 bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]
                 terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
                 raise NonFiniteError(f"non-finite loss at epoch {epoch}, batch {i + 1} (step {q + 1}) in term "
-                                     f"{'/'.join(bad)} ({terms}); the last good checkpoint is kept; lower --lr or "
-                                     "check the data, then rerun with --resume")
+                                     f"{'/'.join(bad)} ({terms}); " + _nonfinite_fix(epoch, "lower --lr or check the data"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(dctx, params)
@@ -264,8 +335,7 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
                 bad = next((names.get(id(p), "the feature adapter") for p in params
                             if p.grad is not None and not torch.isfinite(p.grad).all()), "the gradients")
                 raise NonFiniteError(f"non-finite gradient at epoch {epoch}, batch {i + 1} (step {q + 1}) in {bad} "
-                                     f"(loss {loss.item():.4g}); the last good checkpoint is kept; lower --lr, then "
-                                     "rerun with --resume")
+                                     f"(loss {loss.item():.4g}); " + _nonfinite_fix(epoch, "lower --lr"))
             optimizer.step()
             logs["loss"] = loss.item()
             for k, v in logs.items():
@@ -292,13 +362,37 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         if device.type == "cuda":
             extra["rng_cuda"] = torch.cuda.get_rng_state()
         if teacher is not None and teacher.adapter is not None:
-            extra.update({f"adapter.{k}": v for k, v in teacher.adapter.state_dict().items()})
+            extra.update({f"{_ADAPTER_KEY}{k}": v for k, v in teacher.adapter.state_dict().items()})
         # metrics first: a crash before the checkpoint is undone on resume (lines past the checkpoint are dropped)
         append_jsonl(out / "metrics.jsonl", record)
         save_checkpoint(out, epoch, model, model_meta, optimizer, extra)
         log(_epoch_line(record))
         distributed.barrier(dctx)
     return out
+
+
+# Checkpoint key prefix of the student-side feature adapter (student → teacher features). Older runs stored
+# a teacher-side adapter (teacher → student) under "adapter."; it maps the other way and is not loaded.
+_ADAPTER_KEY = "student_adapter."
+
+
+def _load_adapter(adapter: nn.Module, extra: Dict[str, torch.Tensor], out: Path) -> None:
+    state = {k[len(_ADAPTER_KEY):]: v for k, v in extra.items() if k.startswith(_ADAPTER_KEY)}
+    if not state:
+        old = any(k.startswith("adapter.") for k in extra)
+        why = ("it was written by an older certkd whose feature adapter sat on the teacher's side"
+               if old else "its checkpoint holds no feature adapter")
+        raise CertkdError(f"--resume: cannot resume {out} with --feature-adapter linear: {why}; "
+                          "start afresh with --force")
+    adapter.load_state_dict(state)
+
+
+def _nonfinite_fix(epoch: int, what: str) -> str:
+    """The fix after a NaN/Inf: --resume only when a checkpoint exists (every epoch before this one saved one)."""
+    if epoch > 1:
+        return f"the last good checkpoint is kept; {what}, then rerun with --resume"
+    return (f"no checkpoint was saved yet (it failed in the first epoch), so there is nothing to resume; {what} "
+            "(e.g. --lr a tenth of the current one) and rerun the command")
 
 
 def _stored_config(out: Path) -> TrainConfig:

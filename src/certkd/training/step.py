@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certkd.attacks import PGD, linf_box
-from certkd.bounds import ibp_logit_difference_bounds, logit_differences
+from certkd.bounds import ibp_logit_difference_bounds, interval_bounds, logit_differences
 from certkd import distributed
 from certkd.config import DISTILLATION_METHODS, TrainConfig
 from certkd.distributed import batch_mean
@@ -41,15 +41,38 @@ def effective_alpha(cfg: TrainConfig) -> float:
 
 @dataclass
 class Teacher:
-    """A frozen teacher (eval mode, no gradient) and the optional learned adapter on its side."""
+    """A frozen teacher (eval mode, no gradient) and the optional learned feature adapter.
+
+    The adapter sits on the *student's* side: an ``nn.Linear`` from the student's features
+    (m_S) to the teacher's (m_T), trained with the student. The target is always the fixed
+    teacher feature t = h_T(x); the distance is taken between A(student features) and t, and
+    the student's IBP feature box goes through A by the exact interval rule of a linear layer
+    (:meth:`adapt`). (On the teacher's side, trained with the distance, the adapter could walk
+    the target towards the student: W = 0, b = the student's mean feature is a trivial optimum.)
+    """
 
     model: nn.Module
-    adapter: Optional[nn.Module] = None
+    adapter: Optional[nn.Linear] = None
 
     def targets(self, x: Tensor) -> Tensor:
+        """The fixed target t = h_T(x), (N, m_T): no gradient, no adapter."""
         with torch.no_grad():
-            t = self.model.features(x)
-        return self.adapter(t) if self.adapter is not None else t
+            return self.model.features(x)
+
+    def adapt(self, features: Tensor, lower: Optional[Tensor] = None,
+              upper: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Student features (N, m_S) and their IBP box, mapped into the teacher's feature space.
+
+        Returns (A(features), lower', upper') with [lower', upper'] the exact interval image of
+        [lower, upper] under A (centre W c + b, radius |W| r); the box is None when not given.
+        Without an adapter everything is returned unchanged.
+        """
+        if self.adapter is None:
+            return features, lower, upper
+        if lower is None:
+            return self.adapter(features), None, None
+        box = interval_bounds(nn.Sequential(self.adapter), lower, upper, point=features)
+        return box.point_output, box.lower, box.upper
 
     def logits(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -141,11 +164,25 @@ def _adversarial_pass(model, x_adv, y, lower, upper, project: bool):
     return lb[:n], fb, fb.point_output, a_dist
 
 
+def _target_space(teacher: Optional[Teacher], zero_target: bool, t: Optional[Tensor], v: Tensor,
+                  lower: Optional[Tensor] = None, upper: Optional[Tensor] = None):
+    """(v, lower, upper, target) in the space where the distance is taken.
+
+    With a teacher's adapter, the student's features and box are mapped into the teacher's
+    feature space (:meth:`Teacher.adapt`); with ``dist_target: zero`` the target is 0.
+    """
+    if teacher is not None:
+        v, lower, upper = teacher.adapt(v, lower, upper)
+    return v, lower, upper, (torch.zeros_like(v) if zero_target else t)
+
+
 def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_active, attack, teacher, logs):
     method, family, alpha = cfg.method, _FAMILY[cfg.method], effective_alpha(cfg)
     distil = method in DISTILLATION_METHODS
+    feature_dist = distil and method != "cc-ibp-kd"
+    zero_target = feature_dist and cfg.dist_target == "zero"   # the no-teacher control (SPEC §10.6)
     use_reg = reg_active and cfg.reg_lambda > 0
-    t = teacher.targets(x) if (distil and teacher is not None and method != "cc-ibp-kd") else None
+    t = teacher.targets(x) if (feature_dist and not zero_target and teacher is not None) else None
     reg = torch.zeros((), device=x.device)
 
     if warmup:
@@ -159,8 +196,9 @@ def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_ac
         logits = model.head(feats)
         loss = _ce(logits, y)
         logs.update(ce_clean=loss.item(), acc_clean=_accuracy(logits, y))
-        if distil and cfg.dist_warmup and cfg.beta > 0 and t is not None:
-            dist = batch_mean(D.feature_distance(feats, t, cfg.dist_distance, cfg.dist_reduction))
+        if feature_dist and cfg.dist_warmup and cfg.beta > 0 and (t is not None or zero_target):
+            v, _, _, target = _target_space(teacher, zero_target, t, feats)
+            dist = batch_mean(D.feature_distance(v, target, cfg.dist_distance, cfg.dist_reduction))
             loss = loss + cfg.beta * dist
             logs["dist"] = dist.item()
     else:
@@ -205,22 +243,23 @@ def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_ac
             if distil and cfg.beta > 0:
                 if method == "cc-ibp-kd":
                     dist = D.logit_distillation_loss(adv_logits, teacher.logits(x_adv), cfg.kd_temperature)
-                elif family == "cc":
-                    if alpha > 0:
-                        dist = batch_mean(D.cc_dist_distance(a_dist, fb.lower, fb.upper, t, alpha,
-                                                             cfg.dist_combination, cfg.dist_distance,
-                                                             cfg.dist_reduction))
-                    else:
-                        dist = batch_mean(D.feature_distance(a_dist, t, cfg.dist_distance, cfg.dist_reduction))
-                elif family == "mtl":
-                    dist = batch_mean(D.mtl_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_distance,
-                                                          cfg.dist_reduction))
-                elif family == "exp":
-                    dist = D.exp_dist_distance(a_dist, fb.lower, fb.upper, t, alpha, cfg.dist_distance,
-                                               cfg.dist_reduction)
-                else:  # sabr-dist: worst case over the small-box features
-                    dist = batch_mean(D.worst_case_feature_distance(fb.lower, fb.upper, t, cfg.dist_distance,
-                                                                    cfg.dist_reduction))
+                else:
+                    # student features and box in the target's space (the adapter, if any, is the student's)
+                    box = (fb.lower, fb.upper) if fb is not None else (None, None)
+                    a_t, l_t, u_t, t_t = _target_space(teacher, zero_target, t, a_dist, *box)
+                    if family == "cc" and alpha > 0:
+                        dist = batch_mean(D.cc_dist_distance(a_t, l_t, u_t, t_t, alpha, cfg.dist_combination,
+                                                             cfg.dist_distance, cfg.dist_reduction))
+                    elif family == "cc":
+                        dist = batch_mean(D.feature_distance(a_t, t_t, cfg.dist_distance, cfg.dist_reduction))
+                    elif family == "mtl":
+                        dist = batch_mean(D.mtl_dist_distance(a_t, l_t, u_t, t_t, alpha, cfg.dist_distance,
+                                                              cfg.dist_reduction))
+                    elif family == "exp":
+                        dist = D.exp_dist_distance(a_t, l_t, u_t, t_t, alpha, cfg.dist_distance, cfg.dist_reduction)
+                    else:  # sabr-dist: worst case over the small-box features
+                        dist = batch_mean(D.worst_case_feature_distance(l_t, u_t, t_t, cfg.dist_distance,
+                                                                        cfg.dist_reduction))
                 loss = loss + cfg.beta * dist
                 logs["dist"] = dist.item()
             if use_reg:
