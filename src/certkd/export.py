@@ -27,7 +27,6 @@ import inspect
 import io
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -38,6 +37,10 @@ from torch import nn
 
 from certkd.checkpoints import atomic_write_bytes, atomic_write_text
 from certkd.errors import CertkdError
+from certkd.graph import UnsupportedLayerError
+from certkd.graph import fold_batchnorm as graph_fold
+from certkd.graph import from_module
+from certkd.verification.vnnlib import parse_vnnlib, read_property
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_OPSET = 13
@@ -51,55 +54,31 @@ __all__ = ["check_onnx", "export_onnx", "export_run", "fold_batchnorm", "onnx_by
 # ONNX
 # ---------------------------------------------------------------------------------------------
 
-def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    """Return a copy of Conv2d/Linear ``layer`` with eval-mode ``bn`` applied to its output."""
-    w = layer.weight.detach().double()
-    b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(w.shape[0])
-    mean, var = bn.running_mean.detach().double(), bn.running_var.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    new = copy.deepcopy(layer)
-    if new.bias is None:
-        new.bias = nn.Parameter(layer.weight.new_zeros(w.shape[0]))
-    with torch.no_grad():
-        new.weight.copy_((w * scale.view(-1, *([1] * (w.dim() - 1)))).to(layer.weight.dtype))
-        new.bias.copy_(((b - mean) * scale + beta).to(layer.weight.dtype))
-    return new
-
-
-def fold_batchnorm(layers: nn.Sequential) -> nn.Sequential:
+def fold_batchnorm(layers: nn.Module) -> nn.Module:
     """Fold every eval-mode BatchNorm that directly follows a Conv2d/Linear into that layer.
 
     The result computes the same function as ``layers.eval()`` (up to float rounding; the
-    fold itself is done in float64). BatchNorms that cannot be folded are kept as they are.
+    fold itself is done in float64, by :func:`certkd.graph.fold_batchnorm`). BatchNorms that
+    cannot be folded are kept as they are. A chain comes back as an ``nn.Sequential`` (copies
+    of the layers); a network with branches as a :class:`certkd.graph.Network`.
     """
-    out: List[nn.Module] = []
-    for layer in layers:
-        prev = out[-1] if out else None
-        foldable = (isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and layer.running_mean is not None
-                    and ((isinstance(prev, nn.Linear) and isinstance(layer, nn.BatchNorm1d)
-                          and prev.out_features == layer.num_features)
-                         or (isinstance(prev, nn.Conv2d) and isinstance(layer, nn.BatchNorm2d)
-                             and prev.out_channels == layer.num_features)))
-        if foldable:
-            out[-1] = _fold_into(prev, layer)
-        else:
-            out.append(copy.deepcopy(layer))
-    return nn.Sequential(*out)
+    net = graph_fold(from_module(layers), any_mode=True)
+    chain = all(node.inputs == (i,) for i, node in enumerate(net.nodes[1:]))
+    if chain:
+        return nn.Sequential(*(copy.deepcopy(node.rule.module) for node in net.nodes[1:]))
+    return copy.deepcopy(net)
 
 
 class _Exportable(nn.Module):
-    """features → head with BatchNorm folded; what the ONNX graph is traced from."""
+    """The model's graph with BatchNorm folded; what the ONNX graph is traced from (each node's
+    rule class ``forward`` is what gets traced)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
-        if isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "head"):
-            self.body = nn.Sequential(*fold_batchnorm(model.features), model.head)
-        elif isinstance(model, nn.Sequential):
+        model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+        try:
             self.body = fold_batchnorm(model)
-        else:  # any other module: exported as is (BatchNorm, if any, in inference mode)
+        except UnsupportedLayerError:  # any other module: exported as is (BatchNorm in inference mode)
             self.body = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,71 +273,12 @@ def write_vnnlib(path: PathLike, x, label: int, eps: float, num_classes: int,
 # VNN-LIB reading (strict)
 # ---------------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"\s+|;[^\n]*|\(|\)|[^\s();]+")
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_VAR = re.compile(r"([XY])_(0|[1-9]\d*)")
-
-
-class _Atom(str):
-    """A token with the line it came from."""
-
-    line: int
-
-    def __new__(cls, text: str, line: int):
-        obj = super().__new__(cls, text)
-        obj.line = line
-        return obj
-
-
-class _List(list):
-    line: int
-
-
-def _tokenise(text: str, where: str) -> List[_Atom]:
-    tokens, line, pos = [], 1, 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None:  # pragma: no cover - the pattern matches every character
-            raise ValueError(f"{where}:{line}: cannot read {text[pos:pos + 20]!r}")
-        tok = m.group(0)
-        if not tok[0].isspace() and tok[0] != ";":
-            tokens.append(_Atom(tok, line))
-        line += tok.count("\n")
-        pos = m.end()
-    return tokens
-
-
-def _parse_sexprs(tokens: List[_Atom], where: str) -> List[_List]:
-    stack: List[_List] = []
-    top: List[Any] = []
-    for tok in tokens:
-        if tok == "(":
-            new = _List()
-            new.line = tok.line
-            stack.append(new)
-        elif tok == ")":
-            if not stack:
-                raise ValueError(f"{where}:{tok.line}: unmatched ')'")
-            done = stack.pop()
-            (stack[-1] if stack else top).append(done)
-        else:
-            if not stack:
-                raise ValueError(f"{where}:{tok.line}: {tok!r} outside of parentheses")
-            stack[-1].append(tok)
-    if stack:
-        raise ValueError(f"{where}:{stack[-1].line}: '(' is never closed")
-    return top
-
-
 def read_vnnlib(path: PathLike) -> Tuple[np.ndarray, np.ndarray, List[List[Tuple[int, int]]]]:
-    """Read a local-robustness VNN-LIB file strictly.
+    """Read a local-robustness VNN-LIB file strictly (:mod:`certkd.verification.vnnlib`).
 
-    Accepted: ``(declare-const X_i Real)`` / ``(declare-const Y_j Real)`` (indices 0..n−1, each
-    once); input bounds ``(assert (<= X_i c))`` / ``(assert (>= X_i c))`` (either argument
-    order, or several inside one ``(and ...)``), exactly one lower and one upper bound per
-    input; output assertions built from comparisons ``(>= Y_a Y_b)`` / ``(<= Y_a Y_b)``,
-    conjunctions ``(and ...)`` and a disjunction ``(or (and ...) ...)`` of conjunctions.
-    Several output assertions are conjoined (distributed into one disjunction).
+    Only comparisons of two outputs (``Y_j >= Y_k`` / ``Y_k <= Y_j``) are accepted in the
+    output assertions; :func:`certkd.verification.vnnlib.read_property` reads general linear
+    constraints.
 
     Returns:
         (lower (d,), upper (d,), disjuncts): float64 bounds and the unsafe region as a list
@@ -367,153 +287,21 @@ def read_vnnlib(path: PathLike) -> Tuple[np.ndarray, np.ndarray, List[List[Tuple
         ValueError: on anything else (syntax errors, undeclared or unbounded variables,
             unknown operators, constants in output constraints, an empty box, ...).
     """
-    where = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text ({e})") from None
-    return _read_vnnlib_text(text, where)
+    return _pairs(read_property(path))
 
 
 def _read_vnnlib_text(text: str, where: str = "<vnnlib>"):
-    forms = _parse_sexprs(_tokenise(text, where), where)
-    declared: Dict[str, set] = {"X": set(), "Y": set()}
-    lower: Dict[int, float] = {}
-    upper: Dict[int, float] = {}
-    dnf: List[List[Tuple[int, int]]] = [[]]
-    n_output_asserts = 0
+    return _pairs(parse_vnnlib(text, where))
 
-    def fail(node, msg: str):
-        raise ValueError(f"{where}:{getattr(node, 'line', '?')}: {msg}")
 
-    def var(tok) -> Optional[Tuple[str, int]]:
-        if isinstance(tok, _List):
-            return None
-        m = _VAR.fullmatch(tok)
-        if m is None:
-            return None
-        kind, idx = m.group(1), int(m.group(2))
-        if idx not in declared[kind]:
-            fail(tok, f"variable {tok} is used before it is declared")
-        return kind, idx
-
-    def number(tok) -> Optional[float]:
-        if isinstance(tok, _List) or _NUMBER.fullmatch(tok) is None:
-            return None
-        v = float(tok)
-        if not math.isfinite(v):
-            fail(tok, f"number {tok} is out of range")
-        return v
-
-    def comparison(node) -> Tuple[str, Any, Any]:
-        if not isinstance(node, _List) or not node:
-            fail(node, f"expected a comparison, got {node!r}")
-        op = node[0]
-        if isinstance(op, _List) or op not in ("<=", ">="):
-            fail(node, f"unknown or unsupported operator {op!r} (expected <= or >=)")
-        if len(node) != 3:
-            fail(node, f"'{op}' takes exactly 2 arguments, got {len(node) - 1}")
-        return op, node[1], node[2]
-
-    def input_bound(node) -> None:
-        op, a, b = comparison(node)
-        va, vb, na, nb = var(a), var(b), number(a), number(b)
-        if va is not None and va[0] == "X" and nb is not None:
-            idx, value, is_upper = va[1], nb, op == "<="
-        elif vb is not None and vb[0] == "X" and na is not None:
-            idx, value, is_upper = vb[1], na, op == ">="
-        else:
-            fail(node, f"expected an input bound (X_i against a number), got ({op} {a} {b})")
-        target = upper if is_upper else lower
-        if idx in target:
-            fail(node, f"X_{idx} has two {'upper' if is_upper else 'lower'} bounds")
-        target[idx] = value
-
-    def output_pair(node) -> Tuple[int, int]:
-        op, a, b = comparison(node)
-        va, vb = var(a), var(b)
-        if va is None or vb is None or va[0] != "Y" or vb[0] != "Y":
-            fail(node, f"expected a comparison of two outputs Y_j, Y_k, got ({op} {a} {b})")
-        return (va[1], vb[1]) if op == ">=" else (vb[1], va[1])
-
-    def conjunction(node) -> List[Tuple[int, int]]:
-        if isinstance(node, _List) and node and node[0] == "and":
-            if len(node) < 2:
-                fail(node, "empty (and)")
-            return [output_pair(c) for c in node[1:]]
-        return [output_pair(node)]
-
-    def mentions(node, kind: str) -> bool:
-        if isinstance(node, _List):
-            return any(mentions(c, kind) for c in node)
-        m = _VAR.fullmatch(node)
-        return m is not None and m.group(1) == kind
-
-    for form in forms:
-        if not isinstance(form, _List) or not form or isinstance(form[0], _List):
-            fail(form, "expected (declare-const ...) or (assert ...)")
-        head = form[0]
-        if head == "declare-const":
-            if len(form) != 3 or isinstance(form[1], _List) or isinstance(form[2], _List):
-                fail(form, "expected (declare-const NAME Real)")
-            m = _VAR.fullmatch(form[1])
-            if m is None:
-                fail(form, f"unsupported variable name {form[1]!r} (expected X_i or Y_j)")
-            if form[2] != "Real":
-                fail(form, f"{form[1]} must be declared Real, got {form[2]!r}")
-            kind, idx = m.group(1), int(m.group(2))
-            if idx in declared[kind]:
-                fail(form, f"{form[1]} is declared twice")
-            declared[kind].add(idx)
-        elif head == "assert":
-            if len(form) != 2 or not isinstance(form[1], _List) or not form[1]:
-                fail(form, "expected (assert (OP ...))")
-            body = form[1]
-            has_x, has_y = mentions(body, "X"), mentions(body, "Y")
-            if has_x and has_y:
-                fail(body, "an assertion mixes inputs X and outputs Y")
-            if has_x:
-                if body[0] == "and":
-                    if len(body) < 2:
-                        fail(body, "empty (and)")
-                    for c in body[1:]:
-                        input_bound(c)
-                else:
-                    input_bound(body)
-            elif has_y:
-                n_output_asserts += 1
-                if body[0] == "or":
-                    if len(body) < 2:
-                        fail(body, "empty (or)")
-                    disjuncts = [conjunction(c) for c in body[1:]]
-                else:
-                    disjuncts = [conjunction(body)]
-                dnf = [a + b for a in dnf for b in disjuncts]
-            else:
-                fail(body, "an assertion mentions no variable X_i or Y_j")
-        else:
-            fail(form, f"unknown command {head!r} (expected declare-const or assert)")
-
-    for kind in ("X", "Y"):
-        n = len(declared[kind])
-        if n == 0:
-            raise ValueError(f"{where}: no {kind}_ variables declared")
-        if declared[kind] != set(range(n)):
-            missing = min(set(range(n)) - declared[kind])
-            raise ValueError(f"{where}: {kind}_ indices must be 0..{n - 1} without gaps ({kind}_{missing} is missing)")
-    d = len(declared["X"])
-    for name, bounds in (("lower", lower), ("upper", upper)):
-        if len(bounds) != d:
-            missing = min(set(range(d)) - set(bounds))
-            raise ValueError(f"{where}: X_{missing} has no {name} bound")
-    if n_output_asserts == 0:
-        raise ValueError(f"{where}: no output assertion (the unsafe region over Y) found")
-    lo = np.array([lower[i] for i in range(d)], dtype=np.float64)
-    hi = np.array([upper[i] for i in range(d)], dtype=np.float64)
-    if np.any(lo > hi):
-        i = int(np.argmax(lo > hi))
-        raise ValueError(f"{where}: empty input box, X_{i} has lower bound {lo[i]!r} > upper bound {hi[i]!r}")
-    return lo, hi, dnf
+def _pairs(prop) -> Tuple[np.ndarray, np.ndarray, List[List[Tuple[int, int]]]]:
+    dnf = []
+    for conj in prop.disjuncts:
+        for c in conj:
+            if c.pair is None:
+                raise ValueError(f"{prop.source}:{c.line}: expected a comparison of two outputs Y_j, Y_k, got {c.text}")
+        dnf.append([c.pair for c in conj])
+    return prop.lower, prop.upper, dnf
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,11 +64,12 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certkd.bounds.spec import specification_matrix
-from certkd.models.layers import Normalize
+from certkd.graph.convert import fold_batchnorm, from_module
+from certkd.graph.layers import BatchNorm, Linear
+from certkd.graph.windows import Window, win_gather, win_to_dense
 
 Bounds = Tuple[Tensor, Tensor]
 
@@ -104,192 +105,48 @@ class CrownResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Layer plan: one small object per layer with an IBP rule and a backward (CROWN) rule.
-# A: (N, S, *out_shape) coefficients, bias: (N, S). Rules return (A on the input, bias).
+# The plan: the model's graph (certkd.graph) with eval BatchNorm folded; every non-ReLU node's
+# rule class supplies its IBP, backward and window rules. A: (N, S, *out_shape), bias: (N, S).
 # --------------------------------------------------------------------------------------------
 
-class _Op:
-    diagonal = True  # IBP through a diagonal map composed with one general affine map is exact
+class _Plan:
+    """The graph, its node shapes, the ReLU nodes, and where the backward pass starts."""
 
-    def ibp(self, c: Tensor, r: Tensor) -> Bounds:
-        raise NotImplementedError
+    def __init__(self, model: nn.Module, sample_shape: Sequence[int]):
+        net = from_module(model)
+        for node in net.nodes:
+            if isinstance(node.rule, BatchNorm) and node.rule.module.training:
+                raise ValueError("CROWN bounds use eval-mode BatchNorm (running statistics); call model.eval()")
+        self.net = fold_batchnorm(net)
+        self.nodes = self.net.nodes
+        self.shapes = self.net.shapes(tuple(sample_shape))
+        self.relus = self.net.relu_nodes()
+        self.relu_index = {node: k for k, node in enumerate(self.relus)}
 
-    def backward(self, A: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
-        raise NotImplementedError
+    def in_shapes(self, i: int) -> List[Tuple[int, ...]]:
+        return [self.shapes[j] for j in self.nodes[i].inputs]
 
+    # a sequence view for callers of the former flat plan: item i is node i + 1 (ReLUs as _ReLU)
+    def __len__(self) -> int:
+        return len(self.nodes) - 1
 
-class _ChannelAffine(_Op):
-    """y = x·scale_c + shift_c per channel (Normalize, eval-mode BatchNorm1d/2d)."""
-
-    def __init__(self, scale: Tensor, shift: Tensor, in_shape: Tuple[int, ...]):
-        view = (-1,) + (1,) * (len(in_shape) - 1)
-        channels = in_shape[0]
-        scale, shift = scale.reshape(-1).expand(channels), shift.reshape(-1).expand(channels)
-        self.scale, self.shift = scale.reshape(view), shift.reshape(view)
-        self.extra = len(in_shape) - 1  # number of non-channel dims
-
-    def ibp(self, c, r):
-        return c * self.scale + self.shift, r * self.scale.abs()
-
-    def backward(self, A, bias):
-        per_channel = A.sum(dim=tuple(range(3, A.dim()))) if self.extra else A  # (N, S, C)
-        bias = bias + per_channel @ self.shift.reshape(-1)
-        return A * self.scale, bias
-
-
-class _Linear(_Op):
-    diagonal = False
-
-    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
-        self.weight, self.bias = weight, bias
-
-    def ibp(self, c, r):
-        return F.linear(c, self.weight, self.bias), F.linear(r, self.weight.abs())
-
-    def backward(self, A, bias):
-        if self.bias is not None:
-            bias = bias + A @ self.bias
-        return A @ self.weight, bias
+    def __getitem__(self, i: int):
+        node = i + 1
+        if self.nodes[node].rule.is_relu:
+            return _ReLU(self.relu_index[node], self.shapes[node])
+        return self.nodes[node].rule
 
 
-class _Conv2d(_Op):
-    diagonal = False
+class _ReLU:
+    """ReLU marker of the sequence view of a :class:`_Plan` (index k, neuron shape)."""
 
-    def __init__(self, layer: nn.Conv2d, weight: Tensor, b: Optional[Tensor], in_shape, out_shape):
-        if layer.padding_mode != "zeros":
-            raise TypeError("CROWN supports Conv2d with zero padding only")
-        padding = layer.padding
-        if isinstance(padding, str):
-            if padding != "valid":
-                raise TypeError("CROWN supports Conv2d with explicit (or 'valid') padding only")
-            padding = (0, 0)
-        self.weight, self.bias = weight, b
-        self.stride, self.padding, self.dilation, self.groups = layer.stride, padding, layer.dilation, layer.groups
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-        # conv_transpose2d must reproduce the input size exactly (stride > 1 loses the remainder)
-        k = layer.kernel_size
-        self.output_padding = tuple(
-            in_shape[1 + d] - ((out_shape[1 + d] - 1) * self.stride[d] - 2 * padding[d]
-                               + self.dilation[d] * (k[d] - 1) + 1)
-            for d in range(2))
-
-    def ibp(self, c, r):
-        c2 = F.conv2d(c, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        r2 = F.conv2d(r, self.weight.abs(), None, self.stride, self.padding, self.dilation, self.groups)
-        return c2, r2
-
-    def backward(self, A, bias):
-        n, s = A.shape[:2]
-        if self.bias is not None:
-            bias = bias + A.sum(dim=(3, 4)) @ self.bias
-        A = F.conv_transpose2d(A.reshape(n * s, *self.out_shape), self.weight, None, self.stride, self.padding,
-                               self.output_padding, self.groups, self.dilation)
-        return A.reshape(n, s, *self.in_shape), bias
-
-
-class _Reshape(_Op):
-    """Flatten (or any reshape that keeps the batch dimension)."""
-
-    def __init__(self, in_shape, out_shape):
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-
-    def ibp(self, c, r):
-        return c.reshape(c.shape[0], *self.out_shape), r.reshape(r.shape[0], *self.out_shape)
-
-    def backward(self, A, bias):
-        return A.reshape(A.shape[0], A.shape[1], *self.in_shape), bias
-
-
-class _Identity(_Op):
-    def ibp(self, c, r):
-        return c, r
-
-    def backward(self, A, bias):
-        return A, bias
-
-
-class _ReLU(_Op):
-    """Marker; the relaxation lives in :class:`_Relaxation` (it depends on the bounds)."""
-
-    def __init__(self, index: int, shape):
+    def __init__(self, index: int, shape: Sequence[int]):
         self.index, self.shape = index, tuple(shape)
 
 
-def _flatten_layers(layers: nn.Module) -> List[nn.Module]:
-    out: List[nn.Module] = []
-    for layer in layers:
-        if isinstance(layer, nn.Sequential):
-            out.extend(_flatten_layers(layer))
-        else:
-            out.append(layer)
-    return out
-
-
-def _out_shape(layer: nn.Module, shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    """Per-sample output shape of a non-ReLU, non-BatchNorm layer (computed, not probed)."""
-    if isinstance(layer, nn.Linear):
-        return shape[:-1] + (layer.out_features,)
-    if isinstance(layer, nn.Conv2d):
-        pad = (0, 0) if isinstance(layer.padding, str) else layer.padding
-        size = tuple((shape[1 + d] + 2 * pad[d] - layer.dilation[d] * (layer.kernel_size[d] - 1) - 1)
-                     // layer.stride[d] + 1 for d in range(2))
-        return (layer.out_channels,) + size
-    if isinstance(layer, nn.Flatten):
-        return tuple(torch.empty((1,) + shape, device="meta").flatten(layer.start_dim, layer.end_dim).shape[1:])
-    return shape
-
-
-def _build_plan(features: nn.Module, sample_shape, dtype, device) -> List[_Op]:
-    """Translate ``features`` (eval mode) into backward/IBP rules with detached parameters."""
-
-    def param(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.detach().to(device=device, dtype=dtype)
-
-    ops: List[_Op] = []
-    shape = tuple(sample_shape)
-    relu_count = 0
-    with torch.no_grad():
-        for layer in _flatten_layers(features):
-            if isinstance(layer, nn.ReLU):
-                ops.append(_ReLU(relu_count, shape))
-                relu_count += 1
-                continue
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                if layer.training:
-                    raise ValueError("CROWN bounds use eval-mode BatchNorm (running statistics); call model.eval()")
-                scale = torch.rsqrt(param(layer.running_var) + layer.eps)
-                if layer.affine:
-                    scale = scale * param(layer.weight)
-                    shift = param(layer.bias) - param(layer.running_mean) * scale
-                else:
-                    shift = -param(layer.running_mean) * scale
-                prev = ops[-1] if ops else None
-                foldable = isinstance(prev, _Conv2d) or (isinstance(prev, _Linear) and len(shape) == 1)
-                if foldable and not getattr(prev, "folded", False):
-                    # fold into the preceding conv/linear: W' = s·W (per output channel), b' = s·b + t
-                    w = prev.weight * scale.view(-1, *([1] * (prev.weight.dim() - 1)))
-                    b = shift if prev.bias is None else prev.bias * scale + shift
-                    prev.weight, prev.bias, prev.folded = w, b, True
-                else:
-                    ops.append(_ChannelAffine(scale, shift, shape))
-                continue
-            out_shape = _out_shape(layer, shape)
-            if isinstance(layer, Normalize):
-                std, mean = param(layer.std), param(layer.mean)
-                ops.append(_ChannelAffine(1.0 / std, -mean / std, shape))
-            elif isinstance(layer, nn.Linear):
-                ops.append(_Linear(param(layer.weight), param(layer.bias)))
-            elif isinstance(layer, nn.Conv2d):
-                ops.append(_Conv2d(layer, param(layer.weight), param(layer.bias), shape, out_shape))
-            elif isinstance(layer, nn.Flatten):
-                ops.append(_Reshape(shape, out_shape))
-            elif isinstance(layer, (nn.Identity, nn.Dropout)):
-                ops.append(_Identity())
-            else:
-                raise TypeError(f"no CROWN rule for layer {type(layer).__name__}; supported: Normalize, Linear, "
-                                "Conv2d, BatchNorm1d/2d (eval), ReLU, Flatten, Identity, Dropout")
-            shape = out_shape
-    return ops
+def _build_plan(features: nn.Module, sample_shape, dtype=None, device=None) -> _Plan:
+    """The plan of ``features`` (parameters are read detached, in the box's dtype, when used)."""
+    return _Plan(features, sample_shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,12 +193,15 @@ class _Relaxation:
 # Core passes
 # --------------------------------------------------------------------------------------------
 
-def _backward(ops: Sequence[_Op], end: int, A: Tensor, bias: Tensor, relax: Sequence[_Relaxation],
+def _backward(plan: _Plan, start: int, A: Tensor, bias: Tensor, relax: Sequence["_Relaxation"],
               alpha: Optional[Sequence[Optional[Tensor]]] = None,
               beta: Optional[Sequence[Optional[Tensor]]] = None,
               split_signs: Optional[Sequence[Optional[Tensor]]] = None,
               capture: Optional[Dict[int, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-    """Propagate A (on the output of ops[end−1]) back to the input of ops[0].
+    """Propagate A (on the output of node ``start``) back to the network input (node 0).
+
+    Nodes are visited in reverse topological order; a node read by several others (the fork of a
+    residual block) sums the coefficients coming from each of them before its own rule runs.
 
     ``capture``: if given, receives for every ReLU index the coefficients A (N, S, *shape) on
     that ReLU's *output* (the dual variables a branching heuristic scores neurons with).
@@ -352,16 +212,29 @@ def _backward(ops: Sequence[_Op], end: int, A: Tensor, bias: Tensor, relax: Sequ
     split constraints). ``beta[k]`` (N, S, *shape) must be ≥ 0; ``split_signs[k]`` (N, *shape)
     is 0 on neurons that are not split.
     """
-    for op in reversed(ops[:end]):
-        if isinstance(op, _ReLU):
+    pending: Dict[int, Tensor] = {start: A}
+    for i in range(start, 0, -1):
+        A = pending.pop(i, None)
+        if A is None:
+            continue
+        node = plan.nodes[i]
+        if node.rule.is_relu:
+            k = plan.relu_index[i]
             if capture is not None:
-                capture[op.index] = A.detach()
-            a = None if alpha is None else alpha[op.index]
-            A, bias = relax[op.index].backward(A, bias, a)
-            if beta is not None and beta[op.index] is not None:
-                A = A - beta[op.index] * split_signs[op.index].unsqueeze(1)
+                capture[k] = A.detach()
+            a = None if alpha is None else alpha[k]
+            A, bias = relax[k].backward(A, bias, a)
+            if beta is not None and beta[k] is not None:
+                A = A - beta[k] * split_signs[k].unsqueeze(1)
+            outs = [A]
         else:
-            A, bias = op.backward(A, bias)
+            outs, bias = node.rule.backward(A, bias, plan.in_shapes(i), plan.shapes[i])
+        for j, Aj in zip(node.inputs, outs):
+            if Aj is not None:
+                pending[j] = pending[j] + Aj if j in pending else Aj
+    A = pending.get(0)
+    if A is None:  # the output does not depend on the input
+        A = bias.new_zeros(bias.shape + tuple(plan.shapes[0]))
     return A, bias
 
 
@@ -372,55 +245,15 @@ def _concretize(A: Tensor, bias: Tensor, c: Tensor, r: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Windowed ("patches") backward pass for intermediate bounds of conv layers.
-# Going backward from a single conv neuron, its coefficients are non-zero only on its receptive
-# field. Rows are kept as windows A (N, P, G, C, py, px): P spatial positions of the bounded
-# layer, G rows per position, with per-position top-left offsets (oy, ox) in the current layer
-# (a window may stick out of the image; A is kept zero there). Convs act on windows by
-# conv_transpose2d without padding; ReLU/BN/the input box are read at the window. When a window
-# covers the whole layer it is scattered into a dense tensor and the pass continues densely.
+# Windowed ("patches") backward pass for intermediate bounds of conv layers (certkd.graph.windows):
+# each node's rule class acts on the windows; ReLU/the input box are read at the window. When a
+# window covers the whole layer, or a node has no window rule (or several inputs), the windows
+# are scattered into a dense tensor and the pass continues densely.
 # --------------------------------------------------------------------------------------------
 
-def _win_index(o: Tensor, size_win: int, size: int) -> Tuple[Tensor, Tensor]:
-    pos = o[:, None] + torch.arange(size_win, device=o.device)  # (P, w)
-    return pos.clamp(0, size - 1), (pos >= 0) & (pos < size)
-
-
-def _win_gather(t: Tensor, oy: Tensor, ox: Tensor, py: int, px: int) -> Tensor:
-    """t (N, C, H, W) read at P windows -> (N, P, 1, C, py, px), zero outside the image."""
-    h, w = t.shape[-2:]
-    ys, vy = _win_index(oy, py, h)
-    xs, vx = _win_index(ox, px, w)
-    g = t[:, :, ys[:, :, None], xs[:, None, :]]  # (N, C, P, py, px)
-    g = g * (vy[:, :, None] & vx[:, None, :]).to(t.dtype)
-    return g.transpose(1, 2).unsqueeze(2)
-
-
-def _win_valid(oy: Tensor, ox: Tensor, py: int, px: int, h: int, w: int, dtype) -> Tensor:
-    _, vy = _win_index(oy, py, h)
-    _, vx = _win_index(ox, px, w)
-    return (vy[:, :, None] & vx[:, None, :]).to(dtype)[None, :, None, None]  # (1, P, 1, 1, py, px)
-
-
-def _win_to_dense(A: Tensor, oy: Tensor, ox: Tensor, h: int, w: int) -> Tensor:
-    """(N, P, G, C, py, px) windows -> dense (N, P·G, C, h, w) (A is zero outside the image)."""
-    n, p, g, c, py, px = A.shape
-    ys, _ = _win_index(oy, py, h)
-    xs, _ = _win_index(ox, px, w)
-    dense = A.new_zeros(p, h, w, n, g, c)
-    rows = torch.arange(p, device=A.device)[:, None, None]
-    dense.index_put_((rows, ys[:, :, None], xs[:, None, :]), A.permute(1, 4, 5, 0, 2, 3), accumulate=True)
-    return dense.permute(3, 0, 4, 5, 1, 2).reshape(n, p * g, c, h, w)
-
-
-def _win_ok(op: _Op) -> bool:
-    return (isinstance(op, (_Conv2d, _Identity)) or (isinstance(op, _ChannelAffine) and op.extra == 2)
-            or (isinstance(op, _ReLU) and len(op.shape) == 3))
-
-
-def _window_lower(ops, end, shape, positions, n, relax, c_in, r_in) -> Tuple[Tensor, Tensor]:
+def _window_lower(plan: _Plan, src: int, shape, positions, n, relax, c_in, r_in) -> Tuple[Tensor, Tensor]:
     """CROWN bounds of every channel of the conv neurons at spatial ``positions`` (flat h·W+w) of
-    the output of ops[end−1] (shape (C, H, W)), by receptive-field windows.
+    the output of node ``src`` (shape (C, H, W)), by receptive-field windows.
 
     Rows are grouped by position (A is (N, P, G, C, py, px) with G rows per position), so the
     per-position values that ReLU/BN/the input box contribute are read once per position.
@@ -429,89 +262,81 @@ def _window_lower(ops, end, shape, positions, n, relax, c_in, r_in) -> Tuple[Ten
     dtype, device = c_in.dtype, c_in.device
     c0, h, w = shape
     p = positions.numel()
-    oy, ox = positions // w, positions % w
     A = torch.eye(c0, dtype=dtype, device=device).view(1, 1, c0, c0, 1, 1).expand(n, p, c0, c0, 1, 1)
-    bias = torch.zeros(n, p, c0, dtype=dtype, device=device)
+    win = Window(A, torch.zeros(n, p, c0, dtype=dtype, device=device), positions // w, positions % w)
     size = (h, w)
-    doubled, j = False, end - 1
-    while j >= 0:
-        op = ops[j]
-        if isinstance(op, _ReLU) and not doubled:
+    doubled, j = False, src
+    while j > 0:
+        node = plan.nodes[j]
+        if node.rule.is_relu and not doubled:
             # Affine layers so far act identically on the rows for the lower (+z) and upper (−z)
             # bound: propagate +z alone up to the first ReLU, then negate.
-            A, bias, doubled = torch.cat([A, -A], 2), torch.cat([bias, -bias], 2), True
-        if not _win_ok(op) or A.shape[-2] >= size[0] or A.shape[-1] >= size[1]:
+            win = Window(torch.cat([win.A, -win.A], 2), torch.cat([win.bias, -win.bias], 2), win.oy, win.ox)
+            doubled = True
+        in_shape = plan.shapes[node.inputs[0]]
+        if len(node.inputs) != 1 or len(in_shape) != 3 or win.A.shape[-2] >= size[0] or win.A.shape[-1] >= size[1]:
             break  # a window covering the whole layer: continue densely
-        py, px = A.shape[-2:]
-        if isinstance(op, _ReLU):
-            rel = relax[op.index]
-            lo, up, ub = (_win_gather(t, oy, ox, py, px) for t in (rel.lower_slope, rel.upper_slope, rel.upper_bias))
-            bias = bias + torch.einsum("npgd,npd->npg", A.clamp(max=0).flatten(3), ub.flatten(3).squeeze(2))
-            A = A * torch.where(A >= 0, lo, up)
-        elif isinstance(op, _ChannelAffine):
-            bias = bias + A.sum((4, 5)) @ op.shift.reshape(-1)
-            A = A * op.scale
-        elif isinstance(op, _Conv2d):
-            if op.bias is not None:
-                bias = bias + A.sum((4, 5)) @ op.bias
-            g = A.shape[2]
-            A = F.conv_transpose2d(A.reshape(n * p * g, *A.shape[3:]), op.weight, None, op.stride, 0, 0,
-                                   op.groups, op.dilation)
-            A = A.reshape(n, p, g, *A.shape[1:])
-            oy, ox = oy * op.stride[0] - op.padding[0], ox * op.stride[1] - op.padding[1]
-            size = op.in_shape[1:]
-            if (min(int(oy.min()), int(ox.min())) < 0 or int(oy.max()) + A.shape[-2] > size[0]
-                    or int(ox.max()) + A.shape[-1] > size[1]):
-                A = A * _win_valid(oy, ox, A.shape[-2], A.shape[-1], size[0], size[1], A.dtype)
-        j -= 1
+        if node.rule.is_relu:
+            rel = relax[plan.relu_index[j]]
+            py, px = win.A.shape[-2:]
+            lo, up, ub = (win_gather(t, win.oy, win.ox, py, px) for t in (rel.lower_slope, rel.upper_slope,
+                                                                          rel.upper_bias))
+            bias = win.bias + torch.einsum("npgd,npd->npg", win.A.clamp(max=0).flatten(3), ub.flatten(3).squeeze(2))
+            win = Window(win.A * torch.where(win.A >= 0, lo, up), bias, win.oy, win.ox)
+        else:
+            new = node.rule.window(win, in_shape, plan.shapes[j])
+            if new is None:
+                break
+            win = new
+        size = in_shape[1:]
+        j = node.inputs[0]
     if not doubled:
-        A, bias, doubled = torch.cat([A, -A], 2), torch.cat([bias, -bias], 2), True
+        win = Window(torch.cat([win.A, -win.A], 2), torch.cat([win.bias, -win.bias], 2), win.oy, win.ox)
+    A, bias, oy, ox = win.A, win.bias, win.oy, win.ox
     g = A.shape[2]
-    if j >= 0:
-        A = _win_to_dense(A, oy, ox, *size)
-        A, bias = _backward(ops, j + 1, A, bias.reshape(n, p * g), relax)
+    if j > 0:
+        A = win_to_dense(A, oy, ox, *size)
+        A, bias = _backward(plan, j, A, bias.reshape(n, p * g), relax)
         lb = _concretize(A, bias, c_in, r_in).view(n, p, g)
     else:
         py, px = A.shape[-2:]
-        cw, rw = _win_gather(c_in, oy, ox, py, px), _win_gather(r_in, oy, ox, py, px)
+        cw, rw = win_gather(c_in, oy, ox, py, px), win_gather(r_in, oy, ox, py, px)
         lb = bias + (A * cw).sum((3, 4, 5)) - (A.abs() * rw).sum((3, 4, 5))
     return lb[:, :, :c0].transpose(1, 2), -lb[:, :, c0:].transpose(1, 2)
 
 
-def _dense_lower(ops, end, shape, sel, n, relax, c_in, r_in) -> Tuple[Tensor, Tensor]:
-    """CROWN bounds of the neurons ``sel`` (flat indices into ``shape``) of the output of
-    ops[end−1] by a dense backward pass: lower and upper, each (N, k)."""
+def _dense_lower(plan: _Plan, src: int, shape, sel, n, relax, c_in, r_in) -> Tuple[Tensor, Tensor]:
+    """CROWN bounds of the neurons ``sel`` (flat indices into ``shape``) of the output of node
+    ``src`` by a dense backward pass: lower and upper, each (N, k)."""
     k, dtype, device = sel.numel(), c_in.dtype, c_in.device
     A = torch.zeros(n, k, math.prod(shape), dtype=dtype, device=device)
     A[:, torch.arange(k, device=device), sel] = 1.0
     A, bias = A.reshape(n, k, *shape), torch.zeros(n, k, dtype=dtype, device=device)
-    first = end  # shared affine prefix for the +z and −z rows (see _window_lower)
-    while first > 0 and not isinstance(ops[first - 1], _ReLU):
-        first -= 1
-    for op in reversed(ops[first:end]):
-        A, bias = op.backward(A, bias)
+    first = src  # shared affine prefix for the +z and −z rows (see _window_lower)
+    while first > 0 and not plan.nodes[first].rule.is_relu and len(plan.nodes[first].inputs) == 1:
+        (A,), bias = plan.nodes[first].rule.backward(A, bias, plan.in_shapes(first), plan.shapes[first])
+        first = plan.nodes[first].inputs[0]
     A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)
-    A, bias = _backward(ops, first, A, bias, relax)
+    A, bias = _backward(plan, first, A, bias, relax)
     lb = _concretize(A, bias, c_in, r_in)
     return lb[:, :k], -lb[:, k:]
 
 
-def _crown_layer_bounds(ops, end, shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements, windows=True):
-    """Tighten (l, u) (N, *shape) of the output of ops[end−1] by CROWN, unstable neurons only.
+def _crown_layer_bounds(plan: _Plan, src: int, shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements,
+                        windows=True):
+    """Tighten (l, u) (N, *shape) of the output of node ``src`` by CROWN, unstable neurons only.
 
-    Conv layers (when every layer below is spatial) use receptive-field windows and bound all
-    channels at each spatial position that has an unstable neuron; other layers use dense rows.
+    Conv layers use receptive-field windows and bound all channels at each spatial position that
+    has an unstable neuron; other layers use dense rows.
     """
     n = l.shape[0]
     unstable = (l < 0) & (u > 0)
     if not bool(unstable.any()):
         return l, u
     if chunk_size is None:  # sized for dense rows (windows are smaller)
-        numel = max([math.prod(shape), c_in[0].numel()]
-                    + [math.prod(op.in_shape) for op in ops[:end] if hasattr(op, "in_shape")]
-                    + [math.prod(op.shape) for op in ops[:end] if isinstance(op, _ReLU)])
+        numel = max([math.prod(shape), c_in[0].numel()] + [math.prod(plan.shapes[j]) for j in range(src + 1)])
         chunk_size = max(1, chunk_elements // (2 * n * numel))
-    windowed = windows and len(shape) == 3 and c_in.dim() == 4 and _win_ok(ops[end - 1])
+    windowed = windows and len(shape) == 3 and c_in.dim() == 4 and len(plan.nodes[src].inputs) == 1 and src > 0
     if windowed:
         c0, h, w = shape
         lv, uv = l.reshape(n, c0, h * w).clone(), u.reshape(n, c0, h * w).clone()
@@ -519,7 +344,7 @@ def _crown_layer_bounds(ops, end, shape, l, u, relax, c_in, r_in, chunk_size, ch
         step = max(1, chunk_size // c0)
         for start in range(0, positions.numel(), step):
             pos = positions[start:start + step]
-            lo, up = _window_lower(ops, end, shape, pos, n, relax, c_in, r_in)
+            lo, up = _window_lower(plan, src, shape, pos, n, relax, c_in, r_in)
             lv[:, :, pos] = torch.maximum(lv[:, :, pos], lo)
             uv[:, :, pos] = torch.minimum(uv[:, :, pos], up)
         return lv.reshape(l.shape), uv.reshape(u.shape)
@@ -528,15 +353,15 @@ def _crown_layer_bounds(ops, end, shape, l, u, relax, c_in, r_in, chunk_size, ch
     lv, uv = l.reshape(n, d).clone(), u.reshape(n, d).clone()
     for start in range(0, idx.numel(), chunk_size):
         sel = idx[start:start + chunk_size]
-        lo, up = _dense_lower(ops, end, shape, sel, n, relax, c_in, r_in)
+        lo, up = _dense_lower(plan, src, shape, sel, n, relax, c_in, r_in)
         lv[:, sel] = torch.maximum(lv[:, sel], lo)
         uv[:, sel] = torch.minimum(uv[:, sel], up)
     return lv.reshape(l.shape), uv.reshape(u.shape)
 
 
-def _intermediate(ops, lower, upper, method, overrides, chunk_size, chunk_elements, windows=True):
+def _intermediate(plan: _Plan, lower, upper, method, overrides, chunk_size, chunk_elements, windows=True):
     """Pre-activation bounds of every ReLU (list of (l, u)) and their relaxations."""
-    n_relu = sum(isinstance(op, _ReLU) for op in ops)
+    n_relu = len(plan.relus)
     if isinstance(method, str):
         if method not in ("crown", "ibp"):
             raise ValueError(f"intermediate must be 'crown', 'ibp' or a collection of ReLU indices, got {method!r}")
@@ -550,42 +375,55 @@ def _intermediate(ops, lower, upper, method, overrides, chunk_size, chunk_elemen
     if bad:
         raise ValueError(f"intermediate_overrides has ReLU indices {bad}; the model has {n_relu} ReLU layers")
     c_in, r_in = (upper + lower) / 2, (upper - lower) / 2
-    c, r = c_in, r_in
+    vals: Dict[int, Bounds] = {0: (c_in, r_in)}
     bounds: List[Bounds] = []
     relax: List[_Relaxation] = []
     seen_relu, general = False, 0
-    for i, op in enumerate(ops):
-        if not isinstance(op, _ReLU):
-            general += 0 if op.diagonal else 1
-            c, r = op.ibp(c, r)
+    last = plan.relus[-1] if plan.relus else 0
+    for i in range(1, last + 1):
+        node = plan.nodes[i]
+        if not node.rule.is_relu:
+            general += 0 if node.rule.diagonal else 1
+            if len(node.inputs) == 1:
+                c, r, _ = node.rule.interval(*vals[node.inputs[0]])
+            else:
+                ins = [vals[j] for j in node.inputs]
+                c, r, _ = node.rule.interval(tuple(v[0] for v in ins), tuple(v[1] for v in ins))
+            vals[i] = (c, r)
             continue
+        k, src = plan.relu_index[i], node.inputs[0]
+        c, r = vals[src]
         l, u = c - r, c + r
-        if op.index in overrides:
-            ol, ou = overrides[op.index]
+        if k in overrides:
+            ol, ou = overrides[k]
             l = torch.maximum(l, ol.to(l))
             u = torch.minimum(u, ou.to(u))
-        elif op.index in crown_layers and (seen_relu or general > 1):
-            l, u = _crown_layer_bounds(ops, i, op.shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements,
-                                       windows)
+        elif k in crown_layers and (seen_relu or general > 1):
+            l, u = _crown_layer_bounds(plan, src, plan.shapes[src], l, u, relax, c_in, r_in, chunk_size,
+                                       chunk_elements, windows)
         bounds.append((l, u))
         relax.append(_Relaxation.from_bounds(l, u))
         seen_relu = True
         lo, hi = l.clamp(min=0), u.clamp(min=0)
-        c, r = (hi + lo) / 2, (hi - lo) / 2
+        vals[i] = ((hi + lo) / 2, (hi - lo) / 2)
     return bounds, relax
 
 
 def _prepare(model, lower, upper, labels, C):
-    """Plan, specification (N, S, K) and the head merged with it: A0 (N, S, m), bias0 (N, S)."""
+    """Plan, specification (N, S, K) merged with a final Linear: A0 (N, S, m), bias0 (N, S).
+
+    A final Linear node (certkd's head, an ONNX Gemm) is merged into C (last-layer elision) and
+    the backward pass starts at its input (``plan.start``); otherwise it starts at the output.
+    """
     if lower.shape != upper.shape:
         raise ValueError(f"lower and upper must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}")
-    head = model.head
-    if not isinstance(head, nn.Linear):
-        raise TypeError("CROWN expects model.head to be nn.Linear")
-    n, dtype, device = lower.shape[0], lower.dtype, lower.device
-    k = head.out_features
     if labels is not None and C is not None:
         raise ValueError("pass either labels or C, not both")
+    n, dtype, device = lower.shape[0], lower.dtype, lower.device
+    plan = _Plan(model, lower.shape[1:])
+    last = plan.nodes[plan.net.output]
+    head = last.rule.module if type(last.rule) is Linear and len(plan.shapes[-1]) == 1 else None
+    k = math.prod(plan.shapes[-1])
     if labels is not None:
         C = specification_matrix(labels.to(device), k).to(dtype)
     elif C is None:
@@ -596,12 +434,17 @@ def _prepare(model, lower, upper, labels, C):
             C = C.expand(n, *C.shape)
         if C.dim() != 3 or C.shape[0] != n or C.shape[2] != k:
             raise ValueError(f"C must be (S, K) or (N, S, K) with N={n}, K={k}; got {tuple(C.shape)}")
-    ops = _build_plan(model.features, lower.shape[1:], dtype, device)
+    if head is None:
+        plan.start = plan.net.output
+        A0 = C.reshape(n, C.shape[1], *plan.shapes[-1])
+        bias0 = torch.zeros(C.shape[:2], dtype=dtype, device=device)
+        return plan, A0, bias0
+    plan.start = last.inputs[0]
     w = head.weight.detach().to(device=device, dtype=dtype)
     A0 = C @ w
     bias0 = C @ head.bias.detach().to(device=device, dtype=dtype) if head.bias is not None \
         else torch.zeros(C.shape[:2], dtype=dtype, device=device)
-    return ops, A0, bias0
+    return plan, A0, bias0
 
 
 def _infeasible(bounds: Sequence[Bounds], n: int, device) -> Tensor:
@@ -642,12 +485,12 @@ def crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Optiona
     Returns:
         (N, S) lower bounds, or a :class:`CrownResult` if ``return_intermediate``.
     """
-    ops, A0, bias0 = _prepare(model, lower, upper, labels, C)
+    plan, A0, bias0 = _prepare(model, lower, upper, labels, C)
     with torch.no_grad():
-        bounds, relax = _intermediate(ops, lower, upper, intermediate, intermediate_overrides,
+        bounds, relax = _intermediate(plan, lower, upper, intermediate, intermediate_overrides,
                                       chunk_size, chunk_elements)
     c_in, r_in = (upper + lower) / 2, (upper - lower) / 2
-    A, bias = _backward(ops, len(ops), A0, bias0, relax, alpha)
+    A, bias = _backward(plan, plan.start, A0, bias0, relax, alpha)
     lb = _concretize(A, bias, c_in, r_in)
     if not return_intermediate:
         return lb
@@ -690,10 +533,10 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     """
     if iterations < 0:
         raise ValueError("iterations must be >= 0")
-    ops, A0, bias0 = _prepare(model, lower, upper, labels, C)
+    plan, A0, bias0 = _prepare(model, lower, upper, labels, C)
     lower, upper = lower.detach(), upper.detach()
     with torch.no_grad():
-        bounds, relax = _intermediate(ops, lower, upper, intermediate, intermediate_overrides,
+        bounds, relax = _intermediate(plan, lower, upper, intermediate, intermediate_overrides,
                                       chunk_size, chunk_elements)
     n, s = A0.shape[:2]
     c_in, r_in = (upper + lower) / 2, (upper - lower) / 2
@@ -735,7 +578,7 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
             # (holding every layer's A would raise the peak memory of all the other iterations)
             captured: Optional[Dict[int, Tensor]] = \
                 {} if return_intermediate and (it == iterations or not params) else None
-            A, bias = _backward(ops, len(ops), A0, bias0, relax, alphas, betas, signs, captured)
+            A, bias = _backward(plan, plan.start, A0, bias0, relax, alphas, betas, signs, captured)
             lb = _concretize(A, bias, c_in, r_in)
         improved = lb.detach() > best
         best = torch.where(improved, lb.detach(), best)
@@ -773,9 +616,9 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
 
 
 def relu_layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> List[Tuple[int, ...]]:
-    """Per-sample neuron shapes of the ReLU layers of ``model.features`` (the override keys' order)."""
-    ops = _build_plan(model.features, tuple(input_shape), torch.float32, torch.device("cpu"))
-    return [op.shape for op in ops if isinstance(op, _ReLU)]
+    """Per-sample neuron shapes of the ReLU layers of the model's graph (the override keys' order)."""
+    plan = _Plan(model, tuple(input_shape))
+    return [plan.shapes[i] for i in plan.relus]
 
 
 __all__ = ["CrownResult", "DEFAULT_CHUNK_ELEMENTS", "alpha_crown_bounds", "crown_bounds", "relu_layer_shapes"]

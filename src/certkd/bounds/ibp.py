@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certkd.bounds.spec import drop_label_column
-from certkd.models.layers import Normalize
+from certkd.graph.convert import CUSTOM_INTERVAL, from_module
+from certkd.graph.layers import BatchNorm, Conv2d, Linear
+from certkd.graph.network import Network
 
 
 @dataclass
@@ -63,177 +65,95 @@ class IntervalBounds:
 
 # A rule maps (layer, center, radius, point) -> (center, radius, point); point may be None.
 Rule = Callable[[nn.Module, Tensor, Tensor, Optional[Tensor]], Tuple[Tensor, Tensor, Optional[Tensor]]]
-_RULES: Dict[Type[nn.Module], Rule] = {}
 
 
 def interval_rule(*types: Type[nn.Module]):
-    """Register the IBP rule of a layer type (auto_LiRPA-style: one rule per layer)."""
+    """Register an interval-only rule for a custom layer type (other engines refuse the layer).
+
+    Built-in layers carry their rules in their rule class (``certkd/graph/layers/``,
+    ``docs/adding_a_layer.md``); this hook is for a quick IBP-only experiment.
+    """
 
     def wrap(fn: Rule) -> Rule:
         for t in types:
-            _RULES[t] = fn
+            CUSTOM_INTERVAL[t] = fn
         return fn
 
     return wrap
 
 
-def _rule_for(layer: nn.Module) -> Rule:
-    for t in type(layer).__mro__:
-        if t in _RULES:
-            return _RULES[t]
-    supported = ", ".join(sorted(t.__name__ for t in _RULES))
-    raise TypeError(f"no interval bound rule for layer {type(layer).__name__}; supported: {supported}")
+def _last_uses(net: Network, stop: int) -> List[int]:
+    last = list(range(len(net.nodes)))
+    for i, node in enumerate(net.nodes[:stop + 1]):
+        for j in node.inputs:
+            last[j] = max(last[j], i)
+    return last
 
 
-@interval_rule(Normalize)
-def _normalize(layer: Normalize, c: Tensor, r: Tensor, p: Optional[Tensor]):
-    std = layer._view(layer.std, c)
-    return layer(c), r / std, (layer(p) if p is not None else None)
+def walk_intervals(net: Network, c: Tensor, r: Tensor, p: Optional[Tensor] = None, stop: Optional[int] = None,
+                   pre: Optional[List[Tuple[Tensor, Tensor]]] = None):
+    """Propagate (centre, radius, point) through nodes 1..stop of ``net`` (default: the output).
 
-
-@interval_rule(nn.Linear)
-def _linear(layer: nn.Linear, c: Tensor, r: Tensor, p: Optional[Tensor]):
-    return layer(c), F.linear(r, layer.weight.abs()), (layer(p) if p is not None else None)
-
-
-@interval_rule(nn.Conv2d)
-def _conv2d(layer: nn.Conv2d, c: Tensor, r: Tensor, p: Optional[Tensor]):
-    if layer.padding_mode != "zeros":
-        raise TypeError("interval bounds support Conv2d with zero padding only")
-    r = F.conv2d(r, layer.weight.abs(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return layer(c), r, (layer(p) if p is not None else None)
-
-
-def _batch_stats(layer: nn.modules.batchnorm._BatchNorm, p: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(mean, var) that normalise ``p`` in ``layer`` and the layer's output at ``p`` (train mode)."""
-    if p is None:
-        raise ValueError("train-mode IBP through BatchNorm needs the point whose batch statistics define "
-                         "the layer (pass point=...), or put the model in eval mode")
-    with_stats = getattr(layer, "forward_with_stats", None)
-    if with_stats is not None:  # sync BN (certkd.distributed): statistics of the global batch
-        out, mean, var = with_stats(p)
-        return mean, var, out
-    dims = [0] + list(range(2, p.dim()))
-    var, mean = torch.var_mean(p, dims, unbiased=False)
-    return mean, var, layer(p)  # same statistics; updates the running ones as a normal forward does
-
-
-def _bn_affine(layer: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) with BN(v) = v·scale + shift."""
-    scale = torch.rsqrt(var + layer.eps)
-    if layer.affine:
-        scale = scale * layer.weight
-        shift = layer.bias - mean * scale
-    else:
-        shift = -mean * scale
-    return scale, shift
-
-
-@interval_rule(nn.BatchNorm1d, nn.BatchNorm2d)
-def _batchnorm(layer: nn.modules.batchnorm._BatchNorm, c: Tensor, r: Tensor, p: Optional[Tensor]):
-    if layer.training:
-        mean, var, p = _batch_stats(layer, p)
-    else:
-        mean, var = layer.running_mean, layer.running_var
-    scale, shift = _bn_affine(layer, mean, var)
-    shape = (1, -1) + (1,) * (c.dim() - 2)
-    c = torch.addcmul(shift.view(shape), c, scale.view(shape))
-    r = r * scale.abs().view(shape)
-    if p is not None and not layer.training:
-        p = layer(p)
-    return c, r, p
-
-
-def _fusable(layer: nn.Module, bn: Optional[nn.Module]) -> bool:
-    """Whether ``layer`` → ``bn`` is propagated as one fused affine map.
-
-    Only Conv2d → BatchNorm2d: there the activations dwarf the weights, so folding BN into the
-    weights saves full-size passes. A Linear's weight is usually larger than its (N, m)
-    activations, so Linear → BatchNorm1d keeps the plain rules.
+    Each node applies its rule class's ``interval``; a Conv2d whose only consumer is a
+    BatchNorm2d is propagated as one fused affine map (the speed note above). ReLU inputs are
+    appended to ``pre``. Returns the (c, r, p) of node ``stop``.
     """
-    if not isinstance(bn, nn.BatchNorm2d) or _rule_for(bn) is not _batchnorm:
-        return False
-    if not bn.training and (bn.running_mean is None or bn.running_var is None):
-        return False  # eval mode with batch statistics: leave it to the plain rule (and its error)
-    return _rule_for(layer) is _conv2d and layer.padding_mode == "zeros"
+    stop = net.output if stop is None else stop
+    nodes, consumers, last = net.nodes, net.consumers(), _last_uses(net, stop)
+    vals: Dict[int, Tuple] = {0: (c, r, p)}
+    fused: Dict[int, int] = {}  # BatchNorm node -> the Conv2d node folded into it
+    for i in range(1, stop + 1):
+        node = nodes[i]
+        rule = node.rule
+        reads = node.inputs
+        if i in fused:
+            conv = nodes[fused[i]]
+            reads = conv.inputs
+            c, r, p = rule.interval_after_conv(conv.rule, *vals[conv.inputs[0]])
+        elif len(node.inputs) == 1:
+            nxt = consumers[i]
+            if (type(rule) is Conv2d and len(nxt) == 1 and nxt[0] <= stop and isinstance(nodes[nxt[0]].rule, BatchNorm)
+                    and nodes[nxt[0]].rule.fusable_after(rule)):
+                fused[nxt[0]] = i
+                last[node.inputs[0]] = max(last[node.inputs[0]], nxt[0])
+                continue
+            c, r, p = vals[node.inputs[0]]
+            if rule.is_relu and pre is not None:
+                pre.append((c, r))
+            c, r, p = rule.interval(c, r, p)
+        else:
+            ins = [vals[j] for j in node.inputs]
+            c, r, p = rule.interval(tuple(v[0] for v in ins), tuple(v[1] for v in ins),
+                                    None if ins[0][2] is None else tuple(v[2] for v in ins))
+        vals[i] = (c, r, p)
+        for j in set(reads):  # free what no later node reads (peak memory)
+            if last[j] <= i and j != stop:
+                vals.pop(j, None)
+    return vals[stop]
 
 
-def _affine_batchnorm(layer: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, c: Tensor, r: Tensor,
-                      p: Optional[Tensor]):
-    """Conv2d followed by BatchNorm2d as one affine map (BN folded into the weights).
-
-    In train mode the statistics are those of the point's pre-BN activations, as in the
-    layer-by-layer rules; the point itself goes through the unfused layers, so its output and
-    the running statistics are exactly those of a normal forward.
-    """
-    if bn.training:
-        mean, var, p = _batch_stats(bn, layer(p) if p is not None else None)
-    else:
-        mean, var = bn.running_mean, bn.running_var
-        if p is not None:
-            p = bn(layer(p))
-    scale, shift = _bn_affine(bn, mean, var)
-    weight = layer.weight * scale.view(-1, 1, 1, 1)
-    bias = shift if layer.bias is None else torch.addcmul(shift, layer.bias, scale)
-    args = (layer.stride, layer.padding, layer.dilation, layer.groups)
-    return F.conv2d(c, weight, bias, *args), F.conv2d(r, weight.abs(), None, *args), p
-
-
-def _grad_through(*ts: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
-@interval_rule(nn.ReLU)
-def _relu(layer: nn.ReLU, c: Tensor, r: Tensor, p: Optional[Tensor]):
-    # upper, lower = relu(c ± r); centre/radius = (upper ± lower) / 2 (·0.5 is exact, as /2).
-    # Fresh temporaries are modified in place; c and r are kept (they are the recorded
-    # pre-activations), and relu's saved output is left intact when autograd records.
-    upper = torch.add(c, r).relu_()
-    lower = torch.sub(c, r).relu_()
-    center = torch.add(upper, lower).mul_(0.5)
-    radius = (torch.sub(upper, lower) if _grad_through(upper, lower) else upper.sub_(lower)).mul_(0.5)
-    return center, radius, (torch.relu(p) if p is not None else None)
-
-
-@interval_rule(nn.Flatten)
-def _flatten(layer: nn.Flatten, c: Tensor, r: Tensor, p: Optional[Tensor]):
-    return layer(c), layer(r), (layer(p) if p is not None else None)
-
-
-@interval_rule(nn.Identity)
-def _identity(layer: nn.Module, c: Tensor, r: Tensor, p: Optional[Tensor]):
-    return c, r, (layer(p) if p is not None else None)
-
-
-def interval_bounds(layers: nn.Sequential, lower: Tensor, upper: Tensor, point: Optional[Tensor] = None) -> IntervalBounds:
+def interval_bounds(layers: nn.Module, lower: Tensor, upper: Tensor, point: Optional[Tensor] = None) -> IntervalBounds:
     """Propagate the box [lower, upper] (and optionally a point inside it) through ``layers``.
 
     Args:
-        layers: a sequence of supported layers, e.g. ``model.features``.
+        layers: a sequence of supported layers, e.g. ``model.features`` (any module or
+            :class:`~certkd.graph.Network` that :func:`certkd.graph.from_module` accepts).
         lower, upper: (N, C, H, W) input box, lower <= upper elementwise.
         point: (N, C, H, W) optional input whose forward is computed in the same pass; required
             when the sequence contains train-mode BatchNorm (its batch statistics are used).
     Returns:
         :class:`IntervalBounds` of the output of ``layers``.
     """
-    c, r, p = (upper + lower) / 2, (upper - lower) / 2, point
+    return _bounds(from_module(layers), lower, upper, point)
+
+
+def _bounds(net: Network, lower: Tensor, upper: Tensor, point: Optional[Tensor], stop: Optional[int] = None):
+    c, r = (upper + lower) / 2, (upper - lower) / 2
     pre: List[Tuple[Tensor, Tensor]] = []
     channels_last = c.dim() == 4 and c.device.type == "cpu"
     if channels_last:  # oneDNN convolutions on CPU run faster on NHWC than on NCHW activations
         c, r = c.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
-    seq = list(layers)
-    i = 0
-    while i < len(seq):
-        layer = seq[i]
-        nxt = seq[i + 1] if i + 1 < len(seq) else None
-        if _fusable(layer, nxt):
-            c, r, p = _affine_batchnorm(layer, nxt, c, r, p)
-            i += 2
-            continue
-        if isinstance(layer, nn.ReLU):
-            pre.append((c, r))
-        c, r, p = _rule_for(layer)(layer, c, r, p)
-        i += 1
+    c, r, p = walk_intervals(net, c, r, point, stop, pre)
     lower, upper = c - r, c + r
     if channels_last and lower.dim() == 4:  # hand back the default layout
         lower, upper = lower.contiguous(), upper.contiguous()
@@ -263,9 +183,18 @@ def elided_lower_bounds(head: nn.Linear, lower: Tensor, upper: Tensor, labels: T
 
 def ibp_logit_difference_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Tensor,
                                 point: Optional[Tensor] = None) -> Tuple[Tensor, IntervalBounds]:
-    """IBP lower bounds on z_y − z_j for a :class:`~certkd.models.CertifiableNet`.
+    """IBP lower bounds on z_y − z_j for a :class:`~certkd.models.CertifiableNet` or any network
+    :func:`certkd.graph.from_module` accepts whose last layer is a Linear (merged into C).
 
-    Returns (lb (N, K−1), feature bounds). ``bounds.point_output`` holds h(point) if given.
+    Returns (lb (N, K−1), feature bounds: the input of the last Linear). ``bounds.point_output``
+    holds h(point) if given.
     """
-    feats = interval_bounds(model.features, lower, upper, point)
-    return elided_lower_bounds(model.head, feats.lower, feats.upper, labels), feats
+    if isinstance(getattr(model, "features", None), nn.Module) and isinstance(getattr(model, "head", None), nn.Linear):
+        feats, head = interval_bounds(model.features, lower, upper, point), model.head
+    else:
+        net = from_module(model)
+        last = net.nodes[net.output]
+        if type(last.rule) is not Linear:
+            raise TypeError("ibp_logit_difference_bounds needs a network whose last layer is a Linear")
+        feats, head = _bounds(net, lower, upper, point, stop=last.inputs[0]), last.rule.module
+    return elided_lower_bounds(head, feats.lower, feats.upper, labels), feats

@@ -1,7 +1,7 @@
 """Small layers shared by the model zoo."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,3 +27,19 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+
+
+class Residual(nn.Module):
+    """y = shortcut(x) + body(x) (``shortcut`` defaults to the identity): a residual block.
+
+    Every engine handles it through :mod:`certkd.graph` (a DAG with an Add node).
+    Shape: (N, *) -> (N, *), body and shortcut must produce the same shape.
+    """
+
+    def __init__(self, body: nn.Module, shortcut: Optional[nn.Module] = None):
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.body(x)

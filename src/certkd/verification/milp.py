@@ -5,7 +5,9 @@ returns a counterexample; on small networks it is the referee for the incomplete
 
 Encoding
 --------
-* **Affine maps.** Between two ReLUs, the layers (Normalize, Conv2d, eval-mode BatchNorm,
+* **Affine maps** (from the model's graph, :mod:`certkd.graph`; each layer's rule class gives
+  its sparse matrix, and a map may read any earlier ReLU layer, which is how residual
+  connections are encoded). Between two ReLUs, the layers (Normalize, Conv2d, eval-mode BatchNorm,
   Flatten, Linear, Identity/Dropout) are composed into one sparse affine map ``v ↦ M v + b`` in
   float64 on C-order flattened vectors (a Conv2d becomes its sparse matrix, built by index
   arithmetic; BatchNorm and Normalize are diagonal). Everything after the last ReLU, the head
@@ -66,7 +68,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -74,7 +76,7 @@ import torch
 from torch import Tensor, nn
 
 from certkd.attacks.pgd import eval_mode, linf_box
-from certkd.models.layers import Normalize
+from certkd.graph.convert import from_module
 
 _VERIFIED, _FALSIFIED, _TIMEOUT = "verified", "falsified", "timeout"
 
@@ -133,105 +135,49 @@ def _identity(n: int) -> _Affine:
     return _Affine(sp.identity(n, dtype=np.float64, format="csr"), np.zeros(n))
 
 
-def _channel_diag(scale: np.ndarray, shift: np.ndarray, shape: Tuple[int, ...]) -> _Affine:
-    """Per-channel v·scale + shift for a vector of shape (C, *rest) (channels first)."""
-    rest = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    s, b = np.repeat(scale, rest), np.repeat(shift, rest)
-    return _Affine(sp.diags(s, format="csr"), b)
-
-
-def _pair(v) -> Tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _conv_padding(layer: nn.Conv2d) -> Tuple[int, int]:
-    """Top/left zero padding of a Conv2d (the bottom/right amount only changes the output size)."""
-    if isinstance(layer.padding, str):
-        if layer.padding == "valid":
-            return 0, 0
-        dh, dw = _pair(layer.dilation)
-        kh, kw = _pair(layer.kernel_size)
-        return (dh * (kh - 1)) // 2, (dw * (kw - 1)) // 2  # torch's 'same': the smaller half first
-    return _pair(layer.padding)
-
-
-def _conv_affine(layer: nn.Conv2d, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...]) -> _Affine:
-    """The sparse matrix of a zero-padded Conv2d, by index arithmetic."""
-    if layer.padding_mode != "zeros":
-        raise TypeError("MILP encoding supports Conv2d with zero padding only")
-    cin, hin, win = in_shape
-    cout, hout, wout = out_shape
-    w = layer.weight.detach().double().cpu().numpy()  # (cout, cin/groups, kh, kw)
-    groups = layer.groups
-    cin_g, cout_g = cin // groups, cout // groups
-    kh, kw = w.shape[2:]
-    sh, sw = _pair(layer.stride)
-    dh, dw = _pair(layer.dilation)
-    ph, pw = _conv_padding(layer)
-    co, ci, ki, kj, oh, ow = np.meshgrid(np.arange(cout), np.arange(cin_g), np.arange(kh), np.arange(kw),
-                                         np.arange(hout), np.arange(wout), indexing="ij")
-    ih, iw = oh * sh - ph + ki * dh, ow * sw - pw + kj * dw
-    ok = (ih >= 0) & (ih < hin) & (iw >= 0) & (iw < win)
-    co, ci, ki, kj, oh, ow, ih, iw = (a[ok] for a in (co, ci, ki, kj, oh, ow, ih, iw))
-    cin_abs = (co // cout_g) * cin_g + ci
-    rows = (co * hout + oh) * wout + ow
-    cols = (cin_abs * hin + ih) * win + iw
-    vals = w[co, ci, ki, kj]
-    mat = sp.csr_matrix((vals, (rows, cols)), shape=(cout * hout * wout, cin * hin * win))
-    mat.sum_duplicates()
-    bias = (np.zeros(cout) if layer.bias is None else layer.bias.detach().double().cpu().numpy())
-    return _Affine(mat, np.repeat(bias, hout * wout))
-
-
-def _layer_affine(layer: nn.Module, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...]) -> _Affine:
-    n_in = int(np.prod(in_shape))
-    if isinstance(layer, Normalize):
-        mean = layer.mean.detach().double().cpu().numpy()
-        std = layer.std.detach().double().cpu().numpy()
-        c = in_shape[0]
-        mean, std = np.broadcast_to(mean, (c,)), np.broadcast_to(std, (c,))
-        return _channel_diag(1.0 / std, -mean / std, in_shape)
-    if isinstance(layer, nn.Conv2d):
-        return _conv_affine(layer, in_shape, out_shape)
-    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if layer.running_mean is None or layer.running_var is None:
-            raise TypeError("MILP encoding needs BatchNorm with running statistics (eval mode)")
-        var = layer.running_var.detach().double().cpu().numpy()
-        mean = layer.running_mean.detach().double().cpu().numpy()
-        scale = 1.0 / np.sqrt(var + layer.eps)
-        if layer.affine:
-            scale = scale * layer.weight.detach().double().cpu().numpy()
-            shift = layer.bias.detach().double().cpu().numpy() - mean * scale
-        else:
-            shift = -mean * scale
-        return _channel_diag(scale, shift, in_shape)
-    if isinstance(layer, nn.Linear):
-        if len(in_shape) != 1:
-            raise TypeError(f"MILP encoding supports Linear on flat inputs only, got shape {in_shape}")
-        w = layer.weight.detach().double().cpu().numpy()
-        b = np.zeros(w.shape[0]) if layer.bias is None else layer.bias.detach().double().cpu().numpy()
-        return _Affine(sp.csr_matrix(w), b)
-    if isinstance(layer, (nn.Flatten, nn.Identity, nn.Dropout)):
-        return _identity(n_in)  # C-order flattening keeps the vector as it is
-    raise TypeError(f"MILP encoding does not support layer {type(layer).__name__}")
-
-
 def _network_maps(model: nn.Module, in_shape: Tuple[int, ...]) -> Tuple[List[_Affine], _Affine]:
-    """Affine maps to each ReLU's pre-activation, and the map from the last post-activation to logits."""
+    """Affine maps to each ReLU's pre-activation, and the map to the logits, from the model's graph.
+
+    Every map acts on the concatenation of the *sources* ``[x, h_0, …, h_{k−1}]`` (the input and
+    the post-activations of the earlier ReLU layers), so residual connections, which read an
+    older source, need nothing special; in a chain network only the last source has non-zeros.
+    Each node's rule class supplies its sparse float64 matrices (``Layer.affine``), composed here.
+    """
+    net = from_module(model)
+    shapes = net.shapes(tuple(in_shape))
+    sizes = [int(np.prod(shapes[0]))]
+    # per node: {source: matrix from that source}, bias
+    reps: Dict[int, Tuple[Dict[int, sp.csr_matrix], np.ndarray]] = {0: ({0: _identity(sizes[0]).matrix},
+                                                                       np.zeros(sizes[0]))}
     blocks: List[_Affine] = []
-    shape = tuple(in_shape)
-    current = _identity(int(np.prod(shape)))
-    layers = list(model.features) + [model.head]
-    with torch.no_grad():
-        for layer in layers:
-            if isinstance(layer, nn.ReLU):
-                blocks.append(current)
-                current = _identity(current.matrix.shape[0])
-                continue
-            out_shape = tuple(layer(torch.zeros((1,) + shape, device=_device(model))).shape[1:])
-            current = current.then(_layer_affine(layer, shape, out_shape))
-            shape = out_shape
-    return blocks, current
+
+    def stacked(rep) -> _Affine:
+        mats, bias = rep
+        rows = bias.size
+        parts = [mats[s] if s in mats else sp.csr_matrix((rows, n)) for s, n in enumerate(sizes)]
+        return _Affine(sp.csr_matrix(sp.hstack(parts, format="csr")), bias)
+
+    consumers = net.consumers()
+    for i, node in enumerate(net.nodes[1:], 1):
+        if node.rule.is_relu:
+            blocks.append(stacked(reps[node.inputs[0]]))
+            n = int(np.prod(shapes[i]))
+            sizes.append(n)
+            reps[i] = ({len(sizes) - 1: _identity(n).matrix}, np.zeros(n))
+        else:
+            mats, bias = node.rule.affine([shapes[j] for j in node.inputs], shapes[i])
+            out: Dict[int, sp.csr_matrix] = {}
+            bias = np.asarray(bias, dtype=np.float64).copy()
+            for m, j in zip(mats, node.inputs):
+                src_mats, src_bias = reps[j]
+                for s, x in src_mats.items():
+                    out[s] = sp.csr_matrix(m @ x) if s not in out else sp.csr_matrix(out[s] + m @ x)
+                bias = bias + m @ src_bias
+            reps[i] = (out, bias)
+        for j in node.inputs:  # drop what no later node reads
+            if j != net.output and all(c <= i for c in consumers[j]):
+                reps.pop(j, None)
+    return blocks, stacked(reps[net.output])
 
 
 # --------------------------------------------------------------------------- bounds
@@ -250,7 +196,8 @@ def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndar
                           deadline: float, threads: int, point: np.ndarray) -> Tuple[list, np.ndarray, np.ndarray]:
     """Bounds of every pre-activation, layer by layer, and the box of the last post-activation.
 
-    Each layer: float64 interval bounds from the previous layer's box, intersected with the
+    Maps act on the concatenated sources (see :func:`_network_maps`); the returned box is that of
+    all sources. Each layer: float64 interval bounds from the previous layers' boxes, intersected with the
     caller's bounds (``extra``); with ``tighten="lp"`` the still-unstable neurons of layers ≥ 2
     are then bounded by LP over the relaxation of the layers before (see :func:`_lp_tighten`).
     """
@@ -260,7 +207,7 @@ def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndar
     plo, phi = lo, hi
     for k, blk in enumerate(blocks):
         z_point = blk.apply(point)
-        point = np.maximum(z_point, 0.0)
+        point = np.concatenate([point, np.maximum(z_point, 0.0)])
         l, u = _interval(blk, plo, phi)
         if extra is not None:
             el = extra[k][0].detach().double().cpu().reshape(-1).numpy()
@@ -275,7 +222,7 @@ def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndar
         if tighten == "lp" and k >= 1 and time.perf_counter() < deadline:
             l, u = _lp_tighten(blocks[:k], bounds, blk, l, u, lo, hi, deadline, threads, z_point)
         bounds.append((l, u))
-        plo, phi = np.maximum(l, 0.0), np.maximum(u, 0.0)
+        plo, phi = np.concatenate([plo, np.maximum(l, 0.0)]), np.concatenate([phi, np.maximum(u, 0.0)])
     return bounds, plo, phi
 
 
@@ -415,7 +362,7 @@ class _Encoding:
     rows: sp.csr_matrix
     row_lower: np.ndarray
     row_upper: np.ndarray
-    post_cols: np.ndarray  # columns of the last post-activation (−1: constant 0)
+    post_cols: np.ndarray  # columns of all sources [x, h_0, ...] (−1: constant 0)
     num_inputs: int
     num_binaries: int
 
@@ -433,7 +380,7 @@ def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndar
     col_hi: List[np.ndarray] = [hi]
     integ: List[np.ndarray] = [np.zeros(lo.size, bool)]
     n_col = lo.size
-    post = np.arange(lo.size)  # columns holding the previous post-activation
+    post = np.arange(lo.size)  # columns holding the sources [x, h_0, ...] (−1: constant 0)
     r_idx, c_idx, vals, r_lo, r_hi = [], [], [], [], []
     n_row = 0
     n_bin = 0
@@ -491,7 +438,7 @@ def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndar
             add_rows(np.concatenate([q, q]), np.concatenate([h, a]), np.concatenate([one, -uu]),
                      np.full(uns.size, -np.inf), np.zeros(uns.size))
             n_bin += uns.size
-        post = new_post
+        post = np.concatenate([post, new_post])
 
     rows = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0),
                           (np.concatenate(r_idx) if r_idx else np.zeros(0, int),
@@ -694,7 +641,7 @@ def _inside(blocks: Sequence[_Affine], bounds: list, point: Tensor) -> bool:
         z = blk.apply(v)
         if np.any(z < l - _PAD_ABS - _PAD_REL * np.abs(l)) or np.any(z > u + _PAD_ABS + _PAD_REL * np.abs(u)):
             return False
-        v = np.maximum(z, 0.0)
+        v = np.concatenate([v, np.maximum(z, 0.0)])
     return True
 
 
@@ -702,7 +649,7 @@ def _check_encoding(model: nn.Module, blocks: Sequence[_Affine], head: _Affine, 
     """Compare a float64 forward through the composed maps with the PyTorch forward."""
     v = point.double().reshape(-1).numpy()
     for blk in blocks:
-        v = np.maximum(blk.apply(v), 0.0)
+        v = np.concatenate([v, np.maximum(blk.apply(v), 0.0)])
     z = head.apply(v)
     ref = _forward(model, point).double().numpy()
     if not np.allclose(z, ref, rtol=1e-3, atol=1e-3):
