@@ -147,12 +147,16 @@ def test_torchrun_cli_float32_and_only_rank_zero_writes(float32_runs):
 def test_resume_under_torchrun_equals_uninterrupted(float32_runs):
     """A 1-epoch torchrun run extended to 2 epochs with --resume equals a 2-epoch torchrun run
     exactly (same decomposition): every rank restores weights, optimiser and RNG state."""
-    root, preset = float32_runs["root"], float32_runs["preset"]
+    root = float32_runs["root"]
     resumed = root / "resumed"
     shutil.copytree(float32_runs["dist"], resumed)
     cfg = yaml.safe_load((resumed / "config.yaml").read_text())
     (resumed / "config.yaml").write_text(yaml.safe_dump(dict(cfg, epochs=2), sort_keys=False))
+    # the uninterrupted run gets this very config (`--epochs 2` on the 1-epoch preset would rescale its schedule)
+    shutil.copy(resumed / "config.yaml", root / "full.yaml")
     _torchrun("-m", "certkd", "train", "--out", str(resumed), "--resume", "--quiet")
-    _torchrun("-m", "certkd", "train", "--preset", str(preset), "--epochs", "2", "--out", str(root / "full"), "--quiet")
+    _torchrun("-m", "certkd", "train", "--preset", str(root / "full.yaml"), "--out", str(root / "full"), "--quiet")
+    stored = [yaml.safe_load((run / "config.yaml").read_text()) for run in (resumed, root / "full")]
+    assert stored[0] == stored[1]
     _assert_close(_weights(resumed), _weights(root / "full"), rtol=0.0)
     assert [m["epoch"] for m in _metrics(resumed)] == [1, 2]
