@@ -10,12 +10,12 @@ from certkd.config import (DISTILLATION_METHODS, METHODS, TEACHER_DEFAULTS, Trai
                            list_presets, load_preset, resolve_config)
 from certkd.errors import CertkdError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "src" / "certkd" / "presets"
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def test_repository_has_presets():
-    assert PRESETS, "configs/ should hold at least one preset"
+    assert PRESETS, "src/certkd/presets/ should hold at least one preset"
     assert set(PRESETS) <= set(list_presets())
 
 

@@ -97,9 +97,10 @@ def test_report_md_has_table_plot_and_exact_commands(runs, report, monkeypatch):
     md = (out / "report.md").read_text()
     assert "| configuration" in md and "| cc-ibp" in md and "| pgd-at" in md
     assert "](pareto.png)" in md and "curves/ccdist.png" in md
-    lines = [l for l in md.splitlines() if l.startswith("certkd train")]
+    lines = [l for l in md.splitlines() if l.startswith(("certkd train", "certkd teacher"))]
     assert len(lines) == 4
     assert lines[0].endswith(str(runs / "teacher"))  # the teacher first: students need it
+    assert lines[0].startswith("certkd teacher ")  # written as the command that made it
     evaluate = [l for l in md.splitlines() if l.startswith("certkd evaluate")]
     assert len(evaluate) == 1 and evaluate[0].endswith(" --limit 30")  # one line: same flags for all four
     assert all(str(runs / name) in evaluate[0] for name in ("teacher", "ccibp-s0", "ccibp-s1", "ccdist"))
@@ -263,3 +264,123 @@ def test_cli_report_and_card(runs, tmp_path, capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 14: numbers a reader can trust (n, same points, unfinished/collapsed marks), plots, commands
+# ------------------------------------------------------------------------------------------------
+
+def _record(tmp_path, name, ev=None, ver=None, epoch=2, **overrides):
+    cfg = certkd.resolve_config("digits-small", dict({"epochs": 2}, **overrides))
+    return reporting.RunRecord(path=tmp_path / name, name=name, config=cfg, evaluation=ev, verification=ver,
+                               checkpoint=tmp_path / name / "checkpoints" / f"epoch-{epoch:04d}",
+                               meta={"epoch": epoch})
+
+
+def _result(n, indices, **values):
+    return dict(values, n=n, eps=0.05, certifies={"indices_sha256": indices, "n": n})
+
+
+def test_results_table_shows_n_and_says_when_ibp_and_verified_are_on_other_points(tmp_path):
+    same = _record(tmp_path, "same", _result(20, "aaa", clean_accuracy=0.9, pgd_accuracy=0.8,
+                                             ibp_verified_accuracy=0.5),
+                   _result(20, "aaa", verified_accuracy=0.6, crown_verified_accuracy=0.55), seed=1)
+    other = _record(tmp_path, "other", _result(300, "bbb", clean_accuracy=0.9, pgd_accuracy=0.8,
+                                               ibp_verified_accuracy=0.5),
+                    _result(20, "ccc", verified_accuracy=0.7, crown_verified_accuracy=0.6), method="ibp")
+    table = reporting.results_table(reporting.group_runs([same, other]))
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert header == ["configuration", "ε", "seeds", "clean", "PGD", "IBP", "n", "CROWN", "verified", "n verified",
+                      "notes"]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
+    assert rows["cc-ibp"]["n"] == "20" and rows["cc-ibp"]["n verified"] == "20" and rows["cc-ibp"]["notes"] == "–"
+    assert rows["ibp"]["n"] == "300" and rows["ibp"]["n verified"] == "20"
+    assert "IBP (n=300) and verified (n=20) on different points" in rows["ibp"]["notes"]
+    csv_rows = {r["group"]: r for r in csv.DictReader(io.StringIO(reporting.results_csv(
+        reporting.group_runs([same, other]))))}
+    assert csv_rows["ibp"]["ibp_verified_accuracy_points"] == "300"
+    assert csv_rows["ibp"]["verified_accuracy_points"] == "20" and "different points" in csv_rows["ibp"]["notes"]
+
+
+def test_tables_mark_unfinished_and_collapsed_runs(tmp_path):
+    collapsed = _result(30, "a", clean_accuracy=0.1, pgd_accuracy=0.1, ibp_verified_accuracy=0.0,
+                        predictions={"collapsed": True, "top_class": 3, "top_share": 1.0})
+    runs = [_record(tmp_path, "s0", _result(30, "a", clean_accuracy=0.9, pgd_accuracy=0.8, ibp_verified_accuracy=0.5),
+                    epoch=1, seed=0),
+            _record(tmp_path, "s1", collapsed, seed=1)]
+    groups = reporting.group_runs(runs)
+    table = reporting.results_table(groups)
+    assert "unfinished (1/2 runs)" in table and "collapsed (1/2 runs)" in table
+    measured = reporting.measured_table(runs)
+    assert "unfinished (epoch 1/2)" in measured and "collapsed" in measured
+    terminal = reporting.accuracy_table({"a": dict(collapsed, training={"finished": False, "epoch": 1, "epochs": 2})})
+    assert "| n " in terminal and "unfinished (epoch 1/2); collapsed" in terminal and "| 30 " in terminal
+
+
+def test_curves_plot_loss_components_distillation_term_and_integer_epochs(tmp_path, monkeypatch):
+    rec = _record(tmp_path, "dist", method="cc-dist", teacher="t", beta=0.1)
+    rec.metrics = [{"epoch": e, "lr": 1e-3, "train": {"loss": 3.0 - e / 10, "ce_clean": 2.0, "robust_loss": 2.1,
+                                                      "reg": 0.01, "dist": 9.0 - e, "eps": 0.01 * e,
+                                                      "acc_clean": 0.5}}
+                   for e in range(1, 8)]
+    rec.metrics[-1]["test"] = {"clean_accuracy": 0.5, "pgd_accuracy": 0.4, "ibp_verified_accuracy": 0.2, "n": 30}
+    figs = []
+    monkeypatch.setattr(reporting, "_save_png", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(reporting._pyplot(), "close", lambda fig: None)
+    reporting.plot_curves(rec, tmp_path / "c.png")
+    (fig,) = figs
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    comp = axes["loss components (unweighted)"]
+    assert {l.get_label() for l in comp.lines} >= {"clean cross-entropy", "certified / expressive loss",
+                                                   "warm-up regulariser (before λ)"}
+    (dist_title,) = [t for t in axes if t.startswith("distillation term D")]
+    assert list(axes[dist_title].lines[0].get_ydata()) == [9.0 - e for e in range(1, 8)]
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+
+
+def test_commands_use_relative_data_dirs_and_certkd_teacher(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    data = tmp_path / "mydata" / "mnist"
+    cfg = certkd.resolve_config("mnist-0.1-cpu", {"data_dir": str(data)})
+    line = reporting.train_command(cfg, "runs/m", "mnist-0.1-cpu")
+    assert "--data-dir ../mydata/mnist" in line and str(tmp_path) not in line
+    teacher = certkd.resolve_config("digits-small", {"epochs": 3}, teacher=True)
+    line = reporting.train_command(teacher, "runs/t")
+    assert line.startswith("certkd teacher --preset digits-small") and "--epochs 3" in line
+    assert "--set" not in line  # the rescaled schedule needs no --set: --epochs implies it
+    ctx = cli.commands["teacher"].make_context("teacher", shlex.split(line)[2:])
+    from certkd.cli import _overrides
+    assert certkd.resolve_config(ctx.params["preset"], _overrides(ctx.params), teacher=True) == teacher
+
+
+def test_card_states_lr_decay_and_an_unfinished_ramp(runs, tmp_path):
+    card = reporting.model_card(runs / "ccibp-s0")  # 2 epochs of digits-small: milestones rescaled to [2, 2]
+    assert "at epochs [" not in card and "no decay within the epochs" in card
+    short = tmp_path / "short"
+    certkd.train(certkd.resolve_config("digits-small", {"epochs": 1, "eps_length": 5, "eval_limit": 10}), short,
+                 progress=False, log=_quiet)
+    card = reporting.model_card(short)
+    assert "**not finished**: ends at epoch 5, after the 1 epochs" in card
+
+
+def test_a_sweep_command_is_used_only_while_it_still_resolves_to_the_runs(tmp_path):
+    """A sweep made before --epochs rescaled the schedule: its command would now train other configs, so
+    its runs get their own exact commands instead."""
+    sweep = tmp_path / "S"
+    (sweep / "epochs=2_seed=0").mkdir(parents=True)
+    command = f"certkd sweep --preset digits-small --grid epochs=2 --seeds 0 --out {sweep}"
+    (sweep / "sweep.json").write_text(json.dumps({"command": command, "runs": [{"name": "epochs=2_seed=0"}]}))
+    now = certkd.resolve_config("digits-small", {"epochs": 2, "seed": 0})
+    rec = reporting.RunRecord(path=sweep / "epochs=2_seed=0", name="r", config=now)
+    assert reporting._sweep_of(rec) == (sweep, command)
+    old = certkd.config.apply_overrides(now, {"eps_start": 2, "eps_length": 15, "lr_milestones": [30, 36]})
+    rec = reporting.RunRecord(path=sweep / "epochs=2_seed=0", name="r", config=old)
+    assert reporting._sweep_of(rec) is None
+    line = reporting.train_command(old, rec.path, "digits-small")
+    assert "--set eps_length=15" in line and "--epochs 2" in line

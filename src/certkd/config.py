@@ -1,14 +1,16 @@
 """Typed configuration, YAML presets and overrides.
 
 Resolution order: :class:`TrainConfig` defaults (SPEC §3, §7: the paper's settings) ←
-preset YAML (``configs/NAME.yaml``) ← explicit overrides (CLI flags, ``--set key=value``).
+preset YAML (``certkd/presets/NAME.yaml``, package data) ← explicit overrides (CLI flags, ``--set key=value``).
 The resolved config is written next to every run's outputs.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
@@ -180,7 +182,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 raise ValueError
             return int(value)
         if hint is float:
-            return float(value)
+            return parse_number(value) if isinstance(value, str) else float(value)
         if hint is str:
             return str(value)
         if origin in (list, List):
@@ -196,8 +198,25 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ZeroDivisionError):
         raise CertkdError(f"invalid value {value!r} for '{name}': expected {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def parse_number(text: Union[str, float, int]) -> float:
+    """A float from ``0.1``, ``1e-3`` or a fraction ``2/255`` (the usual way to write image radii).
+
+    Raises:
+        ValueError: for anything else (callers turn it into a one-line error).
+    """
+    if not isinstance(text, str):
+        return float(text)
+    s = text.strip()
+    if s.count("/") == 1:
+        num, den = (part.strip() for part in s.split("/"))
+        value = float(num) / float(den)  # ZeroDivisionError is a ValueError to the caller
+    else:
+        value = float(s)
     return value
 
 
@@ -252,20 +271,58 @@ def apply_overrides(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
 
 
 def config_dirs() -> List[Path]:
-    """Where presets are looked up: $CERTKD_CONFIG_DIR, then the repository's ``configs/``."""
-    dirs = []
-    if os.environ.get("CERTKD_CONFIG_DIR"):
-        dirs.append(Path(os.environ["CERTKD_CONFIG_DIR"]))
-    dirs.append(Path(__file__).resolve().parents[2] / "configs")
-    return dirs
+    """Folders of the user's own presets: ``$CERTKD_CONFIG_DIR`` (``os.pathsep``-separated), looked up
+    before the built-in presets (:func:`builtin_presets`)."""
+    raw = os.environ.get("CERTKD_CONFIG_DIR", "")
+    return [Path(d) for d in raw.split(os.pathsep) if d]
+
+
+def builtin_presets() -> Dict[str, Any]:
+    """``{name: resource}`` of the presets shipped inside the package (``certkd/presets/*.yaml``),
+    read with :mod:`importlib.resources`, so they are there in a wheel install as in a checkout."""
+    from importlib import resources
+
+    try:
+        folder = resources.files("certkd.presets")
+    except (ModuleNotFoundError, TypeError):  # a broken install: no built-in presets rather than a crash
+        return {}
+    return {entry.name[: -len(".yaml")]: entry for entry in folder.iterdir()
+            if entry.name.endswith(".yaml") and entry.is_file()}
 
 
 def list_presets() -> List[str]:
-    names = set()
+    """Names of the user's presets ($CERTKD_CONFIG_DIR) and the built-in ones, sorted."""
+    names = set(builtin_presets())
     for d in config_dirs():
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.yaml"))
     return sorted(names)
+
+
+def preset_description(name: str) -> str:
+    """The first sentence of a preset's leading comment block ('' when it has none)."""
+    path = _find_user_preset(name)
+    try:
+        text = path.read_text(encoding="utf-8") if path is not None else builtin_presets()[name].read_text(
+            encoding="utf-8")
+    except (OSError, KeyError, UnicodeDecodeError):
+        return ""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    block = " ".join(l for l in lines if l)
+    m = re.search(r"[.!?](\s|$)", block)
+    return block[: m.start() + 1] if m else block
+
+
+def _find_user_preset(name: str) -> Optional[Path]:
+    for d in config_dirs():
+        candidate = d / f"{name}.yaml"
+        if candidate.exists():
+            return candidate
+    return None
 
 
 PRESET_MAX_BYTES = 1 << 20  # a preset is a few hundred bytes; never read an unbounded file (/dev/zero)
@@ -295,33 +352,42 @@ def read_yaml_mapping(path: Path) -> Dict[str, Any]:
     if len(raw) > PRESET_MAX_BYTES:
         raise CertkdError(f"preset {path} is larger than {PRESET_MAX_BYTES >> 20} MB, not a YAML preset file; "
                           f"{_PRESET_FIX}")
+    return parse_yaml_mapping(raw, f"preset {path}")
+
+
+def parse_yaml_mapping(raw: bytes, what: str) -> Dict[str, Any]:
+    """The YAML mapping in ``raw`` (the bytes of ``what``, e.g. "preset mine.yaml"), or a one-line CertkdError."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise CertkdError(f"preset {path} is not a text file; {_PRESET_FIX}") from None
+        raise CertkdError(f"{what} is not a text file; {_PRESET_FIX}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise CertkdError(f"invalid YAML in {path}{where}: {getattr(e, 'problem', e)}; fix the file") from None
+        name = what[len("preset "):] if what.startswith("preset ") else what
+        raise CertkdError(f"invalid YAML in {name}{where}: {getattr(e, 'problem', e)}; fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise CertkdError(f"preset {path} must be a YAML mapping of config keys to values (lines such as "
+        raise CertkdError(f"{what} must be a YAML mapping of config keys to values (lines such as "
                           f"'method: cc-ibp'); fix the file or {_PRESET_FIX}")
     return data
 
 
 def load_preset(name_or_path: str) -> Dict[str, Any]:
-    """Preset values by name (``configs/NAME.yaml``) or by path to a YAML file."""
+    """Preset values by name (``$CERTKD_CONFIG_DIR/NAME.yaml``, else the built-in ``certkd/presets/NAME.yaml``)
+    or by path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and os.path.lexists(path):
         return read_yaml_mapping(path)
-    for d in config_dirs():
-        candidate = d / f"{name_or_path}.yaml"
-        if candidate.exists():
-            return read_yaml_mapping(candidate)
+    candidate = _find_user_preset(name_or_path)
+    if candidate is not None:
+        return read_yaml_mapping(candidate)
+    builtin = builtin_presets().get(name_or_path)
+    if builtin is not None:
+        return parse_yaml_mapping(builtin.read_bytes(), f"built-in preset {name_or_path}")
     if os.path.lexists(path):  # it exists, but is not a preset: say so rather than "does not exist"
         why = _not_a_preset(path) or "is not a YAML preset file (preset files end in .yaml or .yml)"
         raise CertkdError(f"preset {path} {why}; {_PRESET_FIX}")
@@ -332,29 +398,92 @@ def load_preset(name_or_path: str) -> Dict[str, Any]:
     listing = f"available: {', '.join(presets)}" if len(presets) <= 12 else \
         f"'certkd presets' lists all {len(presets)}"
     raise CertkdError(f"unknown preset '{name_or_path}'{_did_you_mean(name_or_path, presets)}; "
-                      f"{listing if presets else 'none found in ' + ', '.join(map(str, config_dirs()))}")
+                      f"{listing if presets else 'none found (is certkd installed completely?)'}")
+
+
+#: Keys of the training schedule that follow ``epochs`` (:func:`rescale_schedule`).
+SCHEDULE_KEYS = ("eps_start", "eps_length", "lr_milestones")
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def rescale_schedule(cfg: TrainConfig, epochs: int, keep: Sequence[str] = ()) -> TrainConfig:
+    """``cfg`` trained for ``epochs`` epochs, with its schedule stretched by ``epochs / cfg.epochs``.
+
+    The warm-up before the ε ramp (``eps_start - 1`` epochs), the ramp length ``eps_length`` and the
+    learning-rate milestones scale with the number of epochs, rounded to whole epochs, so that a
+    shorter run still reaches its target ε (by epoch ``eps_start + eps_length - 1 <= epochs``) and
+    decays its learning rate at the same fractions of training. A ramp keeps at least one epoch.
+    Keys in ``keep`` (set explicitly by the user) are left as they are.
+    """
+    old = cfg.epochs
+    if epochs == old or old < 1 or epochs < 1:
+        return dataclasses.replace(cfg, epochs=epochs)
+    r = epochs / old
+    updates: Dict[str, Any] = {"epochs": epochs}
+    start, length = cfg.eps_start, cfg.eps_length
+    if "eps_start" not in keep:
+        start = 1 + _round_half_up((cfg.eps_start - 1) * r)
+    if "eps_length" not in keep and cfg.eps_length > 0:
+        length = max(1, _round_half_up(cfg.eps_length * r))
+        if cfg.eps_start + cfg.eps_length - 1 <= old:  # the ramp ended within training: keep it so
+            length = max(1, min(length, epochs - start + 1))
+    if "eps_start" not in keep and length > 0 and start + length - 1 > epochs and cfg.eps_start + cfg.eps_length - 1 <= old:
+        start = max(1, epochs - length + 1)
+    updates["eps_start"], updates["eps_length"] = start, length
+    if "lr_milestones" not in keep:
+        updates["lr_milestones"] = [max(1, _round_half_up(m * r)) for m in cfg.lr_milestones]
+    return dataclasses.replace(cfg, **updates)
+
+
+def _apply_layer(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
+    """``apply_overrides``, and when ``values`` change ``epochs`` the schedule keys they do not set follow it."""
+    new = apply_overrides(cfg, values)
+    if new.epochs == cfg.epochs:
+        return new
+    given = {str(k).replace("-", "_") for k in values}
+    return dataclasses.replace(new, **{k: getattr(rescale_schedule(cfg, new.epochs, keep=[k for k in SCHEDULE_KEYS
+                                                                                           if k in given]), k)
+                                       for k in SCHEDULE_KEYS if k not in given})
 
 
 def resolve_config(preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
                    teacher: bool = False) -> TrainConfig:
     """defaults ← preset ← overrides, then validate.
 
+    When a layer (the preset, or the overrides) changes ``epochs``, the ε-ramp start and length and
+    the learning-rate milestones it does not set itself are rescaled to the new number of epochs
+    (:func:`rescale_schedule`): ``--epochs 5`` on a 70-epoch recipe still reaches the target ε and
+    decays the learning rate; an explicit ``--set eps_length=...`` (or milestones, start) wins.
+
     With ``teacher=True`` (the ``certkd teacher`` command) :data:`TEACHER_DEFAULTS` apply too:
     below a teacher preset (method standard/pgd-at/trades), above a student preset, so that
     ``certkd teacher --preset mnist-0.1-cpu`` trains a PGD-AT teacher at the student's ε.
     """
+    return _resolve(preset, overrides, teacher).validate()
+
+
+def base_config(preset: Optional[str] = None, teacher: bool = False) -> TrainConfig:
+    """defaults ← preset (← teacher defaults), unvalidated: what ``resolve_config`` starts from before
+    the overrides (and what ``--epochs`` rescales the schedule against)."""
+    return _resolve(preset, None, teacher)
+
+
+def _resolve(preset: Optional[str], overrides: Optional[Mapping[str, Any]], teacher: bool) -> TrainConfig:
     cfg = TrainConfig()
     values = load_preset(preset) if preset else {}
     if teacher:
         if values.get("method", "pgd-at") in EMPIRICAL_METHODS:
-            cfg = apply_overrides(apply_overrides(cfg, TEACHER_DEFAULTS), values)
+            cfg = _apply_layer(_apply_layer(cfg, TEACHER_DEFAULTS), values)
         else:
-            cfg = apply_overrides(apply_overrides(cfg, values), TEACHER_DEFAULTS)
+            cfg = _apply_layer(_apply_layer(cfg, values), TEACHER_DEFAULTS)
     else:
-        cfg = apply_overrides(cfg, values)
+        cfg = _apply_layer(cfg, values)
     if overrides:
-        cfg = apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
-    return cfg.validate()
+        cfg = _apply_layer(cfg, {k: v for k, v in overrides.items() if v is not None})
+    return cfg
 
 
 # Defaults of ``certkd teacher``: Madry PGD-AT at the target ε (SPEC §11).

@@ -37,6 +37,8 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
     eps = checkpoint_eps(model.certkd_meta, path) if eps is None else float(eps)
     if not 0.0 < eps <= 1.0:
         raise CertkdError(f"eps must be in (0, 1] (pixel units), got {eps}; pass --eps in pixel units of [0, 1] images, e.g. --eps 0.1 (MNIST) or --eps 0.00784 (2/255)")
+    if batch_size < 1:
+        raise CertkdError(f"--batch-size must be >= 1, got {batch_size}; pass e.g. --batch-size 256")
     if limit is not None and limit < 1:
         raise CertkdError(f"--limit must be >= 1, got {limit}; pass a positive number of test points or omit it for all")
     _, test_set, info = load_dataset(cfg.get("dataset", "digits"), data_dir or cfg.get("data_dir"))

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import math
+import os
 import re
 import shlex
 import statistics
@@ -30,7 +32,7 @@ import yaml
 
 from certkd.checkpoints import atomic_write_bytes, atomic_write_text, latest_checkpoint, read_meta, read_tensors
 from certkd.config import (CERTIFIED_METHODS, DISTILLATION_METHODS, EMPIRICAL_METHODS, TrainConfig,
-                           apply_overrides, load_preset)
+                           apply_overrides, base_config, load_preset, rescale_schedule)
 from certkd.errors import CertkdError
 from certkd.runs import result_warnings, weights_sha256
 
@@ -51,10 +53,39 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple],
 
 
 def accuracy_table(results: Dict[str, Mapping[str, object]], verified: bool = False) -> str:
-    """Table of clean / PGD / IBP-verified (and with ``verified`` complete-verifier) accuracy per run."""
+    """Table of clean / PGD / IBP-verified (and with ``verified`` complete-verifier) accuracy per run,
+    with the number of test points ``n`` behind them (``verified_n`` for the complete verifier) and a
+    ``notes`` column, when any run needs one, for unfinished or collapsed models and short ε ramps."""
     rows = [dict(r, name=name) for name, r in results.items()]
-    columns = ACCURACY_COLUMNS + ((("verified_accuracy", "verified"),) if verified else ())
-    return format_table(rows, columns)
+    table = format_table(rows, ACCURACY_COLUMNS + ((("verified_accuracy", "verified"),) if verified else ()))
+    lines = table.splitlines()
+    extra_header = ["n"] + (["verified n"] if verified else [])
+    cells = [[_n_text(r.get("n"))] + ([_n_text(r.get("verified_n"))] if verified else []) for r in rows]
+    notes = [result_notes(r) for r in rows]
+    if any(notes):
+        extra_header.append("notes")
+        cells = [c + [n] for c, n in zip(cells, notes)]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]] + extra_header
+    body = [[c.strip() for c in line.split("|")[1:-1]] + extra for line, extra in zip(lines[2:], cells)]
+    return _markdown_table(header, body)
+
+
+def _n_text(n: Any) -> str:
+    return str(n) if isinstance(n, int) and not isinstance(n, bool) else "–"
+
+
+def result_notes(result: Mapping[str, Any]) -> str:
+    """Short marks for a table cell: unfinished training, collapsed predictions, ε beyond training."""
+    notes = []
+    prog = result.get("training") or {}
+    if prog.get("finished") is False:
+        notes.append(f"unfinished (epoch {prog.get('epoch')}/{prog.get('epochs')})")
+    if (result.get("predictions") or {}).get("collapsed"):
+        notes.append("collapsed")
+    final, eps = prog.get("final_training_eps"), result.get("eps")
+    if isinstance(final, (int, float)) and isinstance(eps, (int, float)) and final < float(eps) * (1 - 1e-3):
+        notes.append(f"trained to ε={final:.3g} only")
+    return "; ".join(notes)
 
 
 def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -145,6 +176,48 @@ class RunRecord:
             if src is not None and isinstance(src.get(key), (int, float)):
                 return float(src[key])
         return None
+
+    def source(self, key: str) -> Optional[Dict[str, Any]]:
+        """The stored result (evaluation.json or verification.json) that :meth:`value` reads ``key`` from."""
+        sources = [self.evaluation, self.verification] if key in ("clean_accuracy", "pgd_accuracy",
+                                                                  "ibp_verified_accuracy") else [self.verification]
+        for src in sources:
+            if src is not None and isinstance(src.get(key), (int, float)):
+                return src
+        return None
+
+    def points(self, key: str) -> Optional[int]:
+        """How many test points the metric ``key`` was measured on (None: not measured or not recorded)."""
+        src = self.source(key)
+        n = None if src is None else src.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+    def same_points(self) -> Optional[bool]:
+        """Whether IBP-verified (evaluation.json) and verified (verification.json) are on the same test
+        points; None when the run lacks one of them."""
+        src = self.source("ibp_verified_accuracy")
+        if src is None or self.verification is None or src is self.verification:
+            return None
+        a = (src.get("certifies") or {}).get("indices_sha256")
+        b = (self.verification.get("certifies") or {}).get("indices_sha256")
+        return bool(a) and a == b
+
+    def notes(self) -> List[str]:
+        """Marks for the tables: unfinished training, collapsed predictions, ε beyond training, and IBP
+        and complete verification measured on different points."""
+        out = []
+        if self.checkpoint is None:
+            out.append("not trained")
+        elif self.epoch is not None and self.epoch < self.config.epochs:
+            out.append(f"unfinished (epoch {self.epoch}/{self.config.epochs})")
+        for res in (self.evaluation, self.verification):
+            for note in (result_notes(res).split("; ") if res else []):
+                if note and not note.startswith("unfinished") and note not in out:
+                    out.append(note)
+        if self.same_points() is False:
+            out.append(f"IBP (n={self.points('ibp_verified_accuracy')}) and verified "
+                       f"(n={self.points('verified_accuracy')}) on different points")
+        return out
 
     def pareto_y(self) -> Tuple[Optional[float], bool]:
         """(verified accuracy, True) from verification.json, else (IBP-verified accuracy, False)."""
@@ -454,17 +527,47 @@ def results_rows(groups: Sequence[Group]) -> List[Dict[str, Any]]:
         for key, _ in REPORT_METRICS:
             st = g.stats(key)
             row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_n"] = st.mean, st.std, st.n
+            row[f"{key}_points"] = _points_text(g, (key,), empty="")
+        row["notes"] = group_notes(g)
         rows.append(row)
     return rows
 
 
+#: Metrics of the results table measured by ``certkd evaluate`` (else verify) and by the complete verifier.
+_EVAL_KEYS = ("clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy")
+_VERIFIER_KEYS = ("crown_verified_accuracy", "verified_accuracy")
+
+
+def _points_text(g: Group, keys: Sequence[str], empty: str = "–") -> str:
+    """The number(s) of test points behind ``keys`` over a group's runs: "360", or "300/500" when they differ."""
+    ns = sorted({n for r in g.runs for k in keys for n in [r.points(k)] if n is not None})
+    return "/".join(str(n) for n in ns) if ns else empty
+
+
+def group_notes(g: Group) -> str:
+    """The runs' :meth:`RunRecord.notes`; in a group of several seeds each with "(k/N runs)"."""
+    if len(g.runs) == 1:
+        return "; ".join(g.runs[0].notes())
+    counts: Dict[str, int] = {}
+    for r in g.runs:
+        for note in r.notes():
+            key = re.sub(r" \(epoch \d+/\d+\)", "", note)
+            counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{note} ({c}/{len(g.runs)} runs)" for note, c in counts.items())
+
+
 def results_table(groups: Sequence[Group]) -> str:
-    """Markdown table of the groups: accuracies in % as mean ± std over seeds."""
-    header = ["configuration", "ε", "seeds"] + [label for _, label in REPORT_METRICS]
+    """Markdown table of the groups: accuracies in % as mean ± std over seeds, the number of test points
+    ``n`` behind each block of columns, and notes (unfinished, collapsed, IBP and verified on other points)."""
+    header = (["configuration", "ε", "seeds"] + [label for k, label in REPORT_METRICS if k in _EVAL_KEYS] + ["n"]
+              + [label for k, label in REPORT_METRICS if k in _VERIFIER_KEYS] + ["n verified", "notes"])
     lines = []
     for g in groups:
         lines.append([g.name.replace("|", "\\|"), f"{g.config['eps']:g}", ",".join(str(s) for s in g.seeds)]
-                     + [g.stats(key).format() for key, _ in REPORT_METRICS])
+                     + [g.stats(key).format() for key, _ in REPORT_METRICS if key in _EVAL_KEYS]
+                     + [_points_text(g, _EVAL_KEYS)]
+                     + [g.stats(key).format() for key, _ in REPORT_METRICS if key in _VERIFIER_KEYS]
+                     + [_points_text(g, _VERIFIER_KEYS), group_notes(g).replace("|", "\\|") or "–"])
     return _markdown_table(header, lines)
 
 
@@ -488,22 +591,24 @@ def measured_table(runs: Sequence[RunRecord]) -> str:
             a, b = (ev.get("certifies") or {}).get("indices_sha256"), (ver.get("certifies") or {}).get("indices_sha256")
             same = "yes" if a and a == b else "no: IBP and verified are on different points"
         ckpt = f"{r.checkpoint.name} (sha256 {r.weights_sha256[:12]})" if r.checkpoint and r.weights_sha256 else "–"
-        lines.append([r.name.replace("|", "\\|"), ckpt, measured_on(ev), measured_on(ver), same])
+        state = "; ".join(n for n in r.notes() if "different points" not in n) or "–"
+        lines.append([r.name.replace("|", "\\|"), ckpt, measured_on(ev), measured_on(ver), same,
+                      state.replace("|", "\\|")])
     return _markdown_table(["run", "latest checkpoint", "evaluation.json (clean, PGD, IBP)",
-                            "verification.json (CROWN, verified)", "same points"], lines)
+                            "verification.json (CROWN, verified)", "same points", "notes"], lines)
 
 
 def results_csv(groups: Sequence[Group]) -> str:
     """CSV with one row per group; accuracies as fractions in [0, 1], std empty for a single seed."""
     cols = ["group", "method", "family", "eps", "n_runs", "seeds", "runs"]
-    cols += [f"{k}_{s}" for k, _ in REPORT_METRICS for s in ("mean", "std", "n")]
+    cols += [f"{k}_{s}" for k, _ in REPORT_METRICS for s in ("mean", "std", "n", "points")] + ["notes"]
     return _csv_text(results_rows(groups), cols)
 
 
 def runs_csv(groups: Sequence[Group]) -> str:
     """CSV with one row per run (fractions in [0, 1]; empty where not measured)."""
     cols = ["run", "path", "group", "method", "seed", "eps", "epoch", "epochs", "weights_sha256", "evaluation_n",
-            "evaluation_points", "verification_n", "verification_points"] + [k for k, _ in REPORT_METRICS]
+            "evaluation_points", "verification_n", "verification_points"] + [k for k, _ in REPORT_METRICS] + ["notes"]
     rows = []
     for g in groups:
         for r in g.runs:
@@ -514,6 +619,7 @@ def runs_csv(groups: Sequence[Group]) -> str:
                    "evaluation_points": ev and measured_on(ev), "verification_n": ver.get("n"),
                    "verification_points": ver and measured_on(ver)}
             row.update({k: r.value(k) for k, _ in REPORT_METRICS})
+            row["notes"] = "; ".join(r.notes())
             rows.append(row)
     return _csv_text(rows, cols)
 
@@ -547,7 +653,13 @@ def _set_value(value: Any) -> str:
 
 
 def _train_args(cfg: TrainConfig, base: TrainConfig) -> Optional[List[str]]:
-    """Flags turning ``base`` into ``cfg`` (None when a key cannot be expressed, e.g. a value back to None)."""
+    """Flags turning ``base`` into ``cfg`` (None when a key cannot be expressed, e.g. a value back to None).
+
+    A different ``--epochs`` rescales the base's schedule (:func:`certkd.config.rescale_schedule`), so
+    schedule keys are compared with the rescaled base: only those that differ from it need a ``--set``.
+    """
+    if cfg.epochs != base.epochs:
+        base = dataclasses.replace(rescale_schedule(base, cfg.epochs), epochs=base.epochs)
     target, ref = cfg.to_dict(), base.to_dict()
     args: List[str] = []
     for f in dataclasses.fields(TrainConfig):
@@ -563,51 +675,70 @@ def _train_args(cfg: TrainConfig, base: TrainConfig) -> Optional[List[str]]:
     return args
 
 
-def _resolves_to(args: Sequence[str], cfg: TrainConfig) -> bool:
-    """Whether ``certkd train ARGS`` (parsed by the real CLI) resolves to exactly ``cfg``."""
+def _resolves_to(args: Sequence[str], cfg: TrainConfig, command: str = "train") -> bool:
+    """Whether ``certkd COMMAND ARGS`` (parsed by the real CLI; COMMAND train or teacher) resolves to ``cfg``."""
     try:
         from certkd.cli import _overrides, cli
         from certkd.config import resolve_config
 
-        ctx = cli.commands["train"].make_context("train", list(args), resilient_parsing=False)
-        got = resolve_config(ctx.params.get("preset"), _overrides(ctx.params))
+        ctx = cli.commands[command].make_context(command, list(args), resilient_parsing=False)
+        got = resolve_config(ctx.params.get("preset"), _overrides(ctx.params), teacher=command == "teacher")
         return got.to_dict() == cfg.to_dict()
     except Exception:  # a preset that no longer loads, a flag the CLI lacks, ...
         return False
 
 
+def display_path(path: Optional[str]) -> Optional[str]:
+    """An absolute path relative to the current folder when it lies at most two levels above it (e.g.
+    ``../shared/data/mnist``), so that commands written into reports hold no machine-specific prefix."""
+    if not path or not Path(path).is_absolute():
+        return path
+    try:
+        rel = os.path.relpath(path, Path.cwd())
+    except ValueError:  # another drive (Windows)
+        return path
+    return rel if Path(rel).parts[:3] != ("..", "..", "..") else path
+
+
 def train_command(cfg: TrainConfig, out, preset: Optional[str] = None, infer_preset: bool = True) -> str:
-    """The ``certkd train`` command line that resolves to exactly ``cfg`` and writes to ``out``.
+    """The ``certkd train`` (for an empirical method: ``certkd teacher``) command line that resolves to
+    exactly ``cfg`` and writes to ``out``.
 
     Keys are compared with the :class:`TrainConfig` defaults, or with a preset: the one the run
     recorded, else (``infer_preset``) the preset giving the shortest command. Dedicated flags are
     used where the CLI has them, ``--set key=value`` otherwise. Each candidate is parsed back
-    through the CLI and kept only if it resolves to ``cfg`` exactly.
+    through the CLI and kept only if it resolves to ``cfg`` exactly. A data directory is written
+    relative to the current folder where that is short (:func:`display_path`).
     """
     from certkd.config import list_presets
 
+    cfg = dataclasses.replace(cfg, data_dir=display_path(cfg.data_dir))
     names: List[Optional[str]] = [preset] if preset else (list(list_presets()) if infer_preset else [])
-    candidates: List[List[str]] = []
-    for name in names:
-        try:
-            base = apply_overrides(TrainConfig(), load_preset(name))
-        except CertkdError:
-            continue
-        # exact but misleading: another dataset's or another architecture's preset
-        if not preset and (base.dataset != cfg.dataset or base.model != cfg.model):
-            continue
-        args = _train_args(cfg, base)
-        if args is not None:
-            candidates.append(["--preset", str(name)] + args)
-    plain = _train_args(cfg, TrainConfig())
-    if plain is not None:
-        candidates.append(plain)
-    candidates.sort(key=len)
     tail = ["--out", str(out)]
-    chosen = next((c for c in candidates if _resolves_to(c + tail, cfg)), None)
-    if chosen is None:  # cannot happen for a valid config; keep the explicit form
-        chosen = plain or []
-    return " ".join(shlex.quote(a) for a in ["certkd", "train"] + chosen + tail)
+    commands = (["teacher"] if cfg.method in EMPIRICAL_METHODS else []) + ["train"]
+    for command in commands:
+        teacher = command == "teacher"
+        candidates: List[List[str]] = []
+        for name in names:
+            try:
+                base = base_config(name, teacher=teacher)
+            except CertkdError:
+                continue
+            # exact but misleading: another dataset's or another architecture's preset
+            if not preset and (base.dataset != cfg.dataset or base.model != cfg.model):
+                continue
+            args = _train_args(cfg, base)
+            if args is not None:
+                candidates.append(["--preset", str(name)] + args)
+        plain = _train_args(cfg, base_config(None, teacher=teacher))
+        if plain is not None:
+            candidates.append(plain)
+        candidates.sort(key=len)
+        chosen = next((c for c in candidates if _resolves_to(c + tail, cfg, command)), None)
+        if chosen is not None:
+            return " ".join(shlex.quote(a) for a in ["certkd", command] + chosen + tail)
+    # cannot happen for a valid config; keep the explicit form
+    return " ".join(shlex.quote(a) for a in ["certkd", "train"] + (_train_args(cfg, TrainConfig()) or []) + tail)
 
 
 def _evaluate_flags(run: RunRecord) -> Optional[Tuple[str, ...]]:
@@ -643,17 +774,43 @@ def _join(args: Sequence[str]) -> str:
 
 
 def _sweep_of(run: RunRecord) -> Optional[Tuple[Path, str]]:
-    """(sweep folder, its command) when the run was made by ``certkd sweep`` (listed in ../sweep.json)."""
+    """(sweep folder, its command) when the run was made by ``certkd sweep`` (listed in ../sweep.json) and
+    that command, resolved today, still gives the run's config (it may not for a sweep made by an older
+    certkd, e.g. before ``epochs`` rescaled the schedule: the run then gets its own exact command)."""
     path = run.path.parent / "sweep.json"
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        stat = path.stat()
+        command, planned = _planned_sweep(str(path), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return None
+    if not command or run.path.name not in planned:
+        return None
+    wanted = {k: v for k, v in run.config.to_dict().items() if k not in ("device",)}
+    return (run.path.parent, command) if planned[run.path.name] == wanted else None
+
+
+@functools.lru_cache(maxsize=64)
+def _planned_sweep(path: str, mtime_ns: int, size: int) -> Tuple[Optional[str], Dict[str, Dict[str, Any]]]:
+    """(command, {run name: config dict without runtime keys}) of a sweep.json, as its command resolves now."""
+    from certkd.sweep import plan_sweep
+
+    try:
+        from certkd.cli import cli
+
+        data = json.loads(Path(path).read_text())
         names = {r.get("name") for r in data.get("runs", [])}
         command = data.get("command")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return (run.path.parent, str(command)) if command and run.path.name in names else None
+        # the command as the CLI parses it: grid values as typed, which is how the run folders were named
+        p = cli.commands["sweep"].make_context("sweep", shlex.split(str(command))[2:], resilient_parsing=False).params
+        runs = plan_sweep(Path(path).parent, p.get("preset"), list(p.get("grid") or ()), p.get("seeds"),
+                          list(p.get("sets") or ()))
+    except Exception:  # an unreadable or foreign sweep.json: each run gets its own command
+        return None, {}
+    planned = {r.name: {k: v for k, v in r.config.to_dict().items() if k not in ("device",)}
+               for r in runs if r.name in names}
+    return (str(command) if command else None), planned
 
 
 def verify_command(run: RunRecord) -> Optional[str]:
@@ -860,37 +1017,85 @@ def _place_labels(fig, ax, items: Sequence[Tuple[float, float, str]]) -> None:
         placed.append(bb)
 
 
+#: Loss terms of metrics.jsonl's "train" records (epoch means), with their legend labels.
+LOSS_COMPONENTS = (("ce_clean", "clean cross-entropy"), ("ce_adv", "adversarial cross-entropy"),
+                   ("kl", "TRADES KL"), ("robust_loss", "certified / expressive loss"), ("ibp_loss", "IBP loss"),
+                   ("reg", "warm-up regulariser (before λ)"))
+
+
 def plot_curves(run: RunRecord, path) -> Optional[Path]:
-    """Training curves of one run from metrics.jsonl: train loss, ε and test accuracies per epoch."""
+    """Training curves of one run from metrics.jsonl, per (integer) epoch: the total training loss, its
+    components, the distillation term on its own (distillation methods), the ε schedule, the test
+    accuracies and the training-batch accuracies."""
     if not run.metrics:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     recs = sorted(run.metrics, key=lambda m: m["epoch"])
     ep = [m["epoch"] for m in recs]
-    loss = [m.get("train", {}).get("loss", float("nan")) for m in recs]
-    eps = [m.get("train", {}).get("eps", float("nan")) for m in recs]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
-    axes[0].plot(ep, loss, marker="o", markersize=3, color="tab:purple")
-    axes[0].set_title("train loss")
-    axes[1].plot(ep, eps, marker="o", markersize=3, color="tab:orange", label="mean training ε")
+    train = [m.get("train", {}) for m in recs]
+    nan = float("nan")
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.6))
+    ax_loss, ax_comp, ax_dist, ax_eps, ax_test, ax_acc = axes.flat
+    ax_loss.plot(ep, [t.get("loss", nan) for t in train], marker="o", markersize=3, color="tab:purple")
+    ax_loss.set_title("training loss (total)")
+    shown = 0
+    for key, label in LOSS_COMPONENTS:
+        values = [t.get(key, nan) for t in train]
+        if any(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            ax_comp.plot(ep, values, marker="o", markersize=3, label=label)
+            shown += 1
+    ax_comp.set_title("loss components (unweighted)")
+    if shown:
+        ax_comp.legend(fontsize=7)
+    dist = [t.get("dist", nan) for t in train]
+    if any(isinstance(v, (int, float)) and math.isfinite(v) for v in dist):
+        ax_dist.plot(ep, dist, marker="o", markersize=3, color="tab:red", label="D (unweighted)")
+        ax_dist.set_title(f"distillation term D (the loss adds β·D, β={run.config.beta:g})", fontsize=9)
+        ax_dist.legend(fontsize=7)
+    else:
+        ax_dist.set_title("distillation term", fontsize=9)
+        ax_dist.text(0.5, 0.5, "none: not a distillation run", ha="center", va="center", transform=ax_dist.transAxes,
+                     color="0.4")
+        ax_dist.set_yticks([])
+    ax_eps.plot(ep, [t.get("eps", nan) for t in train], marker="o", markersize=3, color="tab:orange",
+                label="mean training ε")
     target = run.config.eps * run.config.train_eps_mul
-    axes[1].axhline(target, linestyle="--", color="0.4", linewidth=1, label=f"target training ε={target:g}")
-    axes[1].set_title("ε schedule")
-    axes[1].legend(fontsize=7)
+    ax_eps.axhline(target, linestyle="--", color="0.4", linewidth=1, label=f"target training ε={target:g}")
+    ax_eps.set_title("ε schedule")
+    ax_eps.legend(fontsize=7)
     tests = [m for m in recs if isinstance(m.get("test"), dict)]
     for key, label, colour in (("clean_accuracy", "clean", "tab:green"), ("pgd_accuracy", "PGD", "tab:red"),
                                ("ibp_verified_accuracy", "IBP-verified", "tab:blue")):
-        axes[2].plot([m["epoch"] for m in tests], [100 * m["test"].get(key, float("nan")) for m in tests],
+        ax_test.plot([m["epoch"] for m in tests], [100 * m["test"].get(key, nan) for m in tests],
                      marker="o", markersize=4, label=label, color=colour)
     n = tests[-1]["test"].get("n") if tests else None
-    axes[2].set_title("test accuracy [%]" + (f" (n={n})" if n else ""))
-    axes[2].set_ylim(-2, 102)
+    ax_test.set_title("test accuracy [%]" + (f" (n={n})" if n else ""))
+    ax_test.set_ylim(-2, 102)
     if tests:
-        axes[2].legend(fontsize=7)
-    for ax in axes:
+        ax_test.legend(fontsize=7)
+    for key, label in (("acc_clean", "clean"), ("acc_adv", "adversarial"), ("acc_ibp", "IBP-verified")):
+        values = [100 * t[key] if isinstance(t.get(key), (int, float)) else nan for t in train]
+        if any(math.isfinite(v) for v in values):
+            ax_acc.plot(ep, values, marker="o", markersize=3, label=label)
+    ax_acc.set_title("training-batch accuracy [%] (at the training ε)", fontsize=9)
+    ax_acc.set_ylim(-2, 102)
+    if ax_acc.lines:
+        ax_acc.legend(fontsize=7)
+    lo, hi = min(ep), max(ep)
+    pad = max(0.3, 0.04 * (hi - lo))
+    for ax in axes.flat:  # one epoch axis for all panels, whole epochs only
         ax.set_xlabel("epoch")
+        ax.set_xlim(lo - pad, hi + pad)
+        if hi - lo <= 12:
+            ax.set_xticks(list(range(lo, hi + 1)))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"{run.name} ({run.method})", fontsize=10, y=1.04)
+    notes = run.notes()
+    fig.suptitle(f"{run.name} ({run.method})" + (f": {'; '.join(notes)}" if notes else ""), fontsize=10)
+    fig.tight_layout()
     out = Path(path)
     _save_png(fig, out)
     plt.close(fig)
@@ -954,8 +1159,11 @@ def write_report(paths: Iterable, out_dir, command: Optional[str] = None) -> Dic
     md = [f"# certkd report: {title}", ""]
     md.append(f"{len(runs)} runs in {len(groups)} configurations. Accuracies in % on the test set, "
               "mean ± sample standard deviation over seeds; (k/N): only k of the N seeds have the number.")
-    md.append("clean, PGD, IBP: `evaluation.json` (PGD-40; else `verification.json`); CROWN and verified: "
-              "`verification.json` (complete verifier, incl. its timeouts); – : not measured.")
+    md.append("clean, PGD, IBP: `evaluation.json` (PGD-40; else `verification.json`), on the `n` test points of "
+              "that column; CROWN and verified: `verification.json` (complete verifier, incl. its timeouts), on "
+              "`n verified` points (a/b: runs measured on different numbers of points); – : not measured. Notes mark "
+              "unfinished and collapsed runs, runs trained to a smaller ε than they are evaluated at, and IBP and "
+              "verified numbers that come from different test points (then they cannot be compared).")
     md += ["", results_table(groups), ""]
     if pareto is not None:
         md += ["![Clean vs verified accuracy with the Pareto front](pareto.png)", "",
@@ -968,8 +1176,9 @@ def write_report(paths: Iterable, out_dir, command: Optional[str] = None) -> Dic
     if curves:
         links = [f"[{name}](<curves/{p.name}>)" for name, p in curves.items()]
         md += ["## Training curves", "", " · ".join(links), ""]
-    md += ["## Commands", "", "Each `certkd train` line resolves to its run's `config.yaml` exactly (checked when "
-           "this report was written); teachers come first.", "", "```bash"]
+    md += ["## Commands", "", "Each `certkd train` / `certkd teacher` line resolves to its run's `config.yaml` "
+           "exactly (checked when this report was written); teachers come first. Data folders are written relative "
+           "to the folder `certkd report` ran in.", "", "```bash"]
     md += reproduce_commands(groups)
     md += ["# this report", command or _join(["certkd", "report"] + [str(p) for p in paths_given] + ["--out", str(out)])]
     md += ["```", ""]
@@ -1036,15 +1245,24 @@ def model_card(run, release_dir=None) -> str:
     md.append(f"- training: batch size {cfg.batch_size}, augmentation {'on' if cfg.augment else 'off'}")
     md += ["", "## Training", ""]
     md.append(f"- method: `{cfg.method}`, {dict(FAMILIES)[rec.family]}")
-    md.append(f"- ε = {cfg.eps:g}; training ε × {cfg.train_eps_mul:g}, ramp from epoch {cfg.eps_start} over "
-              f"{cfg.eps_length} epochs")
+    ramp_end = cfg.eps_start + cfg.eps_length - 1
+    ramp = (f"ramp from epoch {cfg.eps_start} over {cfg.eps_length} epochs" if cfg.eps_length > 0 else
+            f"full ε from epoch {cfg.eps_start}")
+    if cfg.eps_length > 0 and ramp_end > cfg.epochs:
+        from certkd.schedules import training_eps_reached
+
+        ramp += (f" (**not finished**: ends at epoch {ramp_end}, after the {cfg.epochs} epochs; the training ε "
+                 f"reached {training_eps_reached(cfg, cfg.epochs):.4g})")
+    md.append(f"- ε = {cfg.eps:g}; training ε × {cfg.train_eps_mul:g}, {ramp}")
     if rec.family in ("certified", "distillation"):
         md.append(f"- α = {cfg.alpha:g}; training attack: PGD-{cfg.attack_steps}, step {cfg.attack_step_size:g}·ρ")
     elif cfg.method != "standard":
         md.append(f"- training attack: PGD-{cfg.attack_steps}, step {cfg.attack_step_size:g}·ρ"
                   + (f", TRADES β = {cfg.trades_beta:g}" if cfg.method == "trades" else ""))
-    md.append(f"- optimiser: {cfg.optimizer}, lr {cfg.lr:g} (× {cfg.lr_gamma:g} at epochs {cfg.lr_milestones}), "
-              f"{cfg.epochs} epochs, seed {cfg.seed}")
+    decays = [m for m in cfg.lr_milestones if m < cfg.epochs]  # the lr decays after epoch m
+    lr_text = (f"× {cfg.lr_gamma:g} after epoch{'s' if len(decays) > 1 else ''} {', '.join(map(str, decays))}"
+               if decays else "no decay within the epochs")
+    md.append(f"- optimiser: {cfg.optimizer}, lr {cfg.lr:g} ({lr_text}), {cfg.epochs} epochs, seed {cfg.seed}")
     teacher_method = None
     if rec.family == "distillation" and cfg.dist_target == "zero":
         md.append("- distillation target: 0 (no teacher; the control of SPEC §10.6)")

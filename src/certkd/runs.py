@@ -125,12 +125,22 @@ def check_finite_weights(model: nn.Module, action: str) -> None:
 
 
 def training_progress(model: nn.Module) -> Dict[str, Any]:
-    """``{"epoch": e, "epochs": E, "finished": e >= E}`` of a loaded checkpoint (None where unknown)."""
+    """``{"epoch": e, "epochs": E, "finished": e >= E, "final_training_eps": ε}`` of a loaded checkpoint
+    (None where unknown): ε is the training ε reached at the end of epoch e (None for standard training)."""
     meta = getattr(model, "certkd_meta", {}) or {}
     epoch = meta.get("epoch")
-    epochs = (meta.get("config") or {}).get("epochs")
+    config = meta.get("config") or {}
+    epochs = config.get("epochs")
     ok = isinstance(epoch, int) and isinstance(epochs, int)
-    return {"epoch": epoch, "epochs": epochs, "finished": (epoch >= epochs) if ok else None}
+    out = {"epoch": epoch, "epochs": epochs, "finished": (epoch >= epochs) if ok else None}
+    if isinstance(epoch, int) and isinstance(config, dict):
+        from certkd.schedules import training_eps_reached
+
+        try:
+            out["final_training_eps"] = training_eps_reached(config, epoch)
+        except (TypeError, ValueError):  # untrusted metadata: no number rather than a crash
+            out["final_training_eps"] = None
+    return out
 
 
 COLLAPSE_SHARE = 0.9  # one class predicted for >= 90% of >= 20 points: a constant classifier
@@ -159,6 +169,11 @@ def result_warnings(result: Mapping[str, Any]) -> list:
     prog = result.get("training") or {}
     if prog.get("finished") is False:
         out.append(f"unfinished run: measured at epoch {prog.get('epoch')} of {prog.get('epochs')}")
+    final, eps = prog.get("final_training_eps"), result.get("eps")
+    if isinstance(final, (int, float)) and isinstance(eps, (int, float)) and final < float(eps) * (1 - 1e-3):
+        out.append(f"training ε reached only {final:.4g} by epoch {prog.get('epoch')} but it is evaluated at "
+                   f"ε={float(eps):g}, beyond what it was trained for; retrain with a ramp that ends within the "
+                   "epochs (--epochs rescales it; or --set eps_length=N) or evaluate at a smaller --eps")
     col = result.get("predictions") or {}
     if col.get("collapsed"):
         out.append(f"collapsed model: it predicts class {col.get('top_class')} for {100 * col['top_share']:.0f}% of "

@@ -52,3 +52,21 @@ class SmoothedEpsilonSchedule:
 def multistep_lr(base_lr: float, epoch: int, milestones: Sequence[int], gamma: float) -> float:
     """Learning rate for 1-based ``epoch``: decays by ``gamma`` after each milestone epoch."""
     return base_lr * gamma ** sum(1 for m in milestones if epoch > m)
+
+
+def training_eps_reached(config, epoch: int) -> "float | None":
+    """The training ε (ε_s · train_eps_mul, as logged in metrics.jsonl) at the end of ``epoch`` for a run's
+    config dict (or :class:`~certkd.config.TrainConfig`); None for ``standard`` training, which uses no ε.
+
+    Computed from the schedule with a nominal 1000 steps per epoch (the true count only moves the
+    value within the ramp's last step).
+    """
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    if get("method") == "standard":
+        return None
+    eps, mul = float(get("eps", 0.0)), float(get("train_eps_mul", 1.0))
+    start, length = int(get("eps_start", 1)), int(get("eps_length", 0))
+    if epoch >= start + length - 1:
+        return eps * mul
+    steps = 1000
+    return SmoothedEpsilonSchedule(eps, start, length, steps)(epoch * steps - 1) * mul

@@ -173,7 +173,7 @@ def test_unfinished_and_collapsed_runs_are_flagged(tmp_path, capsys):
     capsys.readouterr()
     main(["evaluate", str(run), "--limit", "40"])
     ev = json.loads((run / "evaluation.json").read_text())
-    assert ev["training"] == {"epoch": 1, "epochs": 3, "finished": False}
+    assert ev["training"] == {"epoch": 1, "epochs": 3, "finished": False, "final_training_eps": None}  # standard: no ε
     assert ev["predictions"]["collapsed"] and ev["predictions"]["top_class"] == 3
     err = capsys.readouterr().err
     assert "warning:" in err and "unfinished run" in err and "collapsed model" in err

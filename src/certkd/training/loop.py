@@ -53,24 +53,32 @@ def resolve_device(name: str) -> torch.device:
         raise CertkdError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
 
 
-def prepare_run_dir(out: Path, resume: bool, force: bool, check_only: bool = False) -> None:
+#: How the run-directory errors name the options: as flags of ``certkd train`` or as arguments of ``train()``.
+_HINTS = {"cli": {"resume": "--resume", "force": "--force", "out": "--out"},
+          "python": {"resume": "resume=True", "force": "force=True", "out": "out_dir"}}
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool, check_only: bool = False, hints: str = "cli") -> None:
     """Refuse to overwrite a run by accident; --force starts afresh, --resume continues.
 
     ``check_only`` raises the same errors without touching the disk: training checks first,
     loads data, model and teacher, and only then deletes a run it was told to --force over,
-    so a typo in another flag never costs the old run.
+    so a typo in another flag never costs the old run. ``hints``: "cli" names the fixes as
+    command-line flags (--resume), "python" as arguments of :func:`train` (resume=True).
     """
+    h = _HINTS.get(hints, _HINTS["cli"])
     if resume and force:
-        raise CertkdError("--resume and --force contradict each other; pass only one")
+        raise CertkdError(f"{h['resume']} and {h['force']} contradict each other; pass only one")
     if out.exists() and not out.is_dir():
-        raise CertkdError(f"output path {out} exists and is not a directory; choose another --out")
+        raise CertkdError(f"output path {out} exists and is not a directory; choose another {h['out']}")
     if resume:
         if latest_checkpoint(out) is None:
-            raise CertkdError(f"--resume: no checkpoint in {out}; start a new run without --resume")
+            raise CertkdError(f"{h['resume']}: no checkpoint in {out}; start a new run without {h['resume']}")
         return
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise CertkdError(f"output directory {out} already exists; pass --resume to continue it or --force to overwrite")
+            raise CertkdError(f"output directory {out} already exists; pass {h['resume']} to continue it or "
+                              f"{h['force']} to overwrite" + (" (or choose another out_dir)" if hints == "python" else ""))
         if check_only:
             return
         shutil.rmtree(out)
@@ -92,7 +100,7 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, check_only: bool = Fal
         raise CertkdError(f"cannot write to output directory {out} ({e.strerror}); choose a writable --out") from None
 
 
-def _create_run_dir(out: Path, force: bool, state: Dict[str, Any]) -> None:
+def _create_run_dir(out: Path, force: bool, state: Dict[str, Any], hints: str = "cli") -> None:
     """prepare_run_dir for a new run, noting in ``state["created"]`` what to remove should the run fail
     before its first checkpoint: the topmost folder this call creates (``out`` itself when --force
     replaces a run), or None for an empty folder that already existed."""
@@ -103,7 +111,7 @@ def _create_run_dir(out: Path, force: bool, state: Dict[str, Any]) -> None:
         while not root.parent.exists() and root.parent != root.parent.parent:
             root = root.parent
     state["created"] = root
-    prepare_run_dir(out, False, force)
+    prepare_run_dir(out, False, force, hints=hints)
 
 
 def load_teacher(cfg: TrainConfig, student: nn.Module, device: torch.device) -> Optional[Teacher]:
@@ -176,8 +184,16 @@ def _mean_logs(acc: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float
 
 
 def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print, tensorboard: bool = False, hints: str = "python") -> Path:
     """Train a model as ``cfg`` says and write the run to ``out_dir``; returns the run directory.
+
+    Args:
+        resume: continue the run in ``out_dir`` from its last checkpoint (its stored config wins).
+        force: replace an existing run in ``out_dir``.
+        progress: a tqdm bar per epoch (``log`` gets one line per epoch either way).
+        tensorboard: also write the metrics.jsonl scalars to ``out_dir/tensorboard`` (needs the
+            ``tensorboard`` extra: :mod:`certkd.training.tblog`).
+        hints: how errors name the fixes: "python" (``resume=True``) or "cli" (``--resume``).
 
     Under torchrun every process calls this (see :mod:`certkd.distributed`). The TF32 flags
     are set from ``cfg.allow_tf32`` for the run and restored on return.
@@ -185,7 +201,8 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
     saved = precision.tf32_flags()
     state: Dict[str, Any] = {}
     try:
-        return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log, state=state)
+        return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log, state=state,
+                      tensorboard=tensorboard, hints=hints)
     except BaseException as e:
         out = Path(out_dir)
         ckpt = _discard_unsaved_run(out, state)
@@ -223,11 +240,16 @@ def _discard_unsaved_run(out: Path, state: Dict[str, Any]) -> Optional[Path]:
 
 
 def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bool,
-           log: Callable[[str], None], state: Optional[Dict[str, Any]] = None) -> Path:
+           log: Callable[[str], None], state: Optional[Dict[str, Any]] = None, tensorboard: bool = False,
+           hints: str = "python") -> Path:
     cfg.validate()
     out = Path(out_dir)
+    if tensorboard:
+        from certkd.training.tblog import summary_writer_class
+
+        summary_writer_class()  # a missing package fails now, before any work
     if resume:  # read-only checks, done on every rank; the stored config wins: a resumed run must be the same run
-        prepare_run_dir(out, resume, force)
+        prepare_run_dir(out, resume, force, hints=hints)
         cfg = _stored_config(out)
     dctx = distributed.setup(cfg.device)  # None in a single process
     world, rank = (dctx.world_size, dctx.rank) if dctx is not None else (1, 0)
@@ -238,7 +260,7 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         raise CertkdError(f"batch_size {cfg.batch_size} is the global batch and must be a multiple of the "
                           f"{world} processes; use --batch-size {cfg.batch_size // world * world or world}")
     if not resume:
-        prepare_run_dir(out, resume, force, check_only=True)
+        prepare_run_dir(out, resume, force, check_only=True, hints=hints)
     device = dctx.device if dctx is not None else resolve_device(cfg.device)
     precision.set_tf32_flags(cfg.allow_tf32, cfg.allow_tf32)
     if cfg.amp and device.type != "cuda":
@@ -262,7 +284,7 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         raise CertkdError(f"teacher expects {teacher.model.spec.input_size}×{teacher.model.spec.input_size} inputs "
                           f"but {cfg.dataset} has {info.input_size}×{info.input_size}; use a teacher of this dataset")
     if not resume:  # everything loaded: only now may --force replace the old run
-        distributed.on_main(dctx, lambda: _create_run_dir(out, force, {} if state is None else state))
+        distributed.on_main(dctx, lambda: _create_run_dir(out, force, {} if state is None else state, hints))
     params = list(model.parameters()) + (list(teacher.adapter.parameters()) if teacher and teacher.adapter else [])
     optimizer = _make_optimizer(cfg, params)
 
@@ -294,7 +316,23 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
     elif main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     distributed.broadcast_module(dctx, model, teacher.adapter if teacher is not None else None)
+    tb = None
+    if tensorboard and main:
+        from certkd.training.tblog import TensorBoardLog
 
+        tb = TensorBoardLog(out, purge_step=start_epoch if resume else None)
+    try:
+        _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model_meta, train_set, test_set, info,
+                drop_last, steps_per_epoch, start_epoch, device, dctx, world, rank, main, progress, log, tb)
+    finally:
+        if tb is not None:
+            tb.close()
+    return out
+
+
+def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model_meta, train_set, test_set, info,
+            drop_last, steps_per_epoch, start_epoch, device, dctx, world, rank, main, progress, log, tb) -> None:
+    """The epochs start_epoch..cfg.epochs of :func:`_train` (one record, checkpoint and log line each)."""
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = multistep_lr(cfg.lr, epoch, cfg.lr_milestones, cfg.lr_gamma)
         for group in optimizer.param_groups:
@@ -366,9 +404,10 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         # metrics first: a crash before the checkpoint is undone on resume (lines past the checkpoint are dropped)
         append_jsonl(out / "metrics.jsonl", record)
         save_checkpoint(out, epoch, model, model_meta, optimizer, extra)
+        if tb is not None:
+            tb.write(record)
         log(_epoch_line(record))
         distributed.barrier(dctx)
-    return out
 
 
 # Checkpoint key prefix of the student-side feature adapter (student → teacher features). Older runs stored
