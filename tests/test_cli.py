@@ -74,10 +74,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
           "--quiet"])
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [c.strip() for c in table[0].split("|")[1:-1]] == ["run", "clean", "PGD", "IBP-verified", "verified"]
+    header = [c.strip() for c in table[0].split("|")[1:-1]]
+    assert header[:7] == ["run", "clean", "PGD", "IBP-verified", "verified", "n", "verified n"]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[1:]}
     assert set(rows) == {"teacher", "cc-ibp", "cc-dist"}
     assert rows["teacher"][3] == "–" and rows["cc-ibp"][3].endswith("%") and rows["cc-dist"][3].endswith("%")
+    assert rows["cc-ibp"][4:6] == ["360", "20"]  # IBP on the whole test set, the complete verifier on 20 points
     for name in ("cc-ibp", "cc-dist"):
         v = json.loads((tmp_path / "demo" / name / "verification.json").read_text())
         assert v["n"] == 20 and f"{100 * v['verified_accuracy']:.1f}%" == rows[name][3]

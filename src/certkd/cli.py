@@ -13,15 +13,51 @@ import click
 
 from certkd.errors import CertkdError
 
+
+class EpsType(click.ParamType):
+    """An L∞ radius in pixel units: a number (0.1, 7.8e-3) or a fraction of the 8-bit range (2/255)."""
+
+    name = "EPS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        from certkd.config import parse_number
+
+        try:
+            return parse_number(str(value))
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{value!r} is not a radius; write a number such as 0.1 or a fraction such as 2/255", param, ctx)
+
+
+EPS = EpsType()
+
+_THREADS_HELP = ("CPU threads for PyTorch (default: $CERTKD_THREADS, else min(4, cores left idle by the 1-minute "
+                 "load average), at least 1; pass it for bit-identical reruns).")
+THREADS_OPTION = click.option("--threads", type=click.IntRange(min=1), help=_THREADS_HELP)
+
+
+def _apply_threads(threads: Optional[int]) -> int:
+    from certkd.threads import apply_threads
+
+    return apply_threads(threads)
+
+
+def _show_progress(quiet: bool) -> bool:
+    """Progress bars only for a person watching: not with --quiet, not when stderr is a file or a pipe
+    (a log then gets the one line per epoch that training prints anyway, not thousands of bar updates)."""
+    return not quiet and sys.stderr.isatty()
+
+
 # Options shared by `train` and `teacher`; None means "not given" so presets are not overridden.
 _TRAIN_OPTIONS = [
-    click.option("--preset", help="Preset name from configs/ (or a YAML path); flags override it."),
+    click.option("--preset", help="Preset name ('certkd presets' lists them) or a YAML file; flags override it."),
     click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, imagefolder, tinyimagenet, imagenet64."),
     click.option("--data-dir", type=click.Path(), help="Directory holding the dataset files."),
     click.option("--model", help="Architecture: cnn7, cnn7-imagenet, cnn7-w16, cnn7-w32, cnn-small, mlp "
                                  "('certkd models' describes them)."),
     click.option("--method", help="standard, pgd-at, trades, ibp, cc-ibp, mtl-ibp, exp-ibp, sabr, cc-dist, ..."),
-    click.option("--eps", type=float, help="Target L∞ radius in pixel units [0, 1]."),
+    click.option("--eps", type=EPS, help="Target L∞ radius in pixel units [0, 1], e.g. 0.1 or 2/255."),
     click.option("--alpha", type=float, help="Over-approximation coefficient α (SABR: λ)."),
     click.option("--beta", type=float, help="Distillation weight β."),
     click.option("--teacher", type=click.Path(), help="Teacher run directory (distillation methods)."),
@@ -30,7 +66,8 @@ _TRAIN_OPTIONS = [
                                        "zero (distil towards 0, no teacher needed: the control of SPEC §10.6)."),
     click.option("--feature-adapter", help="none or linear (learned linear map on the student's side, from student "
                                            "to teacher features, trained with the student; IBP maps the box exactly)."),
-    click.option("--epochs", type=int, help="Number of epochs."),
+    click.option("--epochs", type=int, help="Number of epochs; the ε ramp (start, length) and the lr milestones "
+                                            "of the preset are rescaled to it unless set with --set."),
     click.option("--batch-size", type=int, help="Training batch size (global: split across torchrun processes)."),
     click.option("--lr", type=float, help="Learning rate."),
     click.option("--seed", type=int, help="Random seed."),
@@ -43,7 +80,11 @@ _TRAIN_OPTIONS = [
     click.option("--out", required=True, type=click.Path(), help="Run directory to write."),
     click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
     click.option("--force", is_flag=True, help="Overwrite an existing --out."),
-    click.option("--quiet", is_flag=True, help="No progress bars."),
+    click.option("--quiet", is_flag=True, help="No progress bars (there are none either when stderr is not a "
+                                               "terminal: one line per epoch then)."),
+    click.option("--tensorboard", is_flag=True, help="Also log the metrics.jsonl scalars to OUT/tensorboard (needs "
+                                                     "pip install 'certkd[tensorboard]')."),
+    THREADS_OPTION,
 ]
 
 
@@ -105,8 +146,9 @@ def _run_training_inner(kw: Dict[str, Any], teacher: bool = False) -> Path:
         cfg = TrainConfig()  # the stored config of the run is used
     else:
         cfg = resolve_config(kw.get("preset"), _overrides(kw), teacher=teacher)
-    return train(cfg, kw["out"], resume=kw["resume"], force=kw["force"], progress=not kw["quiet"],
-                 log=click.echo)
+    _apply_threads(kw.get("threads"))
+    return train(cfg, kw["out"], resume=kw["resume"], force=kw["force"], progress=_show_progress(kw["quiet"]),
+                 log=click.echo, tensorboard=kw.get("tensorboard", False), hints="cli")
 
 
 def _is_main_process() -> bool:
@@ -150,16 +192,19 @@ def _warn_result(result: Dict[str, Any], prefix: str = "") -> None:
 
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--eps", type=float, help="Radius (default: the run's training ε).")
+@click.option("--eps", type=EPS, help="Radius, e.g. 0.1 or 2/255 (default: the run's training ε).")
 @click.option("--limit", type=int, help="Evaluate N test points only, a fixed class-stratified subset.")
 @click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@THREADS_OPTION
 def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], data_dir: Optional[str],
-             batch_size: int, device: str) -> None:
+             batch_size: int, device: str, threads: Optional[int]) -> None:
     """Clean / PGD-40 / IBP-verified accuracy of one or more runs (writes evaluation.json)."""
     from certkd.evaluation import evaluate_run
     from certkd.reporting import accuracy_table
+
+    _apply_threads(threads)
 
     results = {}
     for run in runs:
@@ -173,9 +218,16 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 
 
 @cli.command()
-@click.argument("run", type=click.Path())
-@click.option("--eps", type=float, help="Radius in pixel units (default: the run's training ε).")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Per-sample budget of the complete stage (s).")
+@click.argument("run", type=click.Path(), required=False)
+@click.option("--onnx", "onnx_path", type=click.Path(), help="Verify this ONNX network (with --vnnlib) instead of a run.")
+@click.option("--vnnlib", "vnnlib_path", type=click.Path(), help="VNN-LIB property for --onnx.")
+@click.option("--instances", "instances_csv", type=click.Path(),
+              help="A VNN-COMP instances.csv (onnx,vnnlib,timeout rows): verify the whole benchmark (resumable).")
+@click.option("--root", type=click.Path(), help="With --instances: folder the CSV's paths are relative to "
+                                                "(default: the CSV's folder).")
+@click.option("--eps", type=EPS, help="Radius in pixel units, e.g. 0.1 or 2/255 (default: the run's training ε).")
+@click.option("--timeout", type=float, help="Per-sample budget of the complete stage (s; default 60); with --onnx the "
+                                            "whole instance's budget; with --instances it replaces the CSV's.")
 @click.option("--limit", type=int, help="Verify N test points, a fixed class-stratified subset (default: all).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes (one per GPU when present).")
 @click.option("--engine", default="bab", show_default=True, help="Complete stage: bab, milp or none.")
@@ -183,26 +235,55 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 @click.option("--alpha-iterations", type=int, default=20, show_default=True, help="α-CROWN iterations (0: off).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of the attack and the IBP/CROWN bounds (concrete points are always re-checked in float32).")
-@click.option("--out", "out_dir", type=click.Path(), help="Where to write verification.json/.jsonl (default: the run).")
+@click.option("--out", "out_dir", type=click.Path(), help="Where to write verification.json/.jsonl (default: the run); "
+              "with --onnx the result file; with --instances the results CSV (default results.csv).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted verification of the same weights and settings.")
 @click.option("--force", is_flag=True, help="Replace an existing verification in the output folder.")
 @click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify(run: str, eps: Optional[float], timeout: float, limit: Optional[int], workers: int, engine: str,
-           restarts: int, alpha_iterations: int, dtype: str, out_dir: Optional[str], resume: bool, force: bool,
-           data_dir: Optional[str], device: str, quiet: bool) -> None:
-    """Verified robust accuracy: clean → PGD → IBP → CROWN → α-CROWN → branch-and-bound (SPEC §6)."""
+@click.option("--quiet", is_flag=True, help="No progress bar (none either when stderr is not a terminal).")
+@THREADS_OPTION
+def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[str], instances_csv: Optional[str],
+           root: Optional[str], eps: Optional[float], timeout: Optional[float], limit: Optional[int], workers: int,
+           engine: str, restarts: int, alpha_iterations: int, dtype: str, out_dir: Optional[str], resume: bool,
+           force: bool, data_dir: Optional[str], device: str, quiet: bool, threads: Optional[int] = None) -> None:
+    """Verified robust accuracy of a run: clean → PGD → IBP → CROWN → α-CROWN → branch-and-bound (SPEC §6);
+    or any ONNX network against a VNN-LIB property (--onnx/--vnnlib), or a whole benchmark (--instances)."""
     from certkd.checkpoints import checkpoint_eps, load_model
     from certkd.verification.pipeline import VerifyConfig, verify_run
 
+    _apply_threads(threads)
+    modes = [m for m, v in (("RUN", run), ("--onnx", onnx_path), ("--instances", instances_csv)) if v]
+    if len(modes) != 1 or bool(onnx_path) != bool(vnnlib_path):
+        raise CertkdError("give one of: RUN, --onnx MODEL.onnx --vnnlib PROP.vnnlib, or --instances instances.csv")
+    if onnx_path:
+        from certkd.verification.onnx_verify import verify_instance
+
+        res = verify_instance(onnx_path, vnnlib_path, timeout=60.0 if timeout is None else timeout)
+        text = res.text()
+        if out_dir:
+            Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_dir).write_text(text)
+        click.echo(text, nl=False)
+        if res.note and res.status != "sat":
+            click.echo(f"({res.stage}: {res.note})", err=True)
+        return
+    if instances_csv:
+        from certkd.verification.instances import run_instances
+
+        if timeout is not None:
+            raise CertkdError("--timeout with --instances is not supported: the CSV gives each instance's timeout")
+        run_instances(instances_csv, root=root, out=out_dir, workers=workers, log=click.echo, limit=limit)
+        return
+    if timeout is None:
+        timeout = 60.0
     if eps is None:
         eps = checkpoint_eps(load_model(run).certkd_meta, run)
     cfg = VerifyConfig(eps=eps, timeout=timeout, engine=engine, attack_restarts=restarts,
                        alpha_iterations=alpha_iterations, dtype=dtype)
     try:
         s = verify_run(run, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, force=force,
-                       data_dir=data_dir, device=device, progress=not quiet)
+                       data_dir=data_dir, device=device, progress=_show_progress(quiet))
     except KeyboardInterrupt:
         from certkd.verification.pipeline import _default_out, _saved_rows
 
@@ -232,7 +313,7 @@ def verify(run: str, eps: Optional[float], timeout: float, limit: Optional[int],
               help="ONNX file to write: the whole model, normalisation included (input in pixel units [0, 1]).")
 @click.option("--vnnlib-dir", required=True, type=click.Path(),
               help="Folder for prop_{i}.vnnlib and instances.csv (created if missing).")
-@click.option("--eps", type=float, help="L∞ radius in pixel units (default: the run's training ε).")
+@click.option("--eps", type=EPS, help="L∞ radius in pixel units, e.g. 0.1 or 2/255 (default: the run's training ε).")
 @click.option("--limit", type=int, default=100, show_default=True, help="Export the first N test points.")
 @click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
@@ -284,7 +365,7 @@ def card(run: str, out_path: Optional[str], release_dir: Optional[str]) -> None:
 
 
 @cli.command()
-@click.option("--preset", help="Preset name from configs/ (or a YAML path), as in certkd train.")
+@click.option("--preset", help="Preset name or YAML file, as in certkd train.")
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
               help="A config key and its values (repeatable; the runs are the cartesian product).")
 @click.option("--seeds", help="Seeds, e.g. 0,1,2 (default: the config's seed).")
@@ -293,9 +374,12 @@ def card(run: str, out_path: Optional[str], release_dir: Optional[str]) -> None:
 @click.option("--evaluate", is_flag=True, help="Also evaluate every run (certkd evaluate; writes evaluation.json).")
 @click.option("--eval-limit", type=int, help="With --evaluate: the first N test points only.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--devices", help="Train on several devices at once, one worker process each, e.g. cuda:0,cuda:1.")
+@click.option("--devices", help="Train on several devices at once, one worker process each, e.g. cuda:0,cuda:1 "
+                              "(cpu,cpu: two CPU workers sharing --threads).")
+@THREADS_OPTION
 def sweep(preset: Optional[str], grid: Sequence[str], seeds: Optional[str], sets: Sequence[str], out: str,
-          evaluate: bool, eval_limit: Optional[int], quiet: bool, devices: Optional[str]) -> None:
+          evaluate: bool, eval_limit: Optional[int], quiet: bool, devices: Optional[str],
+          threads: Optional[int]) -> None:
     """Train every combination of --grid values × --seeds.
 
     Resumable: rerun the same command to skip finished runs and resume partial ones. Without
@@ -304,8 +388,9 @@ def sweep(preset: Optional[str], grid: Sequence[str], seeds: Optional[str], sets
     """
     from certkd.sweep import run_sweep
 
+    _apply_threads(threads)  # --devices splits these threads between its workers
     s = run_sweep(out, preset, list(grid), seeds, list(sets), evaluate=evaluate, eval_limit=eval_limit,
-                  progress=not quiet, log=click.echo, devices=devices)
+                  progress=_show_progress(quiet), log=click.echo, devices=devices)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(s["counts"].items()))
     click.echo(f"sweep {out}: {counts}; status in {Path(out) / 'sweep.json'}")
     failed = [r for r in s["runs"] if r["status"] == "failed"]
@@ -317,11 +402,13 @@ def sweep(preset: Optional[str], grid: Sequence[str], seeds: Optional[str], sets
 
 @cli.command()
 def presets() -> None:
-    """List the available presets."""
-    from certkd.config import list_presets
+    """List the available presets, each with a one-line description."""
+    from certkd.config import list_presets, preset_description
 
-    for name in list_presets():
-        click.echo(name)
+    names = list_presets()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        click.echo(f"{name.ljust(width)}  {preset_description(name)}".rstrip())
 
 
 @cli.command()
@@ -347,7 +434,9 @@ DEMO_VERIFY_LIMIT, DEMO_VERIFY_TIMEOUT = 200, 5.0
 @click.option("--verify-timeout", type=float, default=DEMO_VERIFY_TIMEOUT, show_default=True,
               help="Seconds per point for the complete verifier.")
 @click.option("--quiet", is_flag=True)
-def demo(out: str, epochs: Optional[int], verify_limit: int, verify_timeout: float, quiet: bool) -> None:
+@THREADS_OPTION
+def demo(out: str, epochs: Optional[int], verify_limit: int, verify_timeout: float, quiet: bool,
+         threads: Optional[int]) -> None:
     """Teacher (PGD-AT) → CC-IBP and CC-Dist students → evaluation table, on bundled digits."""
     from certkd.config import resolve_config
     from certkd.evaluation import evaluate_run
@@ -356,6 +445,9 @@ def demo(out: str, epochs: Optional[int], verify_limit: int, verify_timeout: flo
     from certkd.verification.pipeline import VerifyConfig, verify_run
 
     root = Path(out)
+    n_threads = _apply_threads(threads)
+    quiet = not _show_progress(quiet)
+    click.echo(f"(torch threads: {n_threads})")
     extra = {"epochs": epochs} if epochs else {}
     click.echo("1/4 teacher: PGD adversarial training")
     t_cfg = resolve_config("digits-small", dict(extra, method="pgd-at"), teacher=True)
