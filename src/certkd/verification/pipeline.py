@@ -1,4 +1,4 @@
-"""Per-sample verification pipeline (SPEC §6), resumable and split across workers.
+"""Per-sample verification pipeline (docs/method.md §10), resumable and split across workers.
 
 For each test point, in order, stopping at the first stage that decides it:
 
@@ -97,7 +97,7 @@ class VerifyConfig:
 def _intermediate(model: nn.Module, cfg: VerifyConfig):
     """Which pre-activation layers get CROWN passes: all of them for small nets, else the last.
 
-    Full CROWN intermediates on a wide CNN cost minutes and GBs on CPU (SPEC §11), so on CPU
+    Full CROWN intermediates on a wide CNN cost minutes and GBs on CPU (docs/method.md §10.2), so on CPU
     the early conv layers keep IBP bounds unless asked otherwise.
     """
     if cfg.crown_intermediate != "auto":
@@ -382,7 +382,7 @@ def _prepare_out(out: Path, summary_path: Path, rows_path: Path, subject: Dict[s
 def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, workers: int, resume: bool, force: bool,
                 data_dir: Optional[str], device: str, progress: bool) -> Dict[str, Any]:
     from certkd.evaluation import run_directory
-    from certkd.training import resolve_device
+    from certkd.runs import resolve_device
 
     cfg.validate()
     if resume and force:
@@ -426,7 +426,7 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
             import multiprocessing as mp
 
             n_gpu = torch.cuda.device_count() if dev.type == "cuda" else 0
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = max(1, torch.get_num_threads() // workers)  # split --threads, never oversubscribe
             jobs = []
             for k in range(workers):
                 chunk = todo[k::workers]
