@@ -146,3 +146,25 @@ def test_checkpoint_temp_dirs_of_a_killed_writer_are_removed(tmp_path):
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["epoch-0002", "latest"]
     assert load_model(run).certkd_meta["epoch"] == 2
+
+
+def test_checkpoint_of_a_newer_format_is_refused_in_one_line(tmp_path):
+    import json
+
+    from certkd.checkpoints import FORMAT_VERSION
+
+    run = _make_run(tmp_path / "run")
+    meta_path = run / "checkpoints" / "epoch-0001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format_version"] == FORMAT_VERSION
+    assert load_model(run).certkd_meta["format_version"] == FORMAT_VERSION
+    meta_path.write_text(json.dumps(dict(meta, format_version=FORMAT_VERSION + 1)))
+    with pytest.raises(CertkdError) as exc:
+        load_model(run)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert f"checkpoint format {FORMAT_VERSION + 1}, newer than this certkd reads" in msg
+    assert "upgrade certkd" in msg
+    meta_path.write_text(json.dumps(dict(meta, format_version="one")))
+    with pytest.raises(CertkdError, match="invalid format_version 'one'"):
+        load_model(run)

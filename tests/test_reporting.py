@@ -327,7 +327,7 @@ def test_curves_plot_loss_components_distillation_term_and_integer_epochs(tmp_pa
                    for e in range(1, 8)]
     rec.metrics[-1]["test"] = {"clean_accuracy": 0.5, "pgd_accuracy": 0.4, "ibp_verified_accuracy": 0.2, "n": 30}
     figs = []
-    monkeypatch.setattr(reporting, "_save_png", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(reporting.plots, "_save_png", lambda fig, path: figs.append(fig))
     monkeypatch.setattr(reporting._pyplot(), "close", lambda fig: None)
     reporting.plot_curves(rec, tmp_path / "c.png")
     (fig,) = figs

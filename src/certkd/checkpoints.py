@@ -31,7 +31,7 @@ from torch import nn
 from certkd.errors import CertkdError
 
 PathLike = Union[str, os.PathLike]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the checkpoint layout; read_meta refuses a checkpoint with a newer one
 META_MAX_BYTES = 64 << 20  # meta.json is a few kB (optimiser hyper-parameters); refuse to read gigabytes
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -257,7 +257,8 @@ def resolve_checkpoint(path: PathLike) -> Path:
 
 def read_meta(ckpt: Path) -> Dict[str, Any]:
     """A checkpoint's meta.json, checked as untrusted input: a JSON object of bounded size whose
-    ``model``, ``config`` and ``epoch`` entries have the right types (a one-line CertkdError otherwise)."""
+    ``model``, ``config`` and ``epoch`` entries have the right types and whose ``format_version`` (absent:
+    :data:`FORMAT_VERSION`) is one this certkd reads (a one-line CertkdError otherwise)."""
     path = ckpt / "meta.json"
     restore = "restore the checkpoint's meta.json or retrain"
     try:
@@ -275,6 +276,12 @@ def read_meta(ckpt: Path) -> Dict[str, Any]:
         raise CertkdError(f"{path} is not certkd checkpoint metadata (no 'model' entry); {restore}")
     if not isinstance(meta["model"], dict):
         raise CertkdError(f"{path} has an invalid model description (not a mapping); {restore}")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CertkdError(f"{path} has an invalid format_version {version!r} (not an integer >= 1); {restore}")
+    if version > FORMAT_VERSION:
+        raise CertkdError(f"{path} has checkpoint format {version}, newer than this certkd reads "
+                          f"(format {FORMAT_VERSION}); upgrade certkd (pip install -U certkd) to load it")
     if "config" in meta:
         cfg = meta["config"]
         if not isinstance(cfg, dict):

@@ -1,6 +1,6 @@
 """Typed configuration, YAML presets and overrides.
 
-Resolution order: :class:`TrainConfig` defaults (SPEC §3, §7: the paper's settings) ←
+Resolution order: :class:`TrainConfig` defaults (docs/method.md §3.2, §11: the paper's settings) ←
 preset YAML (``certkd/presets/NAME.yaml``, package data) ← explicit overrides (CLI flags, ``--set key=value``).
 The resolved config is written next to every run's outputs.
 """
@@ -28,7 +28,7 @@ DIST_TARGETS = ("teacher", "zero")  # what the distillation term pulls the stude
 
 @dataclass
 class TrainConfig:
-    """One training run (teacher or student). Defaults follow SPEC §3 and the MNIST row of §7."""
+    """One training run (teacher or student). Defaults follow docs/method.md §3.2, §5.6 and the MNIST row of §11."""
 
     # data
     dataset: str = "digits"
@@ -47,7 +47,7 @@ class TrainConfig:
     reg_lambda: float = 0.5         # warm-up regularisers λ (0 disables)
     reg_tol: float = 0.5            # τ
     trades_beta: float = 6.0
-    # distillation (SPEC §10)
+    # distillation (docs/method.md §7)
     teacher: Optional[str] = None
     beta: float = 1.0
     dist_combination: str = "box"
@@ -57,7 +57,7 @@ class TrainConfig:
     dist_target: str = "teacher"    # teacher: the teacher's clean features; zero: distil towards 0 (no teacher)
     feature_adapter: str = "none"   # linear: learned map student → teacher features, on the student's side
     kd_temperature: float = 4.0
-    # ε schedule (SPEC §1.4–1.5)
+    # ε schedule (docs/method.md §2.4, §3.1)
     eps: float = 0.1
     eps_start: int = 1              # S: first epoch of the ramp
     eps_length: int = 20            # N: ramp length in epochs
@@ -486,7 +486,7 @@ def _resolve(preset: Optional[str], overrides: Optional[Mapping[str, Any]], teac
     return cfg
 
 
-# Defaults of ``certkd teacher``: Madry PGD-AT at the target ε (SPEC §11).
+# Defaults of ``certkd teacher``: Madry PGD-AT at the target ε (docs/method.md §5.7).
 TEACHER_DEFAULTS: Dict[str, Any] = {"method": "pgd-at", "attack_steps": 10, "attack_step_size": 0.25,
                                     "train_eps_mul": 1.0, "attack_eps_factor": 1.0, "ibp_init": False,
                                     "l1": 0.0, "reg_lambda": 0.0, "eps_length": 0}

@@ -15,7 +15,7 @@ Design
   - every train-mode BatchNorm uses the mean and biased variance of the *global* batch (sync
     BN: :func:`convert_batchnorm` swaps the class of each BatchNorm to
     :class:`SyncBatchNorm1d`/:class:`SyncBatchNorm2d`, which keep the state dict and
-    ``isinstance`` of the originals). The IBP rule for train-mode BN (SPEC §1.2) gets the same
+    ``isinstance`` of the originals). The IBP rule for train-mode BN (docs/method.md §2.2) gets the same
     global statistics of the carried point through :meth:`forward_with_stats`, so the bounds
     use the statistics of the global adversarial batch, as in one process;
   - every batch mean or sum of a loss (cross-entropy, IBP/CC/MTL/Exp terms, distillation

@@ -26,7 +26,7 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
 
     Writes ``evaluation.json`` into the run directory when ``write`` is true.
     """
-    from certkd.training import resolve_device
+    from certkd.runs import resolve_device
     from certkd.verification import evaluate_accuracy
 
     dev = resolve_device(device)

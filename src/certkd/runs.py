@@ -179,3 +179,15 @@ def result_warnings(result: Mapping[str, Any]) -> list:
         out.append(f"collapsed model: it predicts class {col.get('top_class')} for {100 * col['top_share']:.0f}% of "
                    "the points; retrain it (lower lr or eps, longer warm-up)")
     return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``auto``, ``cpu`` or ``cuda[:N]``; a one-line CertkdError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CertkdError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CertkdError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None

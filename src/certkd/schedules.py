@@ -1,4 +1,4 @@
-"""ε and learning-rate schedules (SPEC §1.4–1.5, §3.3)."""
+"""ε and learning-rate schedules (docs/method.md §2.4, §3.1, §3.2)."""
 from __future__ import annotations
 
 import math

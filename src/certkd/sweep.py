@@ -290,7 +290,7 @@ def parse_devices(devices: Union[None, str, Sequence[str]]) -> Optional[List[str
     items = [d.strip() for d in (devices.split(",") if isinstance(devices, str) else devices) if d.strip()]
     if not items:
         raise CertkdError("--devices is empty; give e.g. cuda:0,cuda:1")
-    from certkd.training.loop import resolve_device
+    from certkd.runs import resolve_device
     for d in items:
         resolve_device(d)  # one-line error for unknown / unavailable devices
     return items

@@ -579,6 +579,7 @@ def _subdomain(root, splits):
     return ov, signs
 
 
+@pytest.mark.slow  # 61–75 s on a 2-core CPU (six exact MILPs); runs in CI (.ci/run)
 def test_beta_crown_is_sound_below_the_exact_subdomain_minimum_and_tighter(trained_mlp):
     """Random splits of unstable neurons: β-CROWN ≤ the MILP's exact minimum on the sub-domain,
     ≤ every sampled point satisfying the splits, and ≥ α-CROWN without multipliers somewhere."""

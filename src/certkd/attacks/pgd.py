@@ -1,4 +1,4 @@
-"""L∞ projected gradient descent with random start and best-iterate tracking (SPEC §1.3)."""
+"""L∞ projected gradient descent with random start and best-iterate tracking (docs/method.md §2.3)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +14,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits (N,K), target) -> per-sam
 
 
 def linf_box(x: Tensor, eps: float, low: float = 0.0, high: float = 1.0) -> tuple:
-    """The L∞ ball of radius ``eps`` around x, clipped to the valid pixel range (SPEC §0)."""
+    """The L∞ ball of radius ``eps`` around x, clipped to the valid pixel range (docs/method.md §1)."""
     return (x - eps).clamp(min=low), (x + eps).clamp(max=high)
 
 
@@ -53,7 +53,7 @@ class PGD:
         loss_fn: per-sample loss to maximise, (logits, target) -> (N,); cross-entropy by default.
         stop_on_success: evaluation mode of the attack. Once an iterate is misclassified, that
             point is kept for the sample (the strongest evidence an attack can give).
-        eval_model: run the attack with the model in eval mode (SPEC §2.1), restoring it after.
+        eval_model: run the attack with the model in eval mode (docs/method.md §4), restoring it after.
 
     Call: ``attack(model, x, y, lower, upper)`` with x, lower, upper (N, C, H, W) -> x_adv (N, C, H, W).
     """
@@ -115,7 +115,7 @@ class PGD:
                 grad = torch.where(_expand(torch.isinf(loss), grad), torch.zeros_like(grad), grad)
             xa = torch.max(torch.min(xa.detach() + self.step_size * rho * grad.sign(), upper), lower)
         need_score = self.steps > 1 or self.restarts > 1 or self.steps == 0
-        if not need_score:  # SPEC §1.3: a single step is returned without comparison
+        if not need_score:  # docs/method.md §2.3: a single step is returned without comparison
             return xa.detach(), best_loss
         with torch.no_grad():
             _, loss = self._score(model, xa, y)

@@ -1,4 +1,4 @@
-"""CROWN and α-CROWN: backward linear bound propagation (SPEC §6 step 3, §11).
+"""CROWN and α-CROWN: backward linear bound propagation (docs/method.md §10.1, §10.2).
 
 What is computed
 ----------------

@@ -4,7 +4,7 @@ Design notes
 ------------
 * One pass, batched: each rule maps (center, radius) of a box to those of the next layer;
   affine layers cost one op on the center and one with |W| on the radius.
-* Train-mode BatchNorm uses the statistics of the batch the model *actually saw* (SPEC §1.2).
+* Train-mode BatchNorm uses the statistics of the batch the model *actually saw* (docs/method.md §2.2).
   That is why :func:`interval_bounds` can carry a ``point`` through the same pass: in train
   mode the point's batch statistics normalise both the point and the box, and the running
   statistics are updated exactly as in a normal forward. The point's features come back
@@ -161,7 +161,7 @@ def _bounds(net: Network, lower: Tensor, upper: Tensor, point: Optional[Tensor],
 
 
 def elided_lower_bounds(head: nn.Linear, lower: Tensor, upper: Tensor, labels: Tensor) -> Tensor:
-    """Lower bounds of z_y − z_j over a feature box, with the last layer merged into C (SPEC §1.1).
+    """Lower bounds of z_y − z_j over a feature box, with the last layer merged into C (docs/method.md §2.1).
 
     lb_j = (w_y − w_j)·c + (b_y − b_j) − |w_y − w_j|·r, which is exact for the box [lower, upper].
 

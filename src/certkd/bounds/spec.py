@@ -1,4 +1,4 @@
-"""The logit-difference specification C(y) (SPEC §0).
+"""The logit-difference specification C(y) (docs/method.md §1).
 
 Row k of C(y) is e_y − e_{j_k}, with j_k running over the classes ≠ y in increasing order,
 so d = C z has entries z_y − z_j. Positive d everywhere on the box means "robust".

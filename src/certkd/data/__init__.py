@@ -1,4 +1,4 @@
-"""Datasets (SPEC §5): in-memory readers and a seeded, shardable batch iterator.
+"""Datasets (docs/method.md §9): in-memory readers and a seeded, shardable batch iterator.
 
 >>> train, test, info = load_dataset("digits")
 >>> for x, y in iterate_batches(train, 64, shuffle=True, seed=0):

@@ -13,7 +13,7 @@ import torch
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a dataset that models and the trainer need (SPEC §5).
+    """Static facts about a dataset that models and the trainer need (docs/method.md §9).
 
     ``mean``/``std`` are per-channel values for the model's ``Normalize`` layer;
     inputs themselves always stay in pixel units [0, 1].
@@ -23,7 +23,7 @@ class DatasetInfo:
     num_classes: int
     in_channels: int
     input_size: int           # H == W
-    mean: tuple[float, ...]   # per channel, SPEC §5
+    mean: tuple[float, ...]   # per channel, docs/method.md §9
     std: tuple[float, ...]
     augmentation: str         # "none" | "crop-flip"
     crop_padding: int         # 0, 2 (CIFAR) or 4 (TinyImageNet/ImageNet64)
@@ -95,7 +95,7 @@ class ImageDataset:
 
     def take(self, start: int, stop: int | None = None) -> "ImageDataset":
         """Points ``start:stop`` in stored order (no copy), e.g. the unshuffled
-        80/20 train/validation split of SPEC §5 is ``take(0, k)`` / ``take(k)``."""
+        80/20 train/validation split of docs/method.md §9 is ``take(0, k)`` / ``take(k)``."""
         return ImageDataset(self.images[start:stop], self.labels[start:stop])
 
 

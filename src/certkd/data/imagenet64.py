@@ -1,12 +1,12 @@
 """Downsampled ImageNet 64×64 reader for the official ``.npz`` batches (Chrabaszcz et al., 2017).
 
 Files: ``train_data_batch_1.npz`` … ``train_data_batch_10.npz`` (1,281,167 images in all) and
-``val_data.npz`` (50,000; SPEC §5 uses it as the test split). Each holds
+``val_data.npz`` (50,000; docs/method.md §9 uses it as the test split). Each holds
 
 - ``data``: (N, 12288) uint8, one image per row, channel-major: the 64×64 red plane (row-major),
   then green, then blue; so ``data.reshape(N, 3, 64, 64)`` is already (N, C, H, W);
 - ``labels``: (N,) ints 1..1000 (shifted to 0..999 here);
-- optionally ``mean`` (the training-set mean image), not used: normalisation is the SPEC §5
+- optionally ``mean`` (the training-set mean image), not used: normalisation is the docs/method.md §9
   per-channel mean/std inside the model.
 
 Accepted layouts (each file is looked for in these folders, first hit wins)::

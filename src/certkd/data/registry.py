@@ -1,4 +1,4 @@
-"""``load_dataset``: dataset names -> (train, test, info), with SPEC §5 constants."""
+"""``load_dataset``: dataset names -> (train, test, info), with the constants of docs/method.md §9."""
 from __future__ import annotations
 
 import difflib

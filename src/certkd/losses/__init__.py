@@ -1,8 +1,8 @@
 """Training objectives as pure functions of tensors.
 
-* :mod:`certkd.losses.certified`: IBP, CC-IBP, MTL-IBP, Exp-IBP, SABR, TRADES, L1 (SPEC §2).
-* :mod:`certkd.losses.regularizers`: warm-up regularisers of Shi et al. (SPEC §3.2).
-* :mod:`certkd.losses.distillation`: CC-Dist and its variants (SPEC §10).
+* :mod:`certkd.losses.certified`: IBP, CC-IBP, MTL-IBP, Exp-IBP, SABR, TRADES, L1 (docs/method.md §5).
+* :mod:`certkd.losses.regularizers`: warm-up regularisers of Shi et al. (docs/method.md §5.6).
+* :mod:`certkd.losses.distillation`: CC-Dist and its variants (docs/method.md §7).
 """
 from certkd.losses.certified import (adversarial_loss, cc_ibp_loss, difference_loss, exp_ibp_loss, ibp_loss,
                                      l1_penalty, mtl_ibp_loss, sabr_box, trades_kl)

@@ -1,4 +1,4 @@
-"""Certified and expressive training losses (SPEC §2.2) as pure functions of tensors.
+"""Certified and expressive training losses (docs/method.md §5) as pure functions of tensors.
 
 All inputs are logit-difference vectors d (N, K−1) with entries z_y − z_j: ``lb`` are IBP
 lower bounds on a box, ``d_adv`` the differences at an adversarial point. Each loss returns

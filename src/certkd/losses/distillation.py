@@ -1,7 +1,7 @@
-"""Feature- and logit-space distillation terms for certified training (SPEC §10).
+"""Feature- and logit-space distillation terms for certified training (docs/method.md §7).
 
 All functions here are pure tensor functions: no modules, no state. Notation
-(SPEC §10.1):
+(docs/method.md §7.1):
 
 * ``a``  — student features at the adversarial point, shape ``(N, m)``;
 * ``l``, ``u`` — IBP box on the student features, shape ``(N, m)``, ``l <= u``;
@@ -28,7 +28,7 @@ teacher features computed under ``torch.no_grad()`` (or detached) when the teach
 is frozen.
 
 Worst-case coordinates are computed as ``max(|u_k - t_k|, |l_k - t_k|)``, which is
-mathematically equal to ``|c_k - t_k| + r_k`` (SPEC §10.2) but is the exact maximum
+mathematically equal to ``|c_k - t_k| + r_k`` (docs/method.md §7.2) but is the exact maximum
 over the box in floating point, so the certified bound is never undercut by rounding.
 At ``alpha == 0`` and ``alpha == 1`` the combined distances are computed by the
 endpoint formulas themselves, so they equal :func:`feature_distance` and
@@ -188,7 +188,7 @@ def feature_distance(
 
 
 def worst_case_point(lower: Tensor, upper: Tensor, target: Tensor) -> Tensor:
-    """The box point farthest from ``target``: ĥ (SPEC §10.2).
+    """The box point farthest from ``target``: ĥ (docs/method.md §7.2).
 
     Per coordinate ĥ_k = u_k if |u_k - t_k| >= |l_k - t_k| (equivalently t_k <= c_k),
     else l_k. Gradients flow through the selected endpoint only.
@@ -213,7 +213,7 @@ def worst_case_feature_distance(
     distance: str = "l2sq",
     reduction: str = "sum",
 ) -> Tensor:
-    """Certified upper bound ``max_{v in [l, u]} D(v, t)`` (SPEC §10.2).
+    """Certified upper bound ``max_{v in [l, u]} D(v, t)`` (docs/method.md §7.2).
 
     Equals ``R_k phi(|c_k - t_k| + r_k)`` = ``D(ĥ, t)``; since every ``phi`` is
     non-decreasing in ``|v_k - t_k|`` and the problem is separable, this is the exact
@@ -243,7 +243,7 @@ def cc_dist_distance(
     distance: str = "l2sq",
     reduction: str = "sum",
 ) -> Tensor:
-    """CC-Dist distance ``D_alpha`` between student and teacher features (SPEC §10.3-10.4).
+    """CC-Dist distance ``D_alpha`` between student and teacher features (docs/method.md §7.3).
 
     Combinations (phi and the reduction as in :func:`feature_distance`):
 
@@ -301,7 +301,7 @@ def mtl_dist_distance(
     distance: str = "l2sq",
     reduction: str = "sum",
 ) -> Tensor:
-    """MTL-style distance ``alpha * D1 + (1 - alpha) * D0`` per sample (SPEC §10.5).
+    """MTL-style distance ``alpha * D1 + (1 - alpha) * D0`` per sample (docs/method.md §7.5).
 
     ``D1 = worst_case_feature_distance(l, u, t)``, ``D0 = feature_distance(a, t)``.
     At ``alpha`` 0 or 1 only the corresponding term is computed.
@@ -338,7 +338,7 @@ def exp_dist_distance(
     distance: str = "l2sq",
     reduction: str = "sum",
 ) -> Tensor:
-    """Exp-style distance ``mean(D1) ** alpha * mean(D0) ** (1 - alpha)`` (SPEC §10.5).
+    """Exp-style distance ``mean(D1) ** alpha * mean(D0) ** (1 - alpha)`` (docs/method.md §7.5).
 
     Both factors are batch means (as in Exp-IBP), so this is not a per-sample
     geometric mean. At ``alpha`` 0 or 1 only the corresponding mean is returned.
@@ -368,7 +368,7 @@ def exp_dist_distance(
 
 
 def project_to_box(points: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
-    """Clamp ``points`` elementwise into ``[lower, upper]`` (SPEC §10.6).
+    """Clamp ``points`` elementwise into ``[lower, upper]`` (docs/method.md §7.6).
 
     Used to keep ``x_adv`` inside the IBP input box so that ``a`` lies in ``[l, u]``.
 

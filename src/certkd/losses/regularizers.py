@@ -1,4 +1,4 @@
-"""Warm-up regularisers of Shi et al. 2021 (SPEC §3.2), from IBP pre-activation bounds.
+"""Warm-up regularisers of Shi et al. 2021 (docs/method.md §5.6), from IBP pre-activation bounds.
 
 The means and sums over the batch are those of :mod:`certkd.distributed` (plain ``mean``/``sum``
 in one process, over the global batch in multi-process training): the terms are ratios of
@@ -39,7 +39,7 @@ def warmup_regularizer(preactivations: Sequence[Tuple[Tensor, Tensor]], input_ra
         centered = (c - batch_mean(c)) ** 2
         r2 = _symmetrize(batch_sum(centered * active) / batch_sum(centered * inactive))
         term = (torch.relu(tol - r1) + torch.relu(tol - r2)) / tol
-        if bool(torch.isfinite(term)):  # SPEC: skipped when NaN or Inf
+        if bool(torch.isfinite(term)):  # docs/method.md §5.6: skipped when NaN or Inf
             balance.append(term)
     total = torch.zeros((), device=input_radius.device)
     if tightness:

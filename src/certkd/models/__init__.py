@@ -105,7 +105,6 @@ class CertifiableNet(nn.Module):
         return self.head(self.features(x))
 
 
-ModelBuilder = Callable[..., CertifiableNet]
 _MODELS: Dict[str, Callable[..., tuple]] = {}
 
 
@@ -131,7 +130,7 @@ def describe_model(name: str) -> str:
 
 def create_model(name: str, in_channels: int = 1, input_size: int = 28, num_classes: int = 10,
                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), **kwargs: Any) -> CertifiableNet:
-    """Build a registered model; normalisation (per SPEC §5) becomes its first layer."""
+    """Build a registered model; normalisation (docs/method.md §9) becomes its first layer."""
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list_models(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -247,7 +246,7 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
 
 def _cnn7(in_channels: int, input_size: int, num_classes: int, width: int, linear: int,
           last_stride: int) -> tuple:
-    """CNN7 with BatchNorm (SPEC §4): five 3×3 convs, stride 2 on the third (and fifth for ImageNet)."""
+    """CNN7 with BatchNorm (docs/method.md §8): five 3×3 convs, stride 2 on the third (and fifth for ImageNet)."""
     plan = [(in_channels, width, 1), (width, width, 1), (width, 2 * width, 2), (2 * width, 2 * width, 1),
             (2 * width, 2 * width, last_stride)]
     layers: list = []
@@ -261,13 +260,14 @@ def _cnn7(in_channels: int, input_size: int, num_classes: int, width: int, linea
 
 @register_model("cnn7")
 def cnn7(in_channels: int, input_size: int, num_classes: int, width: int = 64, linear: int = 512) -> tuple:
-    """CNN7 with BatchNorm (SPEC §4, the paper's MNIST/CIFAR-10 model): width 64, linear 512."""
+    """CNN7 with BatchNorm (docs/method.md §8, the paper's MNIST/CIFAR-10 model): width 64, linear 512."""
     return _cnn7(in_channels, input_size, num_classes, width, linear, last_stride=1)
 
 
 @register_model("cnn7-imagenet")
 def cnn7_imagenet(in_channels: int, input_size: int, num_classes: int, width: int = 64, linear: int = 512) -> tuple:
-    """CNN7 with BatchNorm and stride 2 on conv 5 (SPEC §4, TinyImageNet/ImageNet64 64×64): width 64, linear 512."""
+    """CNN7 with BatchNorm and stride 2 on conv 5 (docs/method.md §8, TinyImageNet/ImageNet64 64×64):
+    width 64, linear 512."""
     return _cnn7(in_channels, input_size, num_classes, width, linear, last_stride=2)
 
 
@@ -307,7 +307,7 @@ def mlp(in_channels: int, input_size: int, num_classes: int, hidden: Sequence[in
 
 
 def ibp_initialize(model: CertifiableNet, generator: torch.Generator | None = None) -> CertifiableNet:
-    """IBP initialisation of Shi et al. 2021 (SPEC §3.1).
+    """IBP initialisation of Shi et al. 2021 (docs/method.md §6).
 
     Every Conv2d/Linear weight in ``features`` (the head keeps PyTorch's default) is redrawn
     from N(0, σ²) with σ = sqrt(2π) / fan_in, so interval widths neither explode nor vanish.

@@ -33,6 +33,7 @@ from certkd.config import DISTILLATION_METHODS, TrainConfig
 from certkd.data import iterate_batches, load_dataset, num_batches
 from certkd.errors import CertkdError
 from certkd.models import create_model, ibp_initialize
+from certkd.runs import resolve_device
 from certkd.schedules import SmoothedEpsilonSchedule, multistep_lr
 from certkd.training.step import Teacher, training_loss
 from certkd.verification import evaluate_accuracy
@@ -40,17 +41,6 @@ from certkd.verification import evaluate_accuracy
 
 class NonFiniteError(CertkdError):
     """A loss or gradient became NaN/Inf; the last good checkpoint is left intact."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CertkdError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise CertkdError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
 
 
 #: How the run-directory errors name the options: as flags of ``certkd train`` or as arguments of ``train()``.

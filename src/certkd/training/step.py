@@ -1,4 +1,4 @@
-"""One training batch: the per-batch procedure of SPEC §2.1 for every method.
+"""One training batch: the per-batch procedure of docs/method.md §4 for every method.
 
 Order matters for BatchNorm: clean forward (train mode) → attack (eval mode) → adversarial
 forward in train mode, carried through the same IBP pass, so the bounds use the batch
@@ -25,7 +25,7 @@ from certkd.losses import certified as L
 from certkd.losses import distillation as D
 from certkd.losses.regularizers import warmup_regularizer
 
-WARMUP_EPS = 1e-50     # below this a batch is "natural" (SPEC §1.4)
+WARMUP_EPS = 1e-50     # below this a batch is "natural" (docs/method.md §2.4)
 REG_BOX_EPS = 1e-6     # box used for the regularisers on warm-up batches
 
 # Robust-loss family and the α used by each distillation method.
@@ -104,7 +104,7 @@ def training_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, eps_
         model: the network being trained (train mode).
         x, y: batch in pixel space (N, C, H, W) and labels (N,).
         eps_sched: ε_s from the schedule; the IBP radius is ε_s·train_eps_mul and the
-            attack radius that times attack_eps_factor (SPEC §1.4).
+            attack radius that times attack_eps_factor (docs/method.md §2.4).
         reg_active: whether this epoch is in warm-up + ramp (regularisers on).
         attack: the training attack.
         teacher: frozen teacher for distillation methods.
@@ -149,7 +149,7 @@ def _adversarial_pass(model, x_adv, y, lower, upper, project: bool):
 
     Returns (lb, feature bounds, h(x_adv), features for distillation). With ``project``, the
     projection of x_adv onto the box rides along as a zero-width box under the same
-    statistics, so its features lie in [l, u] (SPEC §10.6) without a second forward.
+    statistics, so its features lie in [l, u] (docs/method.md §7.6) without a second forward.
     """
     n = x_adv.shape[0]
     if not project:
@@ -180,7 +180,7 @@ def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_ac
     method, family, alpha = cfg.method, _FAMILY[cfg.method], effective_alpha(cfg)
     distil = method in DISTILLATION_METHODS
     feature_dist = distil and method != "cc-ibp-kd"
-    zero_target = feature_dist and cfg.dist_target == "zero"   # the no-teacher control (SPEC §10.6)
+    zero_target = feature_dist and cfg.dist_target == "zero"   # the no-teacher control (docs/method.md §7.9)
     use_reg = reg_active and cfg.reg_lambda > 0
     t = teacher.targets(x) if (feature_dist and not zero_target and teacher is not None) else None
     reg = torch.zeros((), device=x.device)
@@ -218,7 +218,7 @@ def _certified_loss(model, x, y, cfg, eps_sched, eps_tr, eps_att, warmup, reg_ac
                 lo_b, hi_b = L.sabr_box(x_adv, lo_att, hi_att, cfg.alpha, eps_att)
             else:
                 lo_b, hi_b = lo_tr, hi_tr
-            # SPEC §10.6: the distillation term needs the adversarial point inside the IBP box.
+            # docs/method.md §7.6: the distillation term needs the adversarial point inside the IBP box.
             project = distil and family != "sabr" and cfg.attack_eps_factor > 1.0
             need_bounds = alpha > 0 or use_reg or family == "sabr" or (distil and family in ("mtl", "exp"))
             if need_bounds or project:

@@ -7,7 +7,7 @@ four separate parts:
   proven lower bound, the worst first (``order="fifo"`` keeps first-in-first-out, for comparison).
   Each batch of ``batch_domains`` sub-domains is popped from the top.
 * **Bounding**: β-CROWN. The final backward pass of α-CROWN runs with the intermediate bounds
-  of the root (CROWN ∩ IBP, computed once; SPEC §6 fixes them after the root), tightened by
+  of the root (CROWN ∩ IBP, computed once; docs/method.md §10.1 fixes them after the root), tightened by
   the splits: a neuron split active gets l = max(l, 0), inactive u = min(u, 0), and the bounds
   of later layers are re-intersected with IBP through ``intermediate_overrides``. The split
   constraints s·z ≥ 0 also enter the backward pass through multipliers β ≥ 0 optimised jointly

@@ -1,4 +1,10 @@
-"""Clean, PGD and IBP-verified accuracy of a trained model (the `certkd evaluate` table)."""
+"""Clean, PGD and IBP-verified accuracy of a trained model (the `certkd evaluate` table).
+
+Despite the module's name, not only empirical robustness: next to the PGD attack it computes
+IBP-*verified* accuracy (a sound but incomplete certificate), and cross-checks the two (a point
+both IBP-verified and attacked raises :class:`SoundnessError`). Complete verification is
+:mod:`certkd.verification.pipeline` (``certkd verify``).
+"""
 from __future__ import annotations
 
 from typing import Dict, Optional

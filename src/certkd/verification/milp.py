@@ -1,4 +1,4 @@
-"""Exact verification by mixed-integer linear programming (Tjeng et al., ICLR 2019; SPEC §11).
+"""Exact verification by mixed-integer linear programming (Tjeng et al., ICLR 2019; docs/method.md §10.3).
 
 ``milp_verify`` decides whether min over an L∞ box of min_{j≠y} (z_y − z_j) is positive, or
 returns a counterexample; on small networks it is the referee for the incomplete verifiers.
@@ -14,9 +14,10 @@ Encoding
   included, is composed into the map to the logits. A float64 forward through these maps is
   compared with the PyTorch forward before solving: a wrong encoding raises, it cannot answer.
 * **Intermediate bounds** (the big-M constants), layer by layer:
-  1. interval bounds propagated in float64 through the composed maps (the IBP rule of
-     :mod:`certkd.bounds.ibp` applied to the composed maps, hence never looser than the
-     layer-by-layer float32 IBP up to rounding), widened by a relative 1e-9 plus 1e-8;
+  1. interval bounds propagated in float64 through the composed maps (:func:`_interval`: centre
+     ``M c + b`` and radius ``|M| r`` of each map built from the graph's layer rules above;
+     composing first makes them never looser than the layer-by-layer float32 IBP of
+     :mod:`certkd.bounds.ibp`, up to rounding), widened by a relative 1e-9 plus 1e-8;
   2. intersected with optional caller-supplied bounds (e.g. CROWN, in float32), first widened by a
      relative 1e-6 against float32 rounding;
   3. with ``tighten="lp"`` (the default), each neuron still unstable in the second or a later ReLU
