@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 import click
 
 from certkd.errors import CertkdError
+from certkd.methods import method_names
 
 
 class EpsType(click.ParamType):
@@ -57,7 +58,7 @@ _TRAIN_OPTIONS = [
     click.option("--data-dir", type=click.Path(), help="Directory holding the dataset files."),
     click.option("--model", help="Architecture: cnn7, cnn7-imagenet, cnn7-w16, cnn7-w32, cnn-small, mlp "
                                  "('certkd models' describes them)."),
-    click.option("--method", help="standard, pgd-at, trades, ibp, cc-ibp, mtl-ibp, exp-ibp, sabr, cc-dist, ..."),
+    click.option("--method", help="Training method: " + ", ".join(method_names()) + "."),
     click.option("--eps", type=EPS, help="Target L∞ radius in pixel units [0, 1], e.g. 0.1 or 2/255."),
     click.option("--alpha", type=float, help="Over-approximation coefficient α (SABR: λ)."),
     click.option("--beta", type=float, help="Distillation weight β."),

@@ -18,10 +18,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, get_args
 import yaml
 
 from certkd.errors import CertkdError
+from certkd.methods import method_names
 
-CERTIFIED_METHODS = ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr")
-DISTILLATION_METHODS = ("cc-dist", "mtl-dist", "exp-dist", "sabr-dist", "adv-dist", "ibp-dist", "cc-ibp-kd")
-EMPIRICAL_METHODS = ("standard", "pgd-at", "trades")
+# Derived from the registry of training methods (certkd.methods), in listing order.
+CERTIFIED_METHODS = method_names("certified")
+DISTILLATION_METHODS = method_names("distillation")
+EMPIRICAL_METHODS = method_names("empirical")
 METHODS = EMPIRICAL_METHODS + CERTIFIED_METHODS + DISTILLATION_METHODS
 DIST_TARGETS = ("teacher", "zero")  # what the distillation term pulls the student's features towards
 

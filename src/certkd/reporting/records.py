@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from certkd.checkpoints import latest_checkpoint, read_meta, read_tensors
-from certkd.config import CERTIFIED_METHODS, DISTILLATION_METHODS, EMPIRICAL_METHODS, TrainConfig, apply_overrides
+from certkd.config import TrainConfig, apply_overrides
+from certkd.methods import method_category
 from certkd.errors import CertkdError
 from certkd.runs import result_warnings, weights_sha256
 
@@ -27,14 +28,12 @@ FAMILIES = (("teacher", "teachers (standard / PGD-AT / TRADES)"), ("certified", 
 _PRETTY_KEYS = {"beta": "β", "alpha": "α", "eps": "ε", "trades_beta": "β_TRADES", "kd_temperature": "T"}
 
 
+_REPORT_FAMILY = {"empirical": "teacher", "certified": "certified", "distillation": "distillation"}
+
+
 def method_family(method: str) -> str:
-    if method in EMPIRICAL_METHODS:
-        return "teacher"
-    if method in CERTIFIED_METHODS:
-        return "certified"
-    if method in DISTILLATION_METHODS:
-        return "distillation"
-    return "other"
+    """How reports group a method: its registry category (empirical methods train teachers), or "other"."""
+    return _REPORT_FAMILY.get(method_category(method), "other")
 
 
 def _read_json(path: Path, warnings: List[str], hint: str) -> Optional[Dict[str, Any]]:

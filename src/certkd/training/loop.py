@@ -29,9 +29,10 @@ from certkd import distributed, precision
 from certkd.attacks import PGD
 from certkd.checkpoints import (append_jsonl, atomic_write_text, disk_full, latest_checkpoint, load_model,
                                 load_weights, optimizer_from_tensors, read_meta, read_tensors, save_checkpoint)
-from certkd.config import DISTILLATION_METHODS, TrainConfig
+from certkd.config import TrainConfig
 from certkd.data import iterate_batches, load_dataset, num_batches
 from certkd.errors import CertkdError
+from certkd.methods import method_class
 from certkd.models import create_model, ibp_initialize
 from certkd.runs import resolve_device
 from certkd.schedules import SmoothedEpsilonSchedule, multistep_lr
@@ -111,7 +112,7 @@ def load_teacher(cfg: TrainConfig, student: nn.Module, device: torch.device) -> 
     With ``feature_adapter: linear`` the adapter maps the *student's* features to the teacher's
     (``nn.Linear(m_S, m_T)``), trained with the student; the teacher's target stays fixed.
     """
-    if cfg.method not in DISTILLATION_METHODS or cfg.dist_target == "zero":
+    if not method_class(cfg.method).needs_teacher or cfg.dist_target == "zero":
         return None
     model = load_model(cfg.teacher, device=device)
     for p in model.parameters():

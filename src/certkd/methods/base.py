@@ -1,0 +1,109 @@
+"""The base class of a training method and the registry that finds it by name.
+
+A method declares what it needs (IBP bounds, a PGD attack, a teacher) and computes the loss of
+one batch from the batch, the model and those parts. :func:`certkd.training.step.training_loss`
+looks the method up by ``cfg.method`` and calls :meth:`Method.loss`. This module and the class
+bodies of the methods do not import torch (see :mod:`certkd.methods`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type, TypeVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from certkd.config import TrainConfig
+
+# Listing order of the categories: config.METHODS is EMPIRICAL + CERTIFIED + DISTILLATION.
+CATEGORIES = ("empirical", "certified", "distillation")
+
+_REGISTRY: Dict[str, Type["Method"]] = {}
+M = TypeVar("M", bound=Type["Method"])
+
+
+@dataclass
+class Batch:
+    """One training batch and what :func:`certkd.training.step.training_loss` prepared for it.
+
+    eps_tr is the IBP radius ε_s·train_eps_mul, eps_att the attack radius eps_tr·attack_eps_factor,
+    warmup whether eps_tr is below WARMUP_EPS (docs/method.md §2.4); ``logs`` collects the
+    numbers to log.
+    """
+
+    model: Any
+    x: Any
+    y: Any
+    eps_sched: float
+    eps_tr: float
+    eps_att: float
+    warmup: bool
+    reg_active: bool
+    attack: Any
+    teacher: Any = None
+    logs: Dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    """A training method: its name, category, needs and loss.
+
+    Class attributes:
+        name: the ``--method`` value (set by :func:`register_method`).
+        category: "empirical" (teachers), "certified" or "distillation".
+        order: position within its category in listings (help, config.METHODS).
+        needs_bounds / needs_attack / needs_teacher: which parts the loss uses (the teacher is
+            not loaded for ``dist_target: zero``).
+    """
+
+    name: str = ""
+    category: str = ""
+    order: int = 100
+    needs_bounds: bool = False
+    needs_attack: bool = False
+    needs_teacher: bool = False
+
+    def __init__(self, cfg: "TrainConfig"):
+        self.cfg = cfg
+
+    def alpha(self) -> float:
+        """The α this method uses; most take cfg.alpha."""
+        return self.cfg.alpha
+
+    def loss(self, b: Batch):
+        """The loss (a scalar tensor) of one batch; numbers to log go into ``b.logs``."""
+        raise NotImplementedError
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a :class:`Method` subclass under ``name``."""
+    def deco(cls: M) -> M:
+        if name in _REGISTRY:
+            raise ValueError(f"training method '{name}' is registered twice")
+        if cls.category not in CATEGORIES:
+            raise ValueError(f"training method '{name}': category must be one of {CATEGORIES}, "
+                             f"not '{cls.category}'")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def method_class(name: str) -> Type[Method]:
+    """The class registered under ``name`` (KeyError when there is none)."""
+    return _REGISTRY[name]
+
+
+def method_category(name: str) -> Optional[str]:
+    """The category of a registered method, or None."""
+    cls = _REGISTRY.get(name)
+    return cls.category if cls is not None else None
+
+
+def method_names(category: Optional[str] = None) -> Tuple[str, ...]:
+    """Registered names in listing order (by category, then ``order``), optionally of one category."""
+    ranked = sorted(_REGISTRY.values(), key=lambda c: (CATEGORIES.index(c.category), c.order, c.name))
+    return tuple(c.name for c in ranked if category is None or c.category == category)
+
+
+def parts():
+    """The torch-side helpers (:mod:`certkd.methods._parts`), imported on first use."""
+    from certkd.methods import _parts
+    return _parts

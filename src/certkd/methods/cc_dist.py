@@ -1,0 +1,18 @@
+"""CC-Dist: CC-IBP plus β times the CC-Dist feature distance (docs/method.md §7)."""
+from __future__ import annotations
+
+from certkd.methods._certified import FeatureDistillation
+from certkd.methods.base import parts, register_method
+from certkd.methods.cc_ibp import CCIBP
+
+
+@register_method("cc-dist")
+class CCDist(FeatureDistillation, CCIBP):
+    order = 0
+
+    def feature_distance(self, a, lower, upper, target, alpha: float):
+        P, cfg = parts(), self.cfg
+        if alpha > 0:
+            return P.batch_mean(P.D.cc_dist_distance(a, lower, upper, target, alpha, cfg.dist_combination,
+                                                     cfg.dist_distance, cfg.dist_reduction))
+        return P.batch_mean(P.D.feature_distance(a, target, cfg.dist_distance, cfg.dist_reduction))

@@ -1,0 +1,16 @@
+"""Exp-Dist: Exp-IBP plus β times the Exp feature distance (docs/method.md §7)."""
+from __future__ import annotations
+
+from certkd.methods._certified import FeatureDistillation
+from certkd.methods.base import parts, register_method
+from certkd.methods.exp_ibp import ExpIBP
+
+
+@register_method("exp-dist")
+class ExpDist(FeatureDistillation, ExpIBP):
+    order = 2
+    always_bounds = True
+
+    def feature_distance(self, a, lower, upper, target, alpha: float):
+        cfg = self.cfg
+        return parts().D.exp_dist_distance(a, lower, upper, target, alpha, cfg.dist_distance, cfg.dist_reduction)

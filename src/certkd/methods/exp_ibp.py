@@ -1,0 +1,13 @@
+"""Exp-IBP: geometric combination of the IBP loss and the adversarial loss."""
+from __future__ import annotations
+
+from certkd.methods._certified import CertifiedMethod
+from certkd.methods.base import parts, register_method
+
+
+@register_method("exp-ibp")
+class ExpIBP(CertifiedMethod):
+    order = 3
+
+    def robust_loss(self, lb, d_adv, alpha: float):
+        return parts().L.exp_ibp_loss(lb, d_adv, alpha)

@@ -1,0 +1,17 @@
+"""MTL-Dist: MTL-IBP plus β times the MTL feature distance (docs/method.md §7)."""
+from __future__ import annotations
+
+from certkd.methods._certified import FeatureDistillation
+from certkd.methods.base import parts, register_method
+from certkd.methods.mtl_ibp import MTLIBP
+
+
+@register_method("mtl-dist")
+class MTLDist(FeatureDistillation, MTLIBP):
+    order = 1
+    always_bounds = True
+
+    def feature_distance(self, a, lower, upper, target, alpha: float):
+        P, cfg = parts(), self.cfg
+        return P.batch_mean(P.D.mtl_dist_distance(a, lower, upper, target, alpha, cfg.dist_distance,
+                                                  cfg.dist_reduction))

@@ -1,0 +1,13 @@
+"""MTL-IBP: convex combination of the IBP loss and the adversarial loss."""
+from __future__ import annotations
+
+from certkd.methods._certified import CertifiedMethod
+from certkd.methods.base import parts, register_method
+
+
+@register_method("mtl-ibp")
+class MTLIBP(CertifiedMethod):
+    order = 2
+
+    def robust_loss(self, lb, d_adv, alpha: float):
+        return parts().L.mtl_ibp_loss(lb, d_adv, alpha)

@@ -1,0 +1,18 @@
+"""PGD adversarial training (Madry et al.): cross-entropy at the PGD point."""
+from __future__ import annotations
+
+from certkd.methods._empirical import EmpiricalMethod
+from certkd.methods.base import Batch, parts, register_method
+
+
+@register_method("pgd-at")
+class PGDAT(EmpiricalMethod):
+    order = 1
+
+    def robust(self, b: Batch, logits, ce_clean, lo, hi):
+        P = parts()
+        x_adv = b.attack(b.model, b.x, b.y, lo, hi)
+        adv_logits = b.model(x_adv)
+        loss = P.ce(adv_logits, b.y)
+        b.logs.update(ce_adv=loss.item(), acc_adv=P.accuracy(adv_logits, b.y))
+        return loss

@@ -1,0 +1,17 @@
+"""SABR: the IBP loss of a small box (λ = cfg.alpha of the attack box) around the PGD point."""
+from __future__ import annotations
+
+from certkd.methods._certified import CertifiedMethod
+from certkd.methods.base import Batch, parts, register_method
+
+
+@register_method("sabr")
+class SABR(CertifiedMethod):
+    order = 4
+    always_bounds = True
+
+    def bound_box(self, b: Batch, x_adv, lo_att, hi_att, lo_tr, hi_tr):
+        return parts().L.sabr_box(x_adv, lo_att, hi_att, self.cfg.alpha, b.eps_att)
+
+    def robust_loss(self, lb, d_adv, alpha: float):
+        return parts().L.ibp_loss(lb)  # the small-box bound alone

@@ -1,0 +1,17 @@
+"""Standard training: the clean cross-entropy."""
+from __future__ import annotations
+
+from certkd.methods.base import Batch, Method, parts, register_method
+
+
+@register_method("standard")
+class Standard(Method):
+    category = "empirical"
+    order = 0
+
+    def loss(self, b: Batch):
+        P = parts()
+        logits = b.model(b.x)
+        loss = P.ce(logits, b.y)
+        b.logs.update(ce_clean=loss.item(), acc_clean=P.accuracy(logits, b.y))
+        return loss

@@ -1,0 +1,19 @@
+"""TRADES: clean cross-entropy plus β·KL(clean ‖ adversarial), the attack maximising the KL."""
+from __future__ import annotations
+
+from certkd.methods._empirical import EmpiricalMethod
+from certkd.methods.base import Batch, parts, register_method
+
+
+@register_method("trades")
+class TRADES(EmpiricalMethod):
+    order = 2
+
+    def robust(self, b: Batch, logits, ce_clean, lo, hi):
+        P = parts()
+        target = logits.detach()
+        kl_attack = P.PGD(b.attack.steps, b.attack.step_size, loss_fn=lambda z, t: P.L.trades_kl(z, t))
+        x_adv = kl_attack(b.model, b.x, target, lo, hi)
+        kl = P.batch_mean(P.L.trades_kl(b.model(x_adv), logits))
+        b.logs.update(kl=kl.item())
+        return ce_clean + self.cfg.trades_beta * kl
