@@ -21,6 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from certkd.data import load_dataset
+from certkd.data.subsets import stratified_indices
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")]
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -126,7 +129,9 @@ def test_verification_killed_at_random_then_resumed_gives_the_same_result(refere
     _certkd(["verify", reference, "--out", cut, "--resume"] + VERIFY)
 
     rows = [json.loads(line) for line in (cut / "verification.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in rows] == list(range(100))  # every point exactly once, in order
+    _, test_set, _ = load_dataset("digits")
+    chosen = stratified_indices(test_set.labels, 100).tolist()  # --limit: a class-stratified subset
+    assert [r["index"] for r in rows] == chosen  # every chosen point exactly once, in order
     full_rows = [json.loads(line) for line in (full / "verification.jsonl").read_text().splitlines()]
     assert _untimed(rows) == _untimed(full_rows)
     summary = json.loads((cut / "verification.json").read_text())
