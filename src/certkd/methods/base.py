@@ -8,10 +8,8 @@ bodies of the methods do not import torch (see :mod:`certkd.methods`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
 
-if TYPE_CHECKING:  # pragma: no cover
-    from certkd.config import TrainConfig
 
 # Listing order of the categories: config.METHODS is EMPIRICAL + CERTIFIED + DISTILLATION.
 CATEGORIES = ("empirical", "certified", "distillation")
@@ -60,7 +58,7 @@ class Method:
     needs_attack: bool = False
     needs_teacher: bool = False
 
-    def __init__(self, cfg: "TrainConfig"):
+    def __init__(self, cfg: Any):  # a certkd.config.TrainConfig (not imported: config reads this registry)
         self.cfg = cfg
 
     def alpha(self) -> float:

@@ -9,12 +9,10 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from certkd.verification.milp_encoding import _Encoding
 
 
 def _highspy():
@@ -62,7 +60,7 @@ def _run_highs(h) -> None:
         raise RuntimeError(f"HiGHS failed: {h.modelStatusToString(h.getModelStatus())}")
 
 
-def _highs_lp(enc: _Encoding, cost: np.ndarray, offset: float, relax: bool = False):
+def _highs_lp(enc: Any, cost: np.ndarray, offset: float, relax: bool = False):
     highspy = _highspy()
 
     lp = highspy.HighsLp()
