@@ -10,18 +10,28 @@ rounding; the pieces below are what that takes.
 
 Design
 ------
-* **Global batch statistics, everywhere.** Inside :func:`sharded_batch` (one training step),
+* **Explicit shard, no module state.** A step's place in the global batch is a frozen
+  :class:`Shard` (rank, world size, local and global batch size) that :func:`sharded_batch`
+  returns and the trainer passes down: through ``training_loss`` into the method's
+  :class:`certkd.methods.Batch` (``b.shard``), and from there as the ``shard=`` keyword of every
+  loss, regulariser and attack. :data:`LOCAL`, the default of that keyword, is one process
+  holding the whole batch: plain ``t.mean()``, ``t.sum()`` and ``torch.rand``, so single-process
+  numerics are unchanged. There is no mutable module state: a loss called outside a step
+  (tests, evaluation) cannot pick up a reduction it was not given.
+* **Global batch statistics, everywhere.** With a global shard,
 
   - every train-mode BatchNorm uses the mean and biased variance of the *global* batch (sync
     BN: :func:`convert_batchnorm` swaps the class of each BatchNorm to
     :class:`SyncBatchNorm1d`/:class:`SyncBatchNorm2d`, which keep the state dict and
-    ``isinstance`` of the originals). The IBP rule for train-mode BN (docs/method.md §2.2) gets the same
-    global statistics of the carried point through :meth:`forward_with_stats`, so the bounds
-    use the statistics of the global adversarial batch, as in one process;
+    ``isinstance`` of the originals). A module is called by code that cannot pass it an
+    argument (``nn.Sequential``, the IBP pass), so :func:`sharded_batch` sets the shard on the
+    sync BN modules of the models it is given for the duration of the step (:func:`bind_shard`)
+    and puts back :data:`LOCAL` afterwards. The IBP rule for train-mode BN (docs/method.md §2.2)
+    gets the same global statistics of the carried point through :meth:`forward_with_stats`, so
+    the bounds use the statistics of the global adversarial batch, as in one process;
   - every batch mean or sum of a loss (cross-entropy, IBP/CC/MTL/Exp terms, distillation
-    distances, the warm-up regularisers and their ratios of means, δ0) goes through
-    :func:`batch_mean`/:func:`batch_sum`. Outside a sharded step these are plain
-    ``t.mean()``/``t.sum()``, so single-process numerics are unchanged.
+    distances, the warm-up regularisers and their ratios of means, δ0) is
+    :meth:`Shard.mean`/:meth:`Shard.sum` of the shard it is given.
 
   The reductions are differentiable all-reduces (sum in forward, sum of the incoming gradients
   in backward). Every rank therefore holds the same *global* loss, its backward gives W times
@@ -41,17 +51,19 @@ Design
   (one ~68 MB all-reduce per step for CNN7), small next to the IBP/attack compute.
   Gradient clipping and the optimiser step run after averaging, identically on every rank,
   so parameters stay bitwise equal across ranks (also broadcast from rank 0 at start).
-* **Same random numbers.** The only randomness of a step is the PGD random start. Inside a
-  sharded step :func:`uniform_like` draws the uniform noise for the whole global batch on
+* **Same random numbers.** The only randomness of a step is the PGD random start. With a
+  global shard :meth:`Shard.uniform_like` draws the uniform noise for the whole global batch on
   every rank and keeps this rank's rows, so every rank's RNG stream stays identical to the
   others' and to a single-process run, and each sample gets the start it would get in one
   process. Augmentation is drawn per global chunk by ``iterate_batches``. Models are
   dropout-free. Hence checkpoints (which store rank 0's RNG state) resume all ranks.
 * **Rank 0 writes.** Only rank 0 prepares the run directory, writes config, metrics,
   checkpoints and logs, and runs the periodic evaluation; the other ranks wait at a
-  barrier (:func:`on_main` passes rank 0's :class:`CertkdError` to every rank). The process
-  group timeout is ``CERTKD_DIST_TIMEOUT_MIN`` minutes (default 120) so that a long
-  evaluation on rank 0 does not time out the waiting ranks.
+  barrier (:func:`on_main` passes rank 0's :class:`CertkdError` to every rank). Whether this
+  process created the process group (and so must destroy it) is part of its
+  :class:`DistContext`, not module state. The process group timeout is
+  ``CERTKD_DIST_TIMEOUT_MIN`` minutes (default 120) so that a long evaluation on rank 0 does
+  not time out the waiting ranks.
 
 Remaining differences to one process are float rounding only: statistics and means are
 summed per rank and then across ranks, in another order. They are ~1e-7 relative per step
@@ -78,12 +90,14 @@ BUCKET_BYTES = 25 * 2 ** 20
 
 @dataclass(frozen=True)
 class DistContext:
-    """This process's place in a multi-process run."""
+    """This process's place in a multi-process run; ``owns_group``: :func:`setup` created the
+    process group, so :func:`shutdown` destroys it."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -91,15 +105,78 @@ class DistContext:
 
 
 @dataclass(frozen=True)
-class _Shard:
-    rank: int
-    world_size: int
-    local_n: int
-    global_n: int
+class Shard:
+    """This process's rows of one step's batch, and the batch reductions that follow from them.
+
+    ``Shard()`` (:data:`LOCAL`) is one process holding the whole batch: :meth:`mean`,
+    :meth:`sum` and :meth:`uniform_like` are plain ``t.mean()``, ``t.sum()`` and ``torch.rand``.
+    A *global* shard (``local_n``/``global_n`` set, from :func:`sharded_batch`) holds the rows
+    ``rank::world_size`` of a global batch of ``global_n``; its reductions are differentiable
+    all-reduces over the process group, so every rank gets the global batch's value.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_n: Optional[int] = None
+    global_n: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if (self.local_n is None) != (self.global_n is None):
+            raise ValueError("a Shard needs both local_n and global_n, or neither (one process)")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
+        if self.global_n is not None:
+            expected = len(range(self.rank, self.global_n, self.world_size))
+            if self.local_n != expected:
+                raise RuntimeError(f"rank {self.rank} holds {self.local_n} of {self.global_n} samples, "
+                                   f"expected {expected}")
+
+    @property
+    def is_global(self) -> bool:
+        """Whether reductions are over the global batch (all-reduces) rather than this process's rows."""
+        return self.global_n is not None
+
+    def global_rows(self, t: Tensor, what: str) -> int:
+        """``global_n``, after checking that ``t``'s first dimension is this rank's batch."""
+        assert self.global_n is not None, "global_rows of the LOCAL shard"
+        if t.dim() == 0 or t.shape[0] != self.local_n:
+            raise RuntimeError(f"{what} expects a tensor whose first dimension is this rank's batch "
+                               f"({self.local_n}), got shape {tuple(t.shape)}")
+        return self.global_n
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Sum of all elements of ``t`` (N, *) over the batch (plain ``t.sum()`` for LOCAL)."""
+        if not self.is_global:
+            return t.sum()
+        self.global_rows(t, "Shard.sum")
+        return all_reduce_sum(t.sum())
+
+    def mean(self, t: Tensor) -> Tensor:
+        """Mean of all elements of ``t`` (N, *) over the batch (plain ``t.mean()`` for LOCAL)."""
+        if not self.is_global:
+            return t.mean()
+        n = self.global_rows(t, "Shard.mean") * math.prod(t.shape[1:])
+        return all_reduce_sum(t.sum()) / n
+
+    def uniform_like(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """U[0, 1) noise of x's shape, dtype and device (drawn on the CPU with a ``generator``).
+
+        The noise is drawn in float32 (then cast), so it does not depend on the working precision
+        (``certkd verify --dtype float64`` starts its attack where the float32 run does).
+        With a global shard the noise is drawn for the global batch and this rank's rows are
+        kept, so each sample's noise and every rank's RNG stream equal a single-process run.
+        """
+        shape = tuple(x.shape)
+        dev = torch.device("cpu") if generator is not None else x.device
+        if self.global_n is not None and x.dim() > 0 and x.shape[0] == self.local_n:
+            full = torch.rand((self.global_n,) + shape[1:], generator=generator, device=dev, dtype=torch.float32)
+            return full[self.rank::self.world_size].to(device=x.device, dtype=x.dtype)
+        return torch.rand(shape, generator=generator, device=dev, dtype=torch.float32).to(device=x.device,
+                                                                                          dtype=x.dtype)
 
 
-_SHARD: Optional[_Shard] = None
-_OWNS_GROUP = False
+#: One process holding the whole batch: the default ``shard`` of every loss and attack.
+LOCAL = Shard()
 
 
 def env_world_size() -> int:
@@ -117,7 +194,6 @@ def setup(device: str) -> Optional[DistContext]:
         device: the config's device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
             With several processes on CUDA each rank uses ``cuda:LOCAL_RANK`` (N is ignored).
     """
-    global _OWNS_GROUP
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     else:
@@ -141,6 +217,7 @@ def setup(device: str) -> Optional[DistContext]:
         dev = torch.device("cpu")
     else:
         raise CertkdError(f"unknown device '{device}'; use auto, cpu or cuda[:N]")
+    owns_group = False
     if not dist.is_initialized():
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
             if key not in os.environ:
@@ -150,11 +227,11 @@ def setup(device: str) -> Optional[DistContext]:
         kwargs: Dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=minutes), **kwargs)
-        _OWNS_GROUP = True
+        owns_group = True
     elif (dist.get_backend() == "nccl") != (dev.type == "cuda"):
         raise CertkdError(f"the process group uses {dist.get_backend()} but training runs on {dev}; "
                           "use nccl with CUDA and gloo with --device cpu")
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, owns_group=owns_group)
 
 
 def _import_before_init() -> None:
@@ -179,12 +256,10 @@ def _import_before_init() -> None:
             pass
 
 
-def shutdown() -> None:
-    """Leave the process group if :func:`setup` created it."""
-    global _OWNS_GROUP
-    if _OWNS_GROUP and dist.is_initialized():
+def shutdown(ctx: Optional[DistContext]) -> None:
+    """Leave the process group if :func:`setup` created it (``ctx.owns_group``); no-op for None."""
+    if ctx is not None and ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-    _OWNS_GROUP = False
 
 
 def barrier(ctx: Optional[DistContext]) -> None:
@@ -229,28 +304,42 @@ def broadcast_module(ctx: Optional[DistContext], *modules: Optional[nn.Module]) 
 
 # ------------------------------------------------------------------------- one sharded step
 
-@contextlib.contextmanager
-def sharded_batch(ctx: Optional[DistContext], local_n: int, global_n: int) -> Iterator[None]:
-    """Within this block, batch statistics, batch means and attack noise are those of the
-    global batch of ``global_n`` samples, of which this rank holds the ``local_n`` rows
-    ``rank::world_size``. A no-op for ``ctx=None``."""
-    global _SHARD
+def step_shard(ctx: Optional[DistContext], local_n: int, global_n: int) -> Shard:
+    """The shard of one step: this rank holds ``local_n`` of the ``global_n`` samples, the rows
+    ``rank::world_size``; :data:`LOCAL` for ``ctx=None`` (one process)."""
     if ctx is None:
-        yield
-        return
-    expected = len(range(ctx.rank, global_n, ctx.world_size))
-    if local_n != expected:
-        raise RuntimeError(f"rank {ctx.rank} holds {local_n} of {global_n} samples, expected {expected}")
-    prev, _SHARD = _SHARD, _Shard(ctx.rank, ctx.world_size, local_n, global_n)
+        return LOCAL
+    return Shard(ctx.rank, ctx.world_size, local_n, global_n)
+
+
+@contextlib.contextmanager
+def bind_shard(shard: Shard, *models: Optional[nn.Module]) -> Iterator[Shard]:
+    """Give the sync BN modules of ``models`` the ``shard`` for this block, then their previous one.
+
+    Modules are called by code that passes them no shard (``nn.Sequential``, the IBP pass), so
+    the trainer sets it on them explicitly for one step; outside it they hold :data:`LOCAL` and
+    behave as plain BN.
+    """
+    bns = [m for model in models if model is not None for m in model.modules()
+           if isinstance(m, _SyncBatchNormMixin)]
+    prev = [m.shard for m in bns]
+    for m in bns:
+        m.shard = shard
     try:
-        yield
+        yield shard
     finally:
-        _SHARD = prev
+        for m, old in zip(bns, prev):
+            m.shard = old
 
 
-def active() -> bool:
-    """Whether a sharded step is in progress (reductions are global)."""
-    return _SHARD is not None
+@contextlib.contextmanager
+def sharded_batch(ctx: Optional[DistContext], local_n: int, global_n: int,
+                  *models: Optional[nn.Module]) -> Iterator[Shard]:
+    """One training step: yields its :class:`Shard` (:func:`step_shard`), to be passed to the
+    losses and the attack, and binds it to the sync BN modules of ``models`` for the block
+    (:func:`bind_shard`). For ``ctx=None`` it yields :data:`LOCAL`."""
+    with bind_shard(step_shard(ctx, local_n, global_n), *models) as shard:
+        yield shard
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -273,48 +362,6 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Differentiable sum over ranks; backward sums the incoming gradients over ranks."""
     return _AllReduceSum.apply(t)
-
-
-def _global_rows(t: Tensor, what: str) -> int:
-    s = _SHARD
-    assert s is not None
-    if t.dim() == 0 or t.shape[0] != s.local_n:
-        raise RuntimeError(f"{what} expects a tensor whose first dimension is this rank's batch "
-                           f"({s.local_n}), got shape {tuple(t.shape)}")
-    return s.global_n
-
-
-def batch_sum(t: Tensor) -> Tensor:
-    """Sum of all elements of ``t`` (N, *) over the global batch (plain ``t.sum()`` outside a sharded step)."""
-    if _SHARD is None:
-        return t.sum()
-    _global_rows(t, "batch_sum")
-    return all_reduce_sum(t.sum())
-
-
-def batch_mean(t: Tensor) -> Tensor:
-    """Mean of all elements of ``t`` (N, *) over the global batch (plain ``t.mean()`` outside)."""
-    if _SHARD is None:
-        return t.mean()
-    n = _global_rows(t, "batch_mean") * math.prod(t.shape[1:])
-    return all_reduce_sum(t.sum()) / n
-
-
-def uniform_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """U[0, 1) noise of x's shape, dtype and device (drawn on the CPU with a ``generator``).
-
-    The noise is drawn in float32 (then cast), so it does not depend on the working precision
-    (``certkd verify --dtype float64`` starts its attack where the float32 run does).
-    Inside a sharded step the noise is drawn for the global batch and this rank's rows are
-    kept, so each sample's noise and every rank's RNG stream equal a single-process run.
-    """
-    shape = tuple(x.shape)
-    dev = torch.device("cpu") if generator is not None else x.device
-    s = _SHARD
-    if s is not None and x.dim() > 0 and x.shape[0] == s.local_n:
-        full = torch.rand((s.global_n,) + shape[1:], generator=generator, device=dev, dtype=torch.float32)
-        return full[s.rank::s.world_size].to(device=x.device, dtype=x.dtype)
-    return torch.rand(shape, generator=generator, device=dev, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
 
 
 def average_gradients(ctx: Optional[DistContext], params: Iterable[nn.Parameter],
@@ -357,22 +404,26 @@ def reduce_logs(ctx: Optional[DistContext], logs: Dict[str, float], local_n: int
 # ------------------------------------------------------------------------------ sync BatchNorm
 
 class _SyncBatchNormMixin:
-    """Train-mode statistics over the global batch inside a sharded step; otherwise the parent BN."""
+    """Train-mode statistics over the global batch while a global :class:`Shard` is bound
+    (:func:`bind_shard`); otherwise the parent BN."""
+
+    shard: Shard = LOCAL  # set per step by bind_shard; LOCAL is immutable
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        if self.training and _SHARD is not None:
+        if self.training and self.shard.is_global:
             return self.forward_with_stats(x)[0]
         return super().forward(x)  # type: ignore[misc]
 
     def forward_with_stats(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """(output, mean, biased var) of a train-mode forward; the statistics are global in a
-        sharded step. Updates the running statistics like ``nn.BatchNorm`` does."""
+        """(output, mean, biased var) of a train-mode forward; the statistics are global while a
+        global shard is bound. Updates the running statistics like ``nn.BatchNorm`` does."""
         self._check_input_dim(x)  # type: ignore[attr-defined]
         dims = [0] + list(range(2, x.dim()))
-        if _SHARD is None:
+        shard = self.shard
+        if not shard.is_global:
             var, mean = torch.var_mean(x, dims, unbiased=False)
             return super().forward(x), mean, var  # type: ignore[misc]
-        count = _global_rows(x, "SyncBatchNorm") * math.prod(x.shape[2:])
+        count = shard.global_rows(x, "SyncBatchNorm") * math.prod(x.shape[2:])
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = all_reduce_sum(x.sum(dims)) / count
         centered = x - mean.view(shape)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkd.distributed import uniform_like
+from certkd.distributed import LOCAL, Shard
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits (N,K), target) -> per-sample loss (N,)
 
@@ -56,6 +56,9 @@ class PGD:
         eval_model: run the attack with the model in eval mode (docs/method.md §4), restoring it after.
 
     Call: ``attack(model, x, y, lower, upper)`` with x, lower, upper (N, C, H, W) -> x_adv (N, C, H, W).
+    In a multi-process training step pass ``shard=`` the step's :class:`certkd.distributed.Shard`:
+    the random start is then drawn for the global batch (:meth:`Shard.uniform_like`), so every
+    sample starts where it would in one process.
     """
 
     def __init__(self, steps: int = 40, step_size: float = 0.1, restarts: int = 1, random_start: bool = True,
@@ -70,12 +73,12 @@ class PGD:
         return f"PGD(steps={self.steps}, step_size={self.step_size}, restarts={self.restarts})"
 
     def __call__(self, model: nn.Module, x: Tensor, y, lower: Tensor, upper: Tensor,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None, shard: Shard = LOCAL) -> Tensor:
         ctx = eval_mode(model) if self.eval_model else contextlib.nullcontext()
         with ctx, torch.enable_grad():
             best_x, best_loss = None, None
             for _ in range(self.restarts):
-                cand, loss = self._run(model, x, y, lower.detach(), upper.detach(), generator)
+                cand, loss = self._run(model, x, y, lower.detach(), upper.detach(), generator, shard)
                 if best_x is None:
                     best_x, best_loss = cand, loss
                 else:
@@ -94,10 +97,10 @@ class PGD:
         return logits, loss
 
     def _run(self, model: nn.Module, x: Tensor, y, lower: Tensor, upper: Tensor,
-             generator: Optional[torch.Generator]) -> tuple:
+             generator: Optional[torch.Generator], shard: Shard) -> tuple:
         rho = (upper - lower) / 2
         if self.random_start:
-            u = uniform_like(x, generator)  # global-batch noise in multi-process training
+            u = shard.uniform_like(x, generator)  # global-batch noise in multi-process training
             xa = lower + (upper - lower) * u
         else:
             xa = (lower + upper) / 2

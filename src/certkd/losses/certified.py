@@ -3,8 +3,9 @@
 All inputs are logit-difference vectors d (N, K−1) with entries z_y − z_j: ``lb`` are IBP
 lower bounds on a box, ``d_adv`` the differences at an adversarial point. Each loss returns
 the batch mean (a scalar), except :func:`difference_loss`, which is per sample. Batch means
-go through :func:`certkd.distributed.batch_mean` (``t.mean()`` in one process; the mean over
-the global batch in multi-process training).
+are ``shard.mean`` of the explicit ``shard`` argument (:class:`certkd.distributed.Shard`):
+``t.mean()`` for the default :data:`~certkd.distributed.LOCAL`, the mean over the global batch
+for the shard of a multi-process training step.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkd.distributed import batch_mean
+from certkd.distributed import LOCAL, Shard
 
 
 def difference_loss(d: Tensor) -> Tensor:
@@ -24,14 +25,14 @@ def difference_loss(d: Tensor) -> Tensor:
     return torch.logsumexp(torch.cat([zeros, -d], dim=1), dim=1)
 
 
-def ibp_loss(lb: Tensor) -> Tensor:
+def ibp_loss(lb: Tensor, shard: Shard = LOCAL) -> Tensor:
     """L_IBP = mean ℒ(lb)."""
-    return batch_mean(difference_loss(lb))
+    return shard.mean(difference_loss(lb))
 
 
-def adversarial_loss(d_adv: Tensor) -> Tensor:
+def adversarial_loss(d_adv: Tensor, shard: Shard = LOCAL) -> Tensor:
     """L_adv = mean ℒ(C z_adv) = CE(z_adv, y)."""
-    return batch_mean(difference_loss(d_adv))
+    return shard.mean(difference_loss(d_adv))
 
 
 def _check_alpha(alpha: float) -> None:
@@ -39,26 +40,30 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
 
-def cc_ibp_loss(lb: Tensor, d_adv: Tensor, alpha: float) -> Tensor:
+def cc_ibp_loss(lb: Tensor, d_adv: Tensor, alpha: float, shard: Shard = LOCAL) -> Tensor:
     """CC-IBP: ℒ(α·lb + (1−α)·d_adv), combined per sample and per logit difference."""
     _check_alpha(alpha)
     if alpha == 0.0:  # exact endpoints (no 0·x rounding)
-        return adversarial_loss(d_adv)
+        return adversarial_loss(d_adv, shard)
     if alpha == 1.0:
-        return ibp_loss(lb)
-    return batch_mean(difference_loss(alpha * lb + (1.0 - alpha) * d_adv))
+        return ibp_loss(lb, shard)
+    return shard.mean(difference_loss(alpha * lb + (1.0 - alpha) * d_adv))
 
 
-def mtl_ibp_loss(lb: Tensor, d_adv: Tensor, alpha: float) -> Tensor:
+def mtl_ibp_loss(lb: Tensor, d_adv: Tensor, alpha: float, shard: Shard = LOCAL) -> Tensor:
     """MTL-IBP: α·L_IBP + (1−α)·L_adv (batch means)."""
     _check_alpha(alpha)
-    return alpha * ibp_loss(lb) + (1.0 - alpha) * adversarial_loss(d_adv)
+    return alpha * ibp_loss(lb, shard) + (1.0 - alpha) * adversarial_loss(d_adv, shard)
 
 
-def exp_ibp_loss(lb: Tensor, d_adv: Tensor, alpha: float) -> Tensor:
-    """Exp-IBP: L_IBP^α · L_adv^(1−α) of the batch means (not a per-sample geometric mean)."""
+def exp_ibp_loss(lb: Tensor, d_adv: Tensor, alpha: float, shard: Shard = LOCAL) -> Tensor:
+    """Exp-IBP: L_IBP^α · L_adv^(1−α) of the batch means (not a per-sample geometric mean).
+
+    Not a mean of per-sample terms, so with a multi-process ``shard`` the global means must be
+    taken before the powers (averaging per-rank losses afterwards would differ).
+    """
     _check_alpha(alpha)
-    return ibp_loss(lb) ** alpha * adversarial_loss(d_adv) ** (1.0 - alpha)
+    return ibp_loss(lb, shard) ** alpha * adversarial_loss(d_adv, shard) ** (1.0 - alpha)
 
 
 def sabr_box(x_adv: Tensor, lower: Tensor, upper: Tensor, lam: float, eps: float) -> tuple:

@@ -20,8 +20,9 @@ sum or a mean over the feature dimension (the last dimension) and ``phi`` is
 Per-sample functions return shape ``(N,)`` (more generally ``(*batch,)`` for inputs
 of shape ``(*batch, m)``); reducing over the batch is the caller's job, except for
 :func:`exp_dist_distance` and :func:`logit_distillation_loss`, which are defined on
-batch means and return scalars; their batch means are those of
-:func:`certkd.distributed.batch_mean` (global in multi-process training).
+batch means and return scalars; their batch means are ``shard.mean`` of the explicit
+``shard`` argument (:class:`certkd.distributed.Shard`: ``t.mean()`` for the default ``LOCAL``,
+the global batch's mean for the shard of a multi-process step).
 
 Gradients flow into every tensor argument, the teacher target included; pass the
 teacher features computed under ``torch.no_grad()`` (or detached) when the teacher
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from certkd.distributed import active as _distributed, batch_mean
+from certkd.distributed import LOCAL, Shard
 from certkd.errors import CertkdError
 
 __all__ = [
@@ -337,6 +338,7 @@ def exp_dist_distance(
     alpha: Alpha,
     distance: str = "l2sq",
     reduction: str = "sum",
+    shard: Shard = LOCAL,
 ) -> Tensor:
     """Exp-style distance ``mean(D1) ** alpha * mean(D0) ** (1 - alpha)`` (docs/method.md §7.5).
 
@@ -350,6 +352,7 @@ def exp_dist_distance(
         target: ``t``, shape ``(N, m)``.
         alpha: float in ``[0, 1]``.
         distance, reduction: see :func:`feature_distance`.
+        shard: whose batch the two means are over (default ``LOCAL``: this one).
 
     Returns:
         Scalar tensor (shape ``()``).
@@ -359,11 +362,11 @@ def exp_dist_distance(
     _check_teacher(adv_features, target)
     _check_box(lower, upper, adv_features, "student features")
     if a_ == 0.0:
-        return batch_mean(feature_distance(adv_features, target, distance, reduction))
-    d1 = batch_mean(worst_case_feature_distance(lower, upper, target, distance, reduction))
+        return shard.mean(feature_distance(adv_features, target, distance, reduction))
+    d1 = shard.mean(worst_case_feature_distance(lower, upper, target, distance, reduction))
     if a_ == 1.0:
         return d1
-    d0 = batch_mean(feature_distance(adv_features, target, distance, reduction))
+    d0 = shard.mean(feature_distance(adv_features, target, distance, reduction))
     return d1.pow(a_) * d0.pow(1.0 - a_)
 
 
@@ -383,7 +386,7 @@ def project_to_box(points: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
 
 
 def logit_distillation_loss(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0, shard: Shard = LOCAL
 ) -> Tensor:
     """Hinton knowledge distillation: ``tau^2 * KL(softmax(t/tau) || softmax(s/tau))``.
 
@@ -391,6 +394,7 @@ def logit_distillation_loss(
         student_logits: shape ``(N, K)``.
         teacher_logits: shape ``(N, K)``.
         temperature: ``tau > 0``.
+        shard: whose batch the mean is over (default ``LOCAL``: this one).
 
     Returns:
         Scalar: the KL divergence summed over classes and averaged over the batch,
@@ -411,8 +415,8 @@ def logit_distillation_loss(
         )
     log_p_s = F.log_softmax(student_logits / tau, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / tau, dim=-1)
-    if _distributed():  # mean over the global batch in multi-process training
-        kl = batch_mean(F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1))
+    if shard.is_global:  # mean over the global batch in multi-process training
+        kl = shard.mean(F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1))
     else:
         kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * (tau * tau)

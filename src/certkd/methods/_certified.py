@@ -4,7 +4,8 @@ Warm-up batches (ε below WARMUP_EPS) train on the clean cross-entropy, with the
 regulariser on a tiny box; after warm-up: clean forward (train mode, BN statistics) → attack
 (eval mode) → adversarial forward in train mode carried through the IBP pass. A subclass
 chooses the box (:meth:`bound_box`), the robust loss (:meth:`robust_loss`) and, for
-distillation, the distance (:meth:`distance`).
+distillation, the distance (:meth:`distance`). Hooks that reduce over the batch get the batch
+``b`` and take their means over ``b.shard`` (see :mod:`certkd.distributed`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class CertifiedMethod(Method):
         """The box whose IBP bound enters the loss: the training box by default."""
         return lo_tr, hi_tr
 
-    def robust_loss(self, lb, d_adv, alpha: float):
+    def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
+        """The robust term (a batch mean over ``b.shard``) from the IBP bounds and the attack's differences."""
         raise NotImplementedError
 
     def distance(self, b: Batch, ctx: dict):
@@ -65,11 +67,12 @@ class CertifiedMethod(Method):
             lo, hi = P.linf_box(x, P.REG_BOX_EPS)
             _, fb = P.ibp_logit_difference_bounds(model, lo, hi, y, point=x)
             feats = fb.point_output
-            reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo, hi), self.cfg.reg_tol)
+            reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo, hi, shard=b.shard),
+                                       self.cfg.reg_tol, shard=b.shard)
         else:
             feats = model.features(x)
         logits = model.head(feats)
-        loss = P.ce(logits, y)
+        loss = P.ce(logits, y, shard=b.shard)
         b.logs.update(ce_clean=loss.item(), acc_clean=P.accuracy(logits, y))
         dist = self.warmup_distance(b, feats, ctx)
         if dist is not None:
@@ -84,7 +87,7 @@ class CertifiedMethod(Method):
         logits = model(x)  # clean forward: running BN statistics and clean accuracy
         b.logs.update(ce_clean=P.F.cross_entropy(logits, y).item(), acc_clean=P.accuracy(logits, y))
         lo_att, hi_att = P.linf_box(x, b.eps_att)
-        x_adv = b.attack(model, x, y, lo_att, hi_att)
+        x_adv = b.attack(model, x, y, lo_att, hi_att, shard=b.shard)
         lo_b, hi_b = self.bound_box(b, x_adv, lo_att, hi_att, lo_tr, hi_tr)
         # docs/method.md §7.6: the distillation term needs the adversarial point inside the IBP box.
         project = self.distils and self.project_adv and cfg.attack_eps_factor > 1.0
@@ -98,7 +101,7 @@ class CertifiedMethod(Method):
         b.logs.update(acc_adv=P.accuracy(adv_logits, y))
         if lb is not None:
             b.logs["acc_ibp"] = (lb.min(1).values > 0).float().mean().item()
-        loss = self.robust_loss(lb, d_adv, alpha)
+        loss = self.robust_loss(b, lb, d_adv, alpha)
         b.logs["robust_loss"] = loss.item()
         if self.distils and cfg.beta > 0:
             ctx.update(x_adv=x_adv, adv_logits=adv_logits, a_dist=a_dist, fb=fb)
@@ -106,7 +109,8 @@ class CertifiedMethod(Method):
             loss = loss + cfg.beta * dist
             b.logs["dist"] = dist.item()
         if ctx["use_reg"]:
-            reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo_b, hi_b), cfg.reg_tol)
+            reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo_b, hi_b, shard=b.shard),
+                                       cfg.reg_tol, shard=b.shard)
         return loss, reg
 
 
@@ -132,7 +136,7 @@ class FeatureDistillation(CertifiedMethod):
             return None
         P = parts()
         v, _, _, target = P.target_space(b.teacher, ctx["zero_target"], ctx["t"], feats)
-        return P.batch_mean(P.D.feature_distance(v, target, cfg.dist_distance, cfg.dist_reduction))
+        return b.shard.mean(P.D.feature_distance(v, target, cfg.dist_distance, cfg.dist_reduction))
 
     def distance(self, b: Batch, ctx: dict):
         P = parts()
@@ -140,8 +144,9 @@ class FeatureDistillation(CertifiedMethod):
         # student features and box in the target's space (the adapter, if any, is the student's)
         box = (fb.lower, fb.upper) if fb is not None else (None, None)
         a_t, l_t, u_t, t_t = P.target_space(b.teacher, ctx["zero_target"], ctx["t"], ctx["a_dist"], *box)
-        return self.feature_distance(a_t, l_t, u_t, t_t, ctx["alpha"])
+        return self.feature_distance(b, a_t, l_t, u_t, t_t, ctx["alpha"])
 
-    def feature_distance(self, a, lower, upper, target, alpha: float):
-        """The distance between the student's features (point a, box [lower, upper]) and the target."""
+    def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
+        """The distance between the student's features (point a, box [lower, upper]) and the target,
+        a batch mean over ``b.shard``."""
         raise NotImplementedError

@@ -13,7 +13,7 @@ class EmpiricalMethod(Method):
     def loss(self, b: Batch):
         P = parts()
         logits = b.model(b.x)
-        ce_clean = P.ce(logits, b.y)
+        ce_clean = P.ce(logits, b.y, shard=b.shard)
         b.logs.update(ce_clean=ce_clean.item(), acc_clean=P.accuracy(logits, b.y))
         if b.warmup:
             return ce_clean

@@ -1,8 +1,10 @@
 """Torch-side parts shared by the training methods (docs/method.md §4).
 
 The methods import this module inside :meth:`Method.loss` (through :func:`certkd.methods.base.parts`)
-so that the registry itself stays free of torch. Every batch mean of a loss term is
-:func:`certkd.distributed.batch_mean`.
+so that the registry itself stays free of torch. Every batch mean of a loss term is taken over
+the batch's explicit shard, ``b.shard`` (:class:`certkd.distributed.Shard`, the global batch in
+multi-process training): the helpers here require it, so that a method cannot silently reduce
+over this rank's rows only.
 """
 from __future__ import annotations
 
@@ -12,15 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkd import distributed
 from certkd.attacks import PGD, linf_box
 from certkd.bounds import ibp_logit_difference_bounds, logit_differences
-from certkd.distributed import batch_mean
+from certkd.distributed import Shard
 from certkd.losses import certified as L
 from certkd.losses import distillation as D
 from certkd.losses.regularizers import warmup_regularizer
 
-__all__ = ["D", "F", "L", "PGD", "REG_BOX_EPS", "WARMUP_EPS", "accuracy", "adversarial_pass", "batch_mean", "ce",
+__all__ = ["D", "F", "L", "PGD", "REG_BOX_EPS", "WARMUP_EPS", "Shard", "accuracy", "adversarial_pass", "ce",
            "ibp_logit_difference_bounds", "input_radius", "linf_box", "logit_differences", "target_space",
            "torch", "warmup_regularizer"]
 
@@ -28,16 +29,16 @@ WARMUP_EPS = 1e-50     # below this a batch is "natural" (docs/method.md §2.4)
 REG_BOX_EPS = 1e-6     # box used for the regularisers on warm-up batches
 
 
-def input_radius(model: nn.Module, lower: Tensor, upper: Tensor) -> Tensor:
-    """δ0: mean half-width of the input box in normalised space."""
+def input_radius(model: nn.Module, lower: Tensor, upper: Tensor, *, shard: Shard) -> Tensor:
+    """δ0: mean half-width of the input box in normalised space, over ``shard``'s batch."""
     norm = model.normalize
-    return batch_mean((upper - lower) / 2 / norm._view(norm.std, lower))
+    return shard.mean((upper - lower) / 2 / norm._view(norm.std, lower))
 
 
-def ce(logits: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy, the mean over the (global, in multi-process training) batch."""
-    if distributed.active():
-        return batch_mean(F.cross_entropy(logits, y, reduction="none"))
+def ce(logits: Tensor, y: Tensor, *, shard: Shard) -> Tensor:
+    """Cross-entropy, the mean over ``shard``'s batch (global in multi-process training)."""
+    if shard.is_global:
+        return shard.mean(F.cross_entropy(logits, y, reduction="none"))
     return F.cross_entropy(logits, y)
 
 

@@ -24,7 +24,10 @@ class Batch:
 
     eps_tr is the IBP radius ε_s·train_eps_mul, eps_att the attack radius eps_tr·attack_eps_factor,
     warmup whether eps_tr is below WARMUP_EPS (docs/method.md §2.4); ``logs`` collects the
-    numbers to log.
+    numbers to log. ``shard`` is the step's :class:`certkd.distributed.Shard` (``LOCAL`` in one
+    process): every batch mean of the loss and the attack's random start must use it, so that a
+    multi-process step computes the global batch's loss. It has no default on purpose: it is
+    passed down explicitly, never looked up.
     """
 
     model: Any
@@ -36,6 +39,7 @@ class Batch:
     warmup: bool
     reg_active: bool
     attack: Any
+    shard: Any  # a certkd.distributed.Shard (not imported: this module stays free of torch)
     teacher: Any = None
     logs: Dict[str, float] = field(default_factory=dict)
 

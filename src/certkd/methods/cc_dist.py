@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from certkd.methods._certified import FeatureDistillation
-from certkd.methods.base import parts, register_method
+from certkd.methods.base import Batch, parts, register_method
 from certkd.methods.cc_ibp import CCIBP
 
 
@@ -10,9 +10,9 @@ from certkd.methods.cc_ibp import CCIBP
 class CCDist(FeatureDistillation, CCIBP):
     order = 0
 
-    def feature_distance(self, a, lower, upper, target, alpha: float):
+    def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
         P, cfg = parts(), self.cfg
         if alpha > 0:
-            return P.batch_mean(P.D.cc_dist_distance(a, lower, upper, target, alpha, cfg.dist_combination,
+            return b.shard.mean(P.D.cc_dist_distance(a, lower, upper, target, alpha, cfg.dist_combination,
                                                      cfg.dist_distance, cfg.dist_reduction))
-        return P.batch_mean(P.D.feature_distance(a, target, cfg.dist_distance, cfg.dist_reduction))
+        return b.shard.mean(P.D.feature_distance(a, target, cfg.dist_distance, cfg.dist_reduction))

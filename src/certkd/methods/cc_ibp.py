@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from certkd.methods._certified import CertifiedMethod
-from certkd.methods.base import parts, register_method
+from certkd.methods.base import Batch, parts, register_method
 
 
 @register_method("cc-ibp")
 class CCIBP(CertifiedMethod):
     order = 1
 
-    def robust_loss(self, lb, d_adv, alpha: float):
+    def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
         L = parts().L
-        return L.cc_ibp_loss(lb, d_adv, alpha) if alpha > 0 else L.adversarial_loss(d_adv)
+        return L.cc_ibp_loss(lb, d_adv, alpha, b.shard) if alpha > 0 else L.adversarial_loss(d_adv, b.shard)

@@ -14,4 +14,4 @@ class CCIBPKD(CCIBP):
 
     def distance(self, b: Batch, ctx: dict):
         return parts().D.logit_distillation_loss(ctx["adv_logits"], b.teacher.logits(ctx["x_adv"]),
-                                                 self.cfg.kd_temperature)
+                                                 self.cfg.kd_temperature, shard=b.shard)

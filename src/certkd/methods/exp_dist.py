@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from certkd.methods._certified import FeatureDistillation
-from certkd.methods.base import parts, register_method
+from certkd.methods.base import Batch, parts, register_method
 from certkd.methods.exp_ibp import ExpIBP
 
 
@@ -11,6 +11,7 @@ class ExpDist(FeatureDistillation, ExpIBP):
     order = 2
     always_bounds = True
 
-    def feature_distance(self, a, lower, upper, target, alpha: float):
+    def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
         cfg = self.cfg
-        return parts().D.exp_dist_distance(a, lower, upper, target, alpha, cfg.dist_distance, cfg.dist_reduction)
+        return parts().D.exp_dist_distance(a, lower, upper, target, alpha, cfg.dist_distance, cfg.dist_reduction,
+                                           shard=b.shard)

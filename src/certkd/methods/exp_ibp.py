@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from certkd.methods._certified import CertifiedMethod
-from certkd.methods.base import parts, register_method
+from certkd.methods.base import Batch, parts, register_method
 
 
 @register_method("exp-ibp")
 class ExpIBP(CertifiedMethod):
     order = 3
 
-    def robust_loss(self, lb, d_adv, alpha: float):
-        return parts().L.exp_ibp_loss(lb, d_adv, alpha)
+    def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
+        return parts().L.exp_ibp_loss(lb, d_adv, alpha, b.shard)

@@ -17,9 +17,10 @@ class IBP(CertifiedMethod):
         lo_tr, hi_tr = P.linf_box(x, b.eps_tr)
         lb, fb = P.ibp_logit_difference_bounds(model, lo_tr, hi_tr, y, point=x)
         logits = model.head(fb.point_output)
-        loss = P.L.ibp_loss(lb)
+        loss = P.L.ibp_loss(lb, b.shard)
         b.logs.update(acc_clean=P.accuracy(logits, y), ibp_loss=loss.item(),
                       acc_ibp=(lb.min(1).values > 0).float().mean().item())
         if ctx["use_reg"]:
-            reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo_tr, hi_tr), self.cfg.reg_tol)
+            reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo_tr, hi_tr, shard=b.shard),
+                                       self.cfg.reg_tol, shard=b.shard)
         return loss, reg

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from certkd.methods._certified import FeatureDistillation
-from certkd.methods.base import parts, register_method
+from certkd.methods.base import Batch, parts, register_method
 from certkd.methods.mtl_ibp import MTLIBP
 
 
@@ -11,7 +11,7 @@ class MTLDist(FeatureDistillation, MTLIBP):
     order = 1
     always_bounds = True
 
-    def feature_distance(self, a, lower, upper, target, alpha: float):
+    def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
         P, cfg = parts(), self.cfg
-        return P.batch_mean(P.D.mtl_dist_distance(a, lower, upper, target, alpha, cfg.dist_distance,
+        return b.shard.mean(P.D.mtl_dist_distance(a, lower, upper, target, alpha, cfg.dist_distance,
                                                   cfg.dist_reduction))

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from certkd.methods._certified import CertifiedMethod
-from certkd.methods.base import parts, register_method
+from certkd.methods.base import Batch, parts, register_method
 
 
 @register_method("mtl-ibp")
 class MTLIBP(CertifiedMethod):
     order = 2
 
-    def robust_loss(self, lb, d_adv, alpha: float):
-        return parts().L.mtl_ibp_loss(lb, d_adv, alpha)
+    def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
+        return parts().L.mtl_ibp_loss(lb, d_adv, alpha, b.shard)

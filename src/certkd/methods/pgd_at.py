@@ -11,8 +11,8 @@ class PGDAT(EmpiricalMethod):
 
     def robust(self, b: Batch, logits, ce_clean, lo, hi):
         P = parts()
-        x_adv = b.attack(b.model, b.x, b.y, lo, hi)
+        x_adv = b.attack(b.model, b.x, b.y, lo, hi, shard=b.shard)
         adv_logits = b.model(x_adv)
-        loss = P.ce(adv_logits, b.y)
+        loss = P.ce(adv_logits, b.y, shard=b.shard)
         b.logs.update(ce_adv=loss.item(), acc_adv=P.accuracy(adv_logits, b.y))
         return loss

@@ -13,5 +13,5 @@ class SABR(CertifiedMethod):
     def bound_box(self, b: Batch, x_adv, lo_att, hi_att, lo_tr, hi_tr):
         return parts().L.sabr_box(x_adv, lo_att, hi_att, self.cfg.alpha, b.eps_att)
 
-    def robust_loss(self, lb, d_adv, alpha: float):
-        return parts().L.ibp_loss(lb)  # the small-box bound alone
+    def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
+        return parts().L.ibp_loss(lb, b.shard)  # the small-box bound alone

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from certkd.methods._certified import FeatureDistillation
-from certkd.methods.base import parts, register_method
+from certkd.methods.base import Batch, parts, register_method
 from certkd.methods.sabr import SABR
 
 
@@ -11,7 +11,7 @@ class SABRDist(FeatureDistillation, SABR):
     order = 3
     project_adv = False   # the small box already contains x_adv
 
-    def feature_distance(self, a, lower, upper, target, alpha: float):
+    def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
         P, cfg = parts(), self.cfg
-        return P.batch_mean(P.D.worst_case_feature_distance(lower, upper, target, cfg.dist_distance,
+        return b.shard.mean(P.D.worst_case_feature_distance(lower, upper, target, cfg.dist_distance,
                                                             cfg.dist_reduction))

@@ -12,6 +12,6 @@ class Standard(Method):
     def loss(self, b: Batch):
         P = parts()
         logits = b.model(b.x)
-        loss = P.ce(logits, b.y)
+        loss = P.ce(logits, b.y, shard=b.shard)
         b.logs.update(ce_clean=loss.item(), acc_clean=P.accuracy(logits, b.y))
         return loss

@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
     are set from ``cfg.allow_tf32`` for the run and restored on return.
     """
     saved = precision.tf32_flags()
-    state: Dict[str, Any] = {}
+    state: Dict[str, Any] = {}  # what _train created ("created") and its process group ("dctx")
     try:
         return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log, state=state,
                       tensorboard=tensorboard, hints=hints)
@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
         raise CertkdError(f"disk full while writing the run {out} ({full.strerror}): {kept}") from None
     finally:
         precision.set_tf32_flags(*saved)
-        distributed.shutdown()
+        distributed.shutdown(state.get("dctx"))
 
 
 def _discard_unsaved_run(out: Path, state: Dict[str, Any]) -> Optional[Path]:
@@ -243,6 +243,8 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         prepare_run_dir(out, resume, force, hints=hints)
         cfg = _stored_config(out)
     dctx = distributed.setup(cfg.device)  # None in a single process
+    if state is not None:
+        state["dctx"] = dctx  # train() leaves the process group on the way out
     world, rank = (dctx.world_size, dctx.rank) if dctx is not None else (1, 0)
     main = rank == 0
     if not main:  # rank 0 logs and writes; the others compute
@@ -347,8 +349,10 @@ def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model
             q = (epoch - 1) * steps_per_epoch + i
             eps_sched = schedule(q)
             n_global = min(cfg.batch_size, len(train_set) - i * cfg.batch_size)
-            with distributed.sharded_batch(dctx, x.shape[0], n_global), precision.autocast(cfg.amp, device):
-                loss, logs = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher)
+            # the step's shard goes to the losses and attack; its sync BN modules hold it for the step
+            with distributed.sharded_batch(dctx, x.shape[0], n_global, model) as shard, \
+                    precision.autocast(cfg.amp, device):
+                loss, logs = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher, shard=shard)
             logs = distributed.reduce_logs(dctx, logs, x.shape[0], n_global)
             if not torch.isfinite(loss):
                 bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]

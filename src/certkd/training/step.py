@@ -6,9 +6,10 @@ prepares the batch (radii, warm-up) and holds the frozen :class:`Teacher`.
 Order matters for BatchNorm: clean forward (train mode) → attack (eval mode) → adversarial
 forward in train mode, carried through the same IBP pass, so the bounds use the batch
 statistics of the adversarial batch. The loss formulas themselves are the pure functions of
-:mod:`certkd.losses`. Every batch mean of a loss term is :func:`certkd.distributed.batch_mean`
-(the mean over the global batch in multi-process training, see :mod:`certkd.distributed`);
-logged numbers are this rank's and are averaged by the training loop.
+:mod:`certkd.losses`. Every batch mean of a loss term is over the step's explicit ``shard``
+(:class:`certkd.distributed.Shard`, handed to the method as ``Batch.shard``): the mean over the
+global batch in multi-process training, see :mod:`certkd.distributed`; logged numbers are this
+rank's and are averaged by the training loop.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from certkd.attacks import PGD
 from certkd.bounds import interval_bounds
 from certkd.config import TrainConfig
+from certkd.distributed import LOCAL, Shard
 from certkd.methods import Batch, method_class
 from certkd.methods._parts import REG_BOX_EPS, WARMUP_EPS  # noqa: F401  (re-exported)
 
@@ -71,7 +73,8 @@ class Teacher:
 
 
 def training_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, eps_sched: float,
-                  reg_active: bool, attack: PGD, teacher: Optional[Teacher] = None) -> Tuple[Tensor, Dict[str, float]]:
+                  reg_active: bool, attack: PGD, teacher: Optional[Teacher] = None, *,
+                  shard: Shard = LOCAL) -> Tuple[Tensor, Dict[str, float]]:
     """Loss of one batch and the numbers to log.
 
     Args:
@@ -82,11 +85,13 @@ def training_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, eps_
         reg_active: whether this epoch is in warm-up + ramp (regularisers on).
         attack: the training attack.
         teacher: frozen teacher for distillation methods.
+        shard: this step's part of the global batch (:func:`certkd.distributed.sharded_batch`);
+            the default ``LOCAL`` is one process holding the whole batch.
     """
     eps_tr = eps_sched * cfg.train_eps_mul
     eps_att = eps_tr * cfg.attack_eps_factor
     b = Batch(model=model, x=x, y=y, eps_sched=eps_sched, eps_tr=eps_tr, eps_att=eps_att,
-              warmup=eps_tr < WARMUP_EPS, reg_active=reg_active, attack=attack, teacher=teacher,
+              warmup=eps_tr < WARMUP_EPS, reg_active=reg_active, attack=attack, shard=shard, teacher=teacher,
               logs={"eps": eps_tr})
     loss = method_class(cfg.method)(cfg).loss(b)
     return loss, b.logs
