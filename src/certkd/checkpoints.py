@@ -1,9 +1,8 @@
 """Checkpoints and atomic file writes.
 
-Layout of a run directory::
+The run directory as a whole (its other files, "is this a run?", its config) belongs to
+:mod:`certkd.runs`, which also re-exports the atomic writers defined here. A run's checkpoints::
 
-    RUN/config.yaml                 resolved configuration
-    RUN/metrics.jsonl               one JSON object per epoch
     RUN/checkpoints/epoch-0007/     model.safetensors, optimizer.safetensors, meta.json
     RUN/checkpoints/latest          name of the newest complete checkpoint (atomic pointer)
 

@@ -1,22 +1,14 @@
 """Evaluate a trained run: the `certkd evaluate` command as a function."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, Optional
 
-from certkd.checkpoints import atomic_write_json, checkpoint_eps, load_model, resolve_checkpoint
+from certkd.checkpoints import checkpoint_eps, load_model, resolve_checkpoint
 from certkd.data import load_dataset
 from certkd.data.subsets import describe_points, stratified_indices
 from certkd.errors import CertkdError
-from certkd.runs import check_finite_weights, data_sha256, fingerprint, training_progress
-
-
-def run_directory(path) -> Optional[Path]:
-    """The run directory owning a checkpoint path (None for a bare release folder)."""
-    ck = resolve_checkpoint(path)
-    if ck.parent.name == "checkpoints":
-        return ck.parent.parent
-    return ck if Path(path).resolve() == ck.resolve() and (ck / "config.yaml").exists() else None
+from certkd.runs import (atomic_write_json, check_finite_weights, data_sha256, evaluation_path, fingerprint,
+                         resolve_device, run_directory, training_progress)
 
 
 def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = None, data_dir: Optional[str] = None,
@@ -26,7 +18,6 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
 
     Writes ``evaluation.json`` into the run directory when ``write`` is true.
     """
-    from certkd.runs import resolve_device
     from certkd.verification import evaluate_accuracy
 
     dev = resolve_device(device)
@@ -61,8 +52,8 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
     run = run_directory(path)
     if write and run is not None:
         try:
-            atomic_write_json(run / "evaluation.json", result)
+            atomic_write_json(evaluation_path(run), result)
         except OSError as e:
-            raise CertkdError(f"cannot write {run / 'evaluation.json'} ({e.strerror}); make the run directory "
+            raise CertkdError(f"cannot write {evaluation_path(run)} ({e.strerror}); make the run directory "
                               "writable") from None
     return result

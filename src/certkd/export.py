@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from certkd.checkpoints import atomic_write_bytes, atomic_write_text
 from certkd.errors import CertkdError
 from certkd.graph import UnsupportedLayerError
 from certkd.graph import fold_batchnorm as graph_fold
 from certkd.graph import from_module
+from certkd.runs import atomic_write_bytes, atomic_write_text, ensure_writable_dir
 from certkd.verification.vnnlib import parse_vnnlib, read_property
 
 PathLike = Union[str, os.PathLike]
@@ -308,17 +308,6 @@ def _pairs(prop) -> Tuple[np.ndarray, np.ndarray, List[List[Tuple[int, int]]]]:
 # A whole run
 # ---------------------------------------------------------------------------------------------
 
-def _writable_dir(path: Path, what: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CertkdError(f"cannot create {what} {path}: {e.strerror or e}") from None
-    if not path.is_dir():
-        raise CertkdError(f"{what} {path} is not a directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise CertkdError(f"{what} {path} is not writable")
-
-
 def _positive_float(value, what: str) -> float:
     try:
         v = float(value)
@@ -406,8 +395,8 @@ def export_run(run_path: PathLike, onnx_path: PathLike, vnnlib_dir: PathLike, ep
                           f"data is {info.in_channels}×{info.input_size}×{info.input_size}")
     n = min(limit, len(test_set))
 
-    _writable_dir(onnx_path.parent, "ONNX output folder")
-    _writable_dir(vnnlib_dir, "--vnnlib-dir")
+    ensure_writable_dir(onnx_path.parent, "ONNX output folder", "--onnx path")
+    ensure_writable_dir(vnnlib_dir, "--vnnlib-dir", "--vnnlib-dir")
     data = onnx_bytes(model)
     correct = 0
     with torch.no_grad():

@@ -34,10 +34,11 @@ import yaml
 
 from certkd import evaluation as _evaluation
 from certkd import training as _training
-from certkd.checkpoints import atomic_write_json, latest_checkpoint, read_meta
+from certkd.checkpoints import latest_checkpoint, read_meta
 from certkd.config import TrainConfig, apply_overrides, resolve_config
 from certkd.config import parse_sets as _parse_sets
 from certkd.errors import CertkdError
+from certkd.runs import SWEEP_FILE, atomic_write_json, evaluation_path, find_config, is_run_dir, resolve_device
 
 GridSpec = Union[Sequence[str], Mapping[str, Sequence[Any]]]
 #: Keys that may differ between a stored run and the sweep without making it another run.
@@ -180,15 +181,6 @@ def plan_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=Non
     return runs
 
 
-def _stored_config(run_dir: Path) -> Optional[TrainConfig]:
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        return None
-    values = yaml.safe_load(path.read_text()) or {}
-    values.pop("preset", None)
-    return apply_overrides(TrainConfig(), values)
-
-
 def _config_difference(stored: TrainConfig, wanted: TrainConfig) -> Optional[str]:
     a, b = stored.to_dict(), wanted.to_dict()
     for k in a:
@@ -202,7 +194,7 @@ def run_state(run: SweepRun) -> Tuple[str, Optional[int]]:
     ck = latest_checkpoint(run.path)
     if ck is None:
         return "new", None
-    stored = _stored_config(run.path)
+    stored = find_config(run.path, fix="restore it, or delete that folder")
     if stored is not None:
         diff = _config_difference(stored, run.config)
         if diff:
@@ -290,7 +282,6 @@ def parse_devices(devices: Union[None, str, Sequence[str]]) -> Optional[List[str
     items = [d.strip() for d in (devices.split(",") if isinstance(devices, str) else devices) if d.strip()]
     if not items:
         raise CertkdError("--devices is empty; give e.g. cuda:0,cuda:1")
-    from certkd.runs import resolve_device
     for d in items:
         resolve_device(d)  # one-line error for unknown / unavailable devices
     return items
@@ -312,7 +303,7 @@ def run_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None
     device_list = parse_devices(devices)
     if out.exists() and not out.is_dir():
         raise CertkdError(f"--out {out} exists and is not a directory; choose another --out")
-    if (out / "config.yaml").exists():
+    if is_run_dir(out):
         raise CertkdError(f"--out {out} is a run directory; a sweep needs a folder of its own (e.g. sweeps/name)")
     runs = plan_sweep(out, preset, grid, seeds, sets)
     states = [run_state(r) for r in runs]  # refuses foreign runs before anything trains
@@ -337,7 +328,7 @@ def run_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=None
             counts[entry["status"]] = counts.get(entry["status"], 0) + 1
         summary["counts"] = counts
         summary["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        atomic_write_json(out / "sweep.json", summary)
+        atomic_write_json(out / SWEEP_FILE, summary)
 
     out.mkdir(parents=True, exist_ok=True)
     write()
@@ -415,7 +406,7 @@ def _evaluation_summary(run_dir: Path, epoch: Optional[int]) -> Optional[Dict[st
     """evaluation.json of a run when it matches the latest checkpoint epoch, else None."""
     import json
 
-    path = run_dir / "evaluation.json"
+    path = evaluation_path(run_dir)
     if epoch is None or not path.exists():
         return None
     try:

@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import yaml
-
 from certkd.checkpoints import latest_checkpoint, read_meta, read_tensors
-from certkd.config import TrainConfig, apply_overrides
+from certkd.config import TrainConfig
 from certkd.methods import method_category
 from certkd.errors import CertkdError
-from certkd.runs import result_warnings, weights_sha256
+from certkd.runs import (evaluation_path, is_run_dir, metrics_path, read_stored_config, result_warnings,
+                         verification_path, weights_sha256)
 
 #: (key, label) of the report table, in column order.
 REPORT_METRICS = (("clean_accuracy", "clean"), ("pgd_accuracy", "PGD"), ("ibp_verified_accuracy", "IBP"),
@@ -142,28 +141,6 @@ class RunRecord:
         return self.value("ibp_verified_accuracy"), False
 
 
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file()
-
-
-def _read_config(path: Path) -> Tuple[TrainConfig, Optional[str]]:
-    cfg_path = path / "config.yaml"
-    try:
-        values = yaml.safe_load(cfg_path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CertkdError(f"cannot read {cfg_path} ({str(e).splitlines()[0] if str(e) else e}); "
-                          "it is not a valid run config") from None
-    if not isinstance(values, dict):
-        raise CertkdError(f"{cfg_path} is not a YAML mapping of config keys; it is not a certkd run")
-    values = dict(values)
-    preset = values.pop("preset", None)  # recorded by newer versions, not a TrainConfig key
-    try:
-        cfg = apply_overrides(TrainConfig(), values)
-    except CertkdError as e:
-        raise CertkdError(f"{cfg_path}: {e}") from None
-    return cfg, (str(preset) if preset else None)
-
-
 def load_run(path, name: Optional[str] = None) -> RunRecord:
     """Read one run directory (config.yaml, latest checkpoint meta, metrics, evaluation, verification)."""
     p = Path(path)
@@ -171,7 +148,7 @@ def load_run(path, name: Optional[str] = None) -> RunRecord:
         raise CertkdError(f"no such run directory: {p}")
     if not is_run_dir(p):
         raise CertkdError(f"{p} is not a certkd run directory (no config.yaml); pass run directories such as runs/*")
-    cfg, preset = _read_config(p)
+    cfg, preset = read_stored_config(p, fix="restore it, or leave this run out of the report")
     rec = RunRecord(path=p, name=name or p.name, config=cfg, preset=preset)
     ck = latest_checkpoint(p)
     if ck is not None:
@@ -181,15 +158,15 @@ def load_run(path, name: Optional[str] = None) -> RunRecord:
         except CertkdError as e:
             rec.warnings.append(str(e))
     ev_hint = f"rerun `certkd evaluate {shlex.quote(str(p))}`"
-    rec.evaluation = _read_json(p / "evaluation.json", rec.warnings, ev_hint)
-    ver = _read_json(p / "verification.json", rec.warnings, f"rerun `certkd verify {shlex.quote(str(p))}`")
+    rec.evaluation = _read_json(evaluation_path(p), rec.warnings, ev_hint)
+    ver = _read_json(verification_path(p), rec.warnings, f"rerun `certkd verify {shlex.quote(str(p))}`")
     if ver is not None:
         if ver.get("complete", True) and ver.get("n", 0):
             rec.verification = ver
         else:
             rec.warnings.append(f"verification incomplete ({ver.get('n', 0)}/{ver.get('n_requested', '?')} points); "
                                 f"finish it with `certkd verify {shlex.quote(str(p))} --resume` (same settings)")
-    metrics = p / "metrics.jsonl"
+    metrics = metrics_path(p)
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             try:

@@ -14,7 +14,6 @@ off unless ``allow_tf32``, AMP is for empirical methods only (:mod:`certkd.preci
 from __future__ import annotations
 
 import json
-import os
 import math
 import shutil
 import time
@@ -34,7 +33,7 @@ from certkd.data import iterate_batches, load_dataset, num_batches
 from certkd.errors import CertkdError
 from certkd.methods import method_class
 from certkd.models import create_model, ibp_initialize
-from certkd.runs import resolve_device
+from certkd.runs import ensure_writable_dir, first_missing, read_config, resolve_device
 from certkd.schedules import SmoothedEpsilonSchedule, multistep_lr
 from certkd.training.step import Teacher, training_loss
 from certkd.verification import evaluate_accuracy
@@ -73,35 +72,14 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, check_only: bool = Fal
         if check_only:
             return
         shutil.rmtree(out)
-    if check_only:
-        parent = out
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            raise CertkdError(f"cannot create output directory {out} ({parent} is a file); choose another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise CertkdError(f"cannot write to output directory {out} (Permission denied); choose a writable --out")
-        return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise CertkdError(f"cannot write to output directory {out} ({e.strerror}); choose a writable --out") from None
+    ensure_writable_dir(out, create=not check_only, probe=True)
 
 
 def _create_run_dir(out: Path, force: bool, state: Dict[str, Any], hints: str = "cli") -> None:
     """prepare_run_dir for a new run, noting in ``state["created"]`` what to remove should the run fail
     before its first checkpoint: the topmost folder this call creates (``out`` itself when --force
     replaces a run), or None for an empty folder that already existed."""
-    root: Optional[Path] = out
-    if out.exists():
-        root = out if any(out.iterdir()) else None
-    else:
-        while not root.parent.exists() and root.parent != root.parent.parent:
-            root = root.parent
-    state["created"] = root
+    state["created"] = (out if any(out.iterdir()) else None) if out.exists() else first_missing(out)
     prepare_run_dir(out, False, force, hints=hints)
 
 
@@ -431,17 +409,11 @@ def _nonfinite_fix(epoch: int, what: str) -> str:
 
 def _stored_config(out: Path) -> TrainConfig:
     """The config.yaml of a run being resumed, with a one-line error when it is missing or broken."""
-    path = out / "config.yaml"
     try:
-        stored = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise CertkdError(f"--resume: cannot read {path} ({e.strerror}); restore it, or start afresh with "
-                          "--force") from None
-    except yaml.YAMLError:
-        raise CertkdError(f"--resume: {path} is not valid YAML; restore it, or start afresh with --force") from None
-    if not isinstance(stored, dict):
-        raise CertkdError(f"--resume: {path} is not a mapping of config keys; restore it, or start afresh with --force")
-    return TrainConfig.from_dict(stored).validate()
+        cfg = read_config(out, fix="restore it, or start afresh with --force")
+    except CertkdError as e:
+        raise CertkdError(f"--resume: {e}") from None
+    return cfg.validate()
 
 
 def _epoch_of(line: str) -> Optional[int]:

@@ -42,11 +42,12 @@ from torch import nn
 from certkd.attacks import PGD, linf_box, margin_loss
 from certkd.bounds import ibp_logit_difference_bounds
 from certkd import precision
-from certkd.checkpoints import atomic_write_json, atomic_write_text
 from certkd.data.subsets import describe_points, stratified_indices
 from certkd.errors import CertkdError
-from certkd.runs import (check_finite_weights, check_same_subject, collapse, data_sha256, fingerprint,
-                         training_progress, weights_sha256)
+from certkd.runs import (VERIFICATION_PARTS_GLOB, atomic_write_json, atomic_write_text, check_finite_weights,
+                         check_same_subject, collapse, data_sha256, ensure_writable_dir, fingerprint, first_missing,
+                         resolve_device, run_directory, training_progress, verification_part_path,
+                         verification_path, verification_rows_path, weights_sha256)
 
 VERIFIED = ("verified-ibp", "verified-crown", "verified-alpha-crown", "verified-bab", "verified-milp")
 STATUSES = ("misclassified", "attacked") + VERIFIED + ("timeout",)
@@ -273,7 +274,7 @@ def verify_run(path, cfg: VerifyConfig, *, limit: Optional[int] = None, out_dir=
     that record is unchanged, and existing results are replaced only with ``force``.
     TF32 is off throughout and the caller's TF32 flags are restored on return.
     """
-    created = _first_missing(Path(out_dir)) if out_dir is not None else None
+    created = first_missing(out_dir) if out_dir is not None else None
     try:
         with precision.tf32(False):
             return _verify_run(path, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, force=force,
@@ -301,7 +302,6 @@ def verify_run(path, cfg: VerifyConfig, *, limit: Optional[int] = None, out_dir=
 def _default_out(path) -> Optional[Path]:
     """Where verify writes without --out (the run directory, or the checkpoint folder); None if unknown."""
     from certkd.checkpoints import resolve_checkpoint
-    from certkd.evaluation import run_directory
 
     try:
         return run_directory(path) or resolve_checkpoint(path)
@@ -309,19 +309,10 @@ def _default_out(path) -> Optional[Path]:
         return None
 
 
-def _first_missing(path: Path) -> Optional[Path]:
-    """The topmost folder of ``path`` that does not exist yet (None: ``path`` exists)."""
-    if path.exists():
-        return None
-    while not path.parent.exists() and path.parent != path.parent.parent:
-        path = path.parent
-    return path
-
-
 def _saved_rows(out: Path) -> int:
     """How many complete result lines the row files in ``out`` hold (0 if none or unreadable)."""
     n = 0
-    for p in [out / "verification.jsonl", *out.glob("verification.part*.jsonl")]:
+    for p in [verification_rows_path(out), *out.glob(VERIFICATION_PARTS_GLOB)]:
         try:
             n += sum(1 for line in p.read_text().splitlines() if line.strip().endswith("}"))
         except (OSError, UnicodeDecodeError):
@@ -356,7 +347,7 @@ def _load_subject(path, cfg: VerifyConfig, limit: Optional[int], data_dir: Optio
 def _prepare_out(out: Path, summary_path: Path, rows_path: Path, subject: Dict[str, Any], resume: bool,
                  force: bool) -> List[Path]:
     """Check what ``out`` already holds against resume/force; returns the part files to continue."""
-    parts = sorted(out.glob("verification.part*.jsonl"))
+    parts = sorted(out.glob(VERIFICATION_PARTS_GLOB))
     existing = [p for p in [summary_path, rows_path] + parts if p.exists()]
     if resume:
         if not summary_path.exists():
@@ -381,9 +372,6 @@ def _prepare_out(out: Path, summary_path: Path, rows_path: Path, subject: Dict[s
 
 def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, workers: int, resume: bool, force: bool,
                 data_dir: Optional[str], device: str, progress: bool) -> Dict[str, Any]:
-    from certkd.evaluation import run_directory
-    from certkd.runs import resolve_device
-
     cfg.validate()
     if resume and force:
         raise CertkdError("--resume and --force contradict each other; pass only one")
@@ -396,13 +384,8 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
     n_total = len(indices)
 
     out = Path(out_dir) if out_dir is not None else (run_directory(path) or ckpt)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CertkdError(f"cannot create output directory {out} ({e.strerror}); choose a writable --out") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CertkdError(f"cannot write to output directory {out} (Permission denied); choose a writable --out")
-    summary_path, rows_path = out / "verification.json", out / "verification.jsonl"
+    ensure_writable_dir(out)
+    summary_path, rows_path = verification_path(out), verification_rows_path(out)
     parts = _prepare_out(out, summary_path, rows_path, subject, resume, force)
     extra = {"n_requested": n_total, "certifies": subject, "training": training_progress(model)}
     atomic_write_json(summary_path, dict(summarize([], cfg, n_total), **extra, complete=False))
@@ -421,7 +404,7 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
         bar = tqdm(total=n_total, initial=n_total - len(todo), desc="verify", dynamic_ncols=True)
     if todo:
         if workers == 1:
-            _verify_indices(model, test_set, todo, cfg, out / "verification.part0.jsonl", dev, bar)
+            _verify_indices(model, test_set, todo, cfg, verification_part_path(out, 0), dev, bar)
         else:
             import multiprocessing as mp
 
@@ -433,14 +416,14 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
                 if not chunk:
                     continue
                 wdev = f"cuda:{k % n_gpu}" if n_gpu else "cpu"
-                jobs.append((str(ckpt), data_spec, chunk, asdict(cfg), str(out / f"verification.part{k}.jsonl"),
+                jobs.append((str(ckpt), data_spec, chunk, asdict(cfg), str(verification_part_path(out, k)),
                              wdev, threads, subject["weights_sha256"]))
             ctx = mp.get_context("spawn")
             with ctx.Pool(len(jobs)) as pool:
                 pool.map(_worker, jobs)
     if bar is not None:
         bar.close()
-    for p in sorted(out.glob("verification.part*.jsonl")):
+    for p in sorted(out.glob(VERIFICATION_PARTS_GLOB)):
         done_rows.update({r["index"]: r for r in _read_rows(p) if r.get("index") in wanted})
     rows = [done_rows[i] for i in indices if i in done_rows]
     atomic_write_text(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
@@ -448,6 +431,6 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
     summary = dict(summarize(rows, cfg, n_total), **extra,
                    predictions=collapse(predicted, model.spec.num_classes))
     atomic_write_json(summary_path, summary)
-    for p in out.glob("verification.part*.jsonl"):
+    for p in out.glob(VERIFICATION_PARTS_GLOB):
         p.unlink()
     return summary
