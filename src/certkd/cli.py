@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence
 import click
 
 # train, teacher and sweep (and the options they share) live in cli_train, which reporting also reads
-from certkd.cli_train import (EPS, THREADS_OPTION, EpsType, _apply_threads, _Interrupted,  # noqa: F401
+from certkd.cli_train import (ENGINE, EPS, THREADS_OPTION, EpsType, _apply_threads, _Interrupted,  # noqa: F401
                               _is_main_process, _overrides, _parse_sets, _run_training, _show_progress,
                               _train_options, sweep, teacher, train)
 from certkd.errors import CertkdError
@@ -76,7 +76,8 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
                                             "whole instance's budget; with --instances it replaces the CSV's.")
 @click.option("--limit", type=int, help="Verify N test points, a fixed class-stratified subset (default: all).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes (one per GPU when present).")
-@click.option("--engine", default="bab", show_default=True, help="Complete stage: bab, milp or none.")
+@click.option("--engine", type=ENGINE, default="bab", show_default=True,
+              help="Complete stage: branch and bound, an exact MILP, or none.")
 @click.option("--restarts", type=int, default=1, show_default=True, help="PGD restarts.")
 @click.option("--alpha-iterations", type=int, default=20, show_default=True, help="α-CROWN iterations (0: off).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,

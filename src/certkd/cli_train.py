@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import click
 
+from certkd.choices import ENGINES
+from certkd.config import TrainConfig, parse_number, parse_sets, resolve_config
 from certkd.errors import CertkdError
-from certkd.methods import method_names
+from certkd.options import Option, check_choice, command_options, unknown_name
 
 
 class EpsType(click.ParamType):
@@ -24,8 +26,6 @@ class EpsType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        from certkd.config import parse_number
-
         try:
             return parse_number(str(value))
         except (ValueError, ZeroDivisionError):
@@ -51,61 +51,114 @@ def _show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-# Options shared by `train` and `teacher`; None means "not given" so presets are not overridden.
-_TRAIN_OPTIONS = [
-    click.option("--preset", help="Preset name ('certkd presets' lists them) or a YAML file; flags override it."),
-    click.option("--dataset", help="digits, mnist, fashion-mnist, cifar10, imagefolder, tinyimagenet, imagenet64."),
-    click.option("--data-dir", type=click.Path(), help="Directory holding the dataset files."),
-    click.option("--model", help="Architecture: cnn7, cnn7-imagenet, cnn7-w16, cnn7-w32, cnn-small, mlp "
-                                 "('certkd models' describes them)."),
-    click.option("--method", help="Training method: " + ", ".join(method_names()) + "."),
-    click.option("--eps", type=EPS, help="Target L∞ radius in pixel units [0, 1], e.g. 0.1 or 2/255."),
-    click.option("--alpha", type=float, help="Over-approximation coefficient α (SABR: λ)."),
-    click.option("--beta", type=float, help="Distillation weight β."),
-    click.option("--teacher", type=click.Path(), help="Teacher run directory (distillation methods)."),
-    click.option("--dist-combination", help="CC-Dist combination: literal, box (default) or distance."),
-    click.option("--dist-target", help="Distillation target: teacher (default: the teacher's clean features) or "
-                                       "zero (distil towards 0, no teacher needed: the control of docs/method.md §7.9)."),
-    click.option("--feature-adapter", help="none or linear (learned linear map on the student's side, from student "
-                                           "to teacher features, trained with the student; IBP maps the box exactly)."),
-    click.option("--epochs", type=int, help="Number of epochs; the ε ramp (start, length) and the lr milestones "
-                                            "of the preset are rescaled to it unless set with --set."),
-    click.option("--batch-size", type=int, help="Training batch size (global: split across torchrun processes)."),
-    click.option("--lr", type=float, help="Learning rate."),
-    click.option("--seed", type=int, help="Random seed."),
-    click.option("--device", help="auto (CUDA when present), cpu or cuda[:N]; under torchrun: cuda:LOCAL_RANK."),
-    click.option("--tf32", "allow_tf32", is_flag=True, default=None,
-                 help="Allow TF32 matmuls/convolutions in training (off by default: bounds are not sound in TF32)."),
-    click.option("--amp", is_flag=True, default=None,
-                 help="bfloat16 autocast on CUDA; empirical methods (standard, pgd-at, trades) only."),
-    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable)."),
-    click.option("--out", required=True, type=click.Path(), help="Run directory to write."),
-    click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
-    click.option("--force", is_flag=True, help="Overwrite an existing --out."),
-    click.option("--quiet", is_flag=True, help="No progress bars (there are none either when stderr is not a "
-                                               "terminal: one line per epoch then)."),
-    click.option("--tensorboard", is_flag=True, help="Also log the metrics.jsonl scalars to OUT/tensorboard (needs "
-                                                     "pip install 'certkd[tensorboard]')."),
-    THREADS_OPTION,
-]
+class NameChoice(click.Choice):
+    """``click.Choice`` over names computed when needed (help, tab completion, parsing), failing with
+    certkd's one line: the value, the closest name and all of them. ``check`` returns the value
+    as allowed (e.g. another spelling mapped to its name) or raises CertkdError."""
+
+    def __init__(self, what: str, names: Callable[[], Sequence[str]],
+                 check: Optional[Callable[[str], str]] = None):
+        super().__init__(())
+        self.what, self._names, self._check = what, names, check
+
+    @property
+    def choices(self) -> tuple:  # type: ignore[override]
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click.Choice.__init__ assigns it; the names stay computed
+        pass
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> str:
+        names = self.choices
+        if value in names:
+            return value
+        try:
+            if self._check is not None:
+                return self._check(str(value))
+            raise unknown_name(self.what, str(value), names)
+        except CertkdError as e:
+            self.fail(str(e), param, ctx)
 
 
-def _train_options(fn):
-    for opt in reversed(_TRAIN_OPTIONS):
-        fn = opt(fn)
-    return fn
+ENGINE = NameChoice("engine", lambda: ENGINES)
+
+
+def _click_type(opt: Option, command: str) -> Any:
+    """The click type of a config key's flag: from the option table, else from the field's type."""
+    if opt.choices is not None:
+        return NameChoice(opt.key, lambda: opt.allowed(command), lambda v: check_choice(opt.key, v, command))
+    if opt.kind == "radius":
+        return EPS
+    if opt.kind == "path":
+        return click.Path()
+    hint = get_type_hints(TrainConfig)[opt.key]
+    if get_origin(hint) is Union:  # Optional[X]
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if hint not in (int, float, str):
+        raise TypeError(f"config key '{opt.key}' of type {hint} cannot have a flag; reach it with --set")
+    return hint
+
+
+def _config_option(opt: Option, command: str) -> Callable:
+    """The click option of a config key; None (its default) means "not given", so presets are not overridden."""
+    if get_type_hints(TrainConfig)[opt.key] is bool:
+        return click.option(opt.flag, opt.key, is_flag=True, default=None, help=opt.help)
+    return click.option(opt.flag, opt.key, type=_click_type(opt, command), help=opt.help)
+
+
+def _set_only_keys(command: str) -> List[tuple]:
+    """(key, help) of the config keys that ``certkd COMMAND`` reaches through --set only."""
+    rows = []
+    for opt in command_options(command, flagged=False):
+        names = opt.allowed(command)
+        rows.append((opt.key, opt.help + (f" One of: {', '.join(names)}." if names else "")))
+    return rows
+
+
+class TrainCommand(click.Command):
+    """``certkd train`` / ``teacher``: its help ends with the config keys that only ``--set`` reaches."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Config keys without a flag of their own (--set KEY=VALUE)"):
+            formatter.write_dl(_set_only_keys(self.name or "train"))
+        super().format_epilog(ctx, formatter)
+
+
+def _train_options(command: str) -> Callable:
+    """The options of ``certkd COMMAND`` (train or teacher), generated from the option table."""
+    options = [click.option("--preset", help="Preset name ('certkd presets' lists them) or a YAML file; flags "
+                                             "override it.")]
+    options += [_config_option(opt, command) for opt in command_options(command, flagged=True)]
+    options += [
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key (repeatable; VALUE is YAML); the keys without a flag are "
+                          "listed below."),
+        click.option("--out", required=True, type=click.Path(), help="Run directory to write."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--force", is_flag=True, help="Overwrite an existing --out."),
+        click.option("--quiet", is_flag=True, help="No progress bars (there are none either when stderr is not a "
+                                                   "terminal: one line per epoch then)."),
+        click.option("--tensorboard", is_flag=True, help="Also log the metrics.jsonl scalars to OUT/tensorboard "
+                                                         "(needs pip install 'certkd[tensorboard]')."),
+        THREADS_OPTION,
+    ]
+
+    def decorate(fn: Callable) -> Callable:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return decorate
 
 
 def _parse_sets(sets: Sequence[str]) -> Dict[str, Any]:
-    from certkd.config import parse_sets
-
     return parse_sets(sets)  # the one --set parser, shared with `certkd sweep`
 
 
 def _overrides(kw: Dict[str, Any]) -> Dict[str, Any]:
-    keys = ("dataset", "data_dir", "model", "method", "eps", "alpha", "beta", "teacher", "dist_combination",
-            "dist_target", "feature_adapter", "epochs", "batch_size", "lr", "seed", "device", "allow_tf32", "amp")
-    values = {k: kw[k] for k in keys if kw.get(k) is not None}
+    """The config values given on the command line: the flags of the option table, then --set."""
+    values = {opt.key: kw[opt.key] for opt in command_options("train", flagged=True) if kw.get(opt.key) is not None}
     values.update(_parse_sets(kw.get("sets") or ()))
     return values
 
@@ -139,12 +192,9 @@ def _run_training(kw: Dict[str, Any], teacher: bool = False) -> Path:
 
 
 def _run_training_inner(kw: Dict[str, Any], teacher: bool = False) -> Path:
-    from certkd.config import resolve_config
     from certkd.training import train
 
     if kw["resume"]:
-        from certkd.config import TrainConfig
-
         cfg = TrainConfig()  # the stored config of the run is used
     else:
         cfg = resolve_config(kw.get("preset"), _overrides(kw), teacher=teacher)
@@ -160,8 +210,8 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-@click.command()
-@_train_options
+@click.command(cls=TrainCommand)
+@_train_options("train")
 def train(**kw: Any) -> None:
     """Train a (certified) model: IBP, CC-IBP, MTL-IBP, Exp-IBP, SABR or a distillation method."""
     out = _run_training(kw)
@@ -169,8 +219,8 @@ def train(**kw: Any) -> None:
         click.echo(f"run written to {out}; evaluate it with: certkd evaluate {out}")
 
 
-@click.command()
-@_train_options
+@click.command(cls=TrainCommand)
+@_train_options("teacher")
 def teacher(**kw: Any) -> None:
     """Train an empirically robust teacher (PGD-AT by default, or --method trades)."""
     out = _run_training(kw, teacher=True)

@@ -7,7 +7,6 @@ The resolved config is written next to every run's outputs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -17,15 +16,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, get_args
 
 import yaml
 
+from certkd.choices import eps_error
 from certkd.errors import CertkdError
 from certkd.methods import method_names
+from certkd.options import OPTIONS, check_choice, did_you_mean
 
 # Derived from the registry of training methods (certkd.methods), in listing order.
 CERTIFIED_METHODS = method_names("certified")
 DISTILLATION_METHODS = method_names("distillation")
 EMPIRICAL_METHODS = method_names("empirical")
 METHODS = EMPIRICAL_METHODS + CERTIFIED_METHODS + DISTILLATION_METHODS
-DIST_TARGETS = ("teacher", "zero")  # what the distillation term pulls the student's features towards
 
 
 @dataclass
@@ -91,12 +91,18 @@ class TrainConfig:
     amp: bool = False               # bfloat16 autocast on CUDA; empirical methods only (certkd.precision)
 
     def validate(self) -> "TrainConfig":
-        """Raise :class:`CertkdError` with a one-line message on the first invalid value."""
-        if self.method not in METHODS:
-            raise CertkdError(f"unknown method '{self.method}'{_did_you_mean(self.method, METHODS)}; "
-                              f"choose one of: {', '.join(METHODS)}")
+        """Raise :class:`CertkdError` with a one-line message on the first invalid value.
+
+        The keys with allowed values (method, dataset, model, ...) are checked against the option
+        table (:mod:`certkd.options`); a model against the live model registry.
+        """
+        from certkd.models import model_kwargs_problem  # loads the model registry that check_choice reads
+
+        for opt in OPTIONS:
+            if opt.choices is not None:
+                check_choice(opt.key, getattr(self, opt.key))
         if not (0.0 < self.eps <= 1.0):
-            raise CertkdError(f"eps must be in (0, 1] (pixel units), got {self.eps}; e.g. --eps 0.1 for MNIST")
+            raise CertkdError(eps_error(self.eps))
         if not (0.0 <= self.alpha <= 1.0):
             raise CertkdError(f"alpha must be in [0, 1], got {self.alpha}; pass e.g. --alpha 0.5 (0: adversarial loss, 1: IBP)")
         if not self.beta >= 0:
@@ -114,19 +120,6 @@ class TrainConfig:
             raise CertkdError("eps_start must be >= 1 and eps_length >= 0 (epochs)")
         if self.attack_steps < 0:
             raise CertkdError(f"attack_steps must be >= 0, got {self.attack_steps}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise CertkdError(f"unknown optimizer '{self.optimizer}'; choose adam or sgd")
-        if self.dist_combination not in ("literal", "box", "distance"):
-            raise CertkdError(f"unknown dist_combination '{self.dist_combination}'; choose literal, box or distance")
-        if self.dist_distance not in ("l2sq", "l1", "l2"):
-            raise CertkdError(f"unknown dist_distance '{self.dist_distance}'; choose l2sq, l1 or l2")
-        if self.dist_reduction not in ("sum", "mean"):
-            raise CertkdError(f"unknown dist_reduction '{self.dist_reduction}'; choose sum or mean")
-        if self.feature_adapter not in ("none", "linear"):
-            raise CertkdError(f"unknown feature_adapter '{self.feature_adapter}'; choose none or linear")
-        if self.dist_target not in DIST_TARGETS:
-            raise CertkdError(f"unknown dist_target '{self.dist_target}'{_did_you_mean(self.dist_target, DIST_TARGETS)}; "
-                              "choose teacher (the teacher's features) or zero (distil towards 0, no teacher)")
         if self.dist_target == "zero" and self.method == "cc-ibp-kd":
             raise CertkdError("dist_target zero is for feature distillation; cc-ibp-kd distils a teacher's logits: "
                               "use another distillation method or dist_target teacher")
@@ -142,12 +135,9 @@ class TrainConfig:
             raise CertkdError(f"eval_limit must be >= 1, got {self.eval_limit}; pass a positive number of points or leave it unset for all")
         if self.train_limit is not None and self.train_limit < 1:
             raise CertkdError(f"train_limit must be >= 1, got {self.train_limit}; pass a positive number of points or leave it unset for all")
-        from certkd.models import list_models, model_kwargs_problem  # an unknown model is reported by create_model
-
-        if self.model in list_models():
-            bad = model_kwargs_problem(self.model, self.model_kwargs)
-            if bad:
-                raise CertkdError(f"{bad[0]}; {bad[1]}")
+        bad = model_kwargs_problem(self.model, self.model_kwargs)
+        if bad:
+            raise CertkdError(f"{bad[0]}; {bad[1]}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -156,11 +146,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         return apply_overrides(cls(), values)
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
@@ -266,7 +251,7 @@ def apply_overrides(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in hints:
-            raise CertkdError(f"unknown config key '{key}'{_did_you_mean(name, names)}; "
+            raise CertkdError(f"unknown config key '{key}'{did_you_mean(name, names)}; "
                               "'certkd train --help' and certkd.config.TrainConfig list the keys")
         updates[name] = _coerce(name, hints[name], value)
     return dataclasses.replace(cfg, **updates)
@@ -399,7 +384,7 @@ def load_preset(name_or_path: str) -> Dict[str, Any]:
     presets = list_presets()
     listing = f"available: {', '.join(presets)}" if len(presets) <= 12 else \
         f"'certkd presets' lists all {len(presets)}"
-    raise CertkdError(f"unknown preset '{name_or_path}'{_did_you_mean(name_or_path, presets)}; "
+    raise CertkdError(f"unknown preset '{name_or_path}'{did_you_mean(name_or_path, presets)}; "
                       f"{listing if presets else 'none found (is certkd installed completely?)'}")
 
 

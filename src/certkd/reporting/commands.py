@@ -1,6 +1,7 @@
 """Reconstructed commands: the ``certkd train`` / ``teacher`` / ``sweep`` / ``evaluate`` / ``verify``
-lines that reproduce a run, each parsed back through the real command-line options
-(:mod:`certkd.cli_train`) before it is written into a report.
+lines that reproduce a run, written with the flags of the option table (:mod:`certkd.options`)
+and each parsed back through the real command-line options (:mod:`certkd.cli_train`) before it
+is written into a report.
 """
 from __future__ import annotations
 
@@ -15,14 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from certkd.config import EMPIRICAL_METHODS, TrainConfig, base_config, rescale_schedule
+from certkd.config import TrainConfig, base_config, rescale_schedule
 from certkd.errors import CertkdError
+from certkd.options import Option, command_options, option
 from certkd.reporting.groups import Group
 from certkd.reporting.records import RunRecord
-
-# Config keys with a dedicated `certkd train` flag; every other key goes through --set.
-_TRAIN_FLAGS = ("dataset", "data_dir", "model", "method", "eps", "alpha", "beta", "teacher", "dist_combination",
-                "dist_target", "feature_adapter", "epochs", "batch_size", "lr", "seed", "device")
 
 
 def _set_value(value: Any) -> str:
@@ -44,8 +42,20 @@ def _set_value(value: Any) -> str:
     return str(value)
 
 
-def _train_args(cfg: TrainConfig, base: TrainConfig) -> Optional[List[str]]:
-    """Flags turning ``base`` into ``cfg`` (None when a key cannot be expressed, e.g. a value back to None).
+def _flag_args(opt: Option, value: Any, command: str) -> Optional[List[str]]:
+    """``value`` written with the key's own flag in ``certkd COMMAND``, or None where only --set can say it
+    (a boolean flag only turns a key on; a flag with choices takes only those)."""
+    if isinstance(value, bool):
+        return [opt.flag] if value else None
+    if opt.allowed(command) and value not in opt.allowed(command):
+        return None
+    return [opt.flag, repr(value) if isinstance(value, float) else str(value)]
+
+
+def _train_args(cfg: TrainConfig, base: TrainConfig, command: str = "train") -> Optional[List[str]]:
+    """Arguments of ``certkd COMMAND`` (train or teacher) turning ``base`` into ``cfg`` (None when a key
+    cannot be expressed, e.g. a value back to None): the command's flags of the option table
+    (:mod:`certkd.options`) where they can say the value, ``--set key=value`` otherwise.
 
     A different ``--epochs`` rescales the base's schedule (:func:`certkd.config.rescale_schedule`), so
     schedule keys are compared with the rescaled base: only those that differ from it need a ``--set``.
@@ -53,6 +63,7 @@ def _train_args(cfg: TrainConfig, base: TrainConfig) -> Optional[List[str]]:
     if cfg.epochs != base.epochs:
         base = dataclasses.replace(rescale_schedule(base, cfg.epochs), epochs=base.epochs)
     target, ref = cfg.to_dict(), base.to_dict()
+    flags = {opt.key: opt for opt in command_options(command, flagged=True)}
     args: List[str] = []
     for f in dataclasses.fields(TrainConfig):
         key, v = f.name, target[f.name]
@@ -60,10 +71,8 @@ def _train_args(cfg: TrainConfig, base: TrainConfig) -> Optional[List[str]]:
             continue
         if v is None:  # resolve_config ignores None overrides
             return None
-        if key in _TRAIN_FLAGS:
-            args += [f"--{key.replace('_', '-')}", repr(v) if isinstance(v, float) else str(v)]
-        else:
-            args += ["--set", f"{key}={_set_value(v)}"]
+        flagged = _flag_args(flags[key], v, command) if key in flags else None
+        args += flagged if flagged is not None else ["--set", f"{key}={_set_value(v)}"]
     return args
 
 
@@ -97,17 +106,17 @@ def train_command(cfg: TrainConfig, out, preset: Optional[str] = None, infer_pre
     exactly ``cfg`` and writes to ``out``.
 
     Keys are compared with the :class:`TrainConfig` defaults, or with a preset: the one the run
-    recorded, else (``infer_preset``) the preset giving the shortest command. Dedicated flags are
-    used where the CLI has them, ``--set key=value`` otherwise. Each candidate is parsed back
-    through the CLI and kept only if it resolves to ``cfg`` exactly. A data directory is written
-    relative to the current folder where that is short (:func:`display_path`).
+    recorded, else (``infer_preset``) the preset giving the shortest command. The command's flags
+    of the option table are used where they can say a value, ``--set key=value`` otherwise. Each
+    candidate is parsed back through the CLI and kept only if it resolves to ``cfg`` exactly. A
+    data directory is written relative to the current folder where that is short (:func:`display_path`).
     """
     from certkd.config import list_presets
 
     cfg = dataclasses.replace(cfg, data_dir=display_path(cfg.data_dir))
     names: List[Optional[str]] = [preset] if preset else (list(list_presets()) if infer_preset else [])
     tail = ["--out", str(out)]
-    commands = (["teacher"] if cfg.method in EMPIRICAL_METHODS else []) + ["train"]
+    commands = (["teacher"] if cfg.method in option("method").allowed("teacher") else []) + ["train"]
     for command in commands:
         teacher = command == "teacher"
         candidates: List[List[str]] = []
@@ -119,10 +128,10 @@ def train_command(cfg: TrainConfig, out, preset: Optional[str] = None, infer_pre
             # exact but misleading: another dataset's or another architecture's preset
             if not preset and (base.dataset != cfg.dataset or base.model != cfg.model):
                 continue
-            args = _train_args(cfg, base)
+            args = _train_args(cfg, base, command)
             if args is not None:
                 candidates.append(["--preset", str(name)] + args)
-        plain = _train_args(cfg, base_config(None, teacher=teacher))
+        plain = _train_args(cfg, base_config(None, teacher=teacher), command)
         if plain is not None:
             candidates.append(plain)
         candidates.sort(key=len)
