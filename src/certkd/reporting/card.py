@@ -51,22 +51,45 @@ def model_card(run, release_dir=None) -> str:
         raise CertkdError(f"{rec.path} has no checkpoint; train it first (certkd train ... --out {rec.path})")
     cfg, meta = rec.config, rec.meta
     spec = meta["model"]
-    params = _parameter_count(spec)
     shape = f"{spec.get('in_channels')}×{spec.get('input_size')}×{spec.get('input_size')}"
     md = [f"# Model card: {rec.path.name}", ""]
     md.append(f"A `{spec.get('name')}` classifier trained with **{cfg.method}** on **{meta.get('dataset', cfg.dataset)}** "
               f"for L∞ robustness at **ε = {cfg.eps:g}** (pixel units, inputs in [0, 1]).")
-    md += ["", "## Architecture", ""]
+    md += _architecture_section(rec, spec, shape)
+    md += ["", "## Data", ""]
+    md.append(f"- dataset: `{meta.get('dataset', cfg.dataset)}`" + (f" from `{cfg.data_dir}`" if cfg.data_dir else ""))
+    md.append(f"- training: batch size {cfg.batch_size}, augmentation {'on' if cfg.augment else 'off'}")
+    training, teacher_method = _training_section(rec)
+    md += training
+    md += _metrics_section(rec)
+    if rec.warnings:
+        md += ["", "## Caveats", ""] + [f"- {w}" for w in rec.warnings]
+    md += _reproduce_section(rec, teacher_method)
+    md += ["", "## Use", "", "```python", "import certkd", "",
+           f"model = certkd.load_model({str(release_dir or rec.path)!r})  # eval mode, inputs in [0, 1]",
+           "logits = model(x)  # x: (N, " + shape.replace("×", ", ") + ")", "```", ""]
+    md.append(f"Robustness is certified only for L∞ perturbations of radius ≤ {cfg.eps:g} on test points like the "
+              "ones measured above; the numbers say nothing about other threat models or data.")
+    md.append("")
+    return "\n".join(md)
+
+
+def _architecture_section(rec, spec: Dict[str, Any], shape: str) -> List[str]:
+    params = _parameter_count(spec)
+    md = ["", "## Architecture", ""]
     md.append(f"- name: `{spec.get('name')}`" + (f", options {json.dumps(spec.get('kwargs'))}" if spec.get("kwargs") else ""))
     md.append(f"- input: {shape} (channels × height × width), pixel values in [0, 1]; normalisation inside the "
               f"model (mean {spec.get('mean')}, std {spec.get('std')})")
     md.append(f"- classes: {spec.get('num_classes')}")
     md.append(f"- parameters: {params:,}" if params is not None else "- parameters: unknown (architecture not registered)")
-    md.append(f"- checkpoint: `{rec.checkpoint.name}` (epoch {rec.epoch} of {cfg.epochs}), weights in safetensors")
-    md += ["", "## Data", ""]
-    md.append(f"- dataset: `{meta.get('dataset', cfg.dataset)}`" + (f" from `{cfg.data_dir}`" if cfg.data_dir else ""))
-    md.append(f"- training: batch size {cfg.batch_size}, augmentation {'on' if cfg.augment else 'off'}")
-    md += ["", "## Training", ""]
+    md.append(f"- checkpoint: `{rec.checkpoint.name}` (epoch {rec.epoch} of {rec.config.epochs}), weights in safetensors")
+    return md
+
+
+def _training_section(rec) -> Tuple[List[str], Optional[str]]:
+    """The card's training lines, and the teacher's method (None without a readable teacher)."""
+    cfg = rec.config
+    md = ["", "## Training", ""]
     md.append(f"- method: `{cfg.method}`, {dict(FAMILIES)[rec.family]}")
     ramp_end = cfg.eps_start + cfg.eps_length - 1
     ramp = (f"ramp from epoch {cfg.eps_start} over {cfg.eps_length} epochs" if cfg.eps_length > 0 else
@@ -96,11 +119,17 @@ def model_card(run, release_dir=None) -> str:
         md.append(f"- teacher: {desc}")
         md.append(f"- distillation: β = {cfg.beta:g}, combination `{cfg.dist_combination}`, distance "
                   f"`{cfg.dist_distance}`, reduction `{cfg.dist_reduction}`, feature adapter `{cfg.feature_adapter}`")
-    md += ["", "## Metrics", ""]
+    return md, teacher_method
+
+
+def _metrics_section(rec) -> List[str]:
+    """The metrics table: each number with how and on what it was measured."""
+    cfg = rec.config
+    md = ["", "## Metrics", ""]
     rows: List[List[str]] = []
     ev = rec.evaluation
     if ev is not None:
-        n, e = ev.get("n"), ev.get("eps", cfg.eps)
+        e = ev.get("eps", cfg.eps)
         steps = ev.get("attack_steps", 40)
         size = ev.get("attack_step_size", 0.1)
         restarts = ev.get("attack_restarts", 1)
@@ -111,27 +140,8 @@ def model_card(run, release_dir=None) -> str:
                      f"start, margin-aware early stop; {where}"])
         rows.append(["IBP-verified accuracy", _pct(ev.get("ibp_verified_accuracy")),
                      f"interval bound propagation, correct and lower logit margins > 0; {where}"])
-    ver = rec.verification
-    if ver is not None:
-        st = ver.get("settings") or {}
-        n, e = ver.get("n"), st.get("eps", ver.get("eps", cfg.eps))
-        where = f"`verification.json`, {measured_on(ver)}, ε = {e:g}"
-        rows.append(["clean accuracy (verifier)", _pct(ver.get("clean_accuracy")), where])
-        rows.append(["PGD accuracy (verifier)", _pct(ver.get("pgd_accuracy")),
-                     f"PGD-{st.get('attack_steps', '?')}, step {st.get('attack_step_size', '?')}·ρ, "
-                     f"{st.get('attack_restarts', '?')} restart(s), counterexamples re-checked; {where}"])
-        rows.append(["IBP-verified (verifier)", _pct(ver.get("ibp_verified_accuracy")), where])
-        rows.append(["CROWN-verified", _pct(ver.get("crown_verified_accuracy")),
-                     f"IBP then CROWN (intermediate bounds: {st.get('crown_intermediate', '?')}); {where}"])
-        rows.append(["α-CROWN-verified", _pct(ver.get("alpha_crown_verified_accuracy")),
-                     f"+ α-CROWN, {st.get('alpha_iterations', '?')} iterations, lr {st.get('alpha_lr', '?')}; {where}"])
-        counts = ", ".join(f"{k} {v}" for k, v in (ver.get("counts") or {}).items() if v)
-        med = ver.get("median_time_s")
-        rows.append(["verified accuracy", _pct(ver.get("verified_accuracy")),
-                     f"complete verifier `{st.get('engine', '?')}`, timeout {st.get('timeout', '?')} s per point "
-                     f"(timeouts count as not verified)"
-                     + (f", median {med:.3g} s per point" if isinstance(med, (int, float)) else "")
-                     + (f"; outcomes: {counts}" if counts else "") + f"; {where}"])
+    if rec.verification is not None:
+        rows += _verification_rows(rec.verification, cfg.eps)
     if rows:
         md.append(_markdown_table(["metric", "value", "how it was measured"], rows))
     else:
@@ -139,9 +149,35 @@ def model_card(run, release_dir=None) -> str:
                   f"(and `certkd verify {shlex.quote(str(rec.path))}` for complete verification).")
     if ev is not None and ("attack_steps" not in ev):
         md += ["", "*PGD settings of `evaluation.json` are those of `certkd evaluate` (not recorded in the file).*"]
-    if rec.warnings:
-        md += ["", "## Caveats", ""] + [f"- {w}" for w in rec.warnings]
-    md += ["", "## Reproduce", "", "```bash"]
+    return md
+
+
+def _verification_rows(ver: Dict[str, Any], default_eps: float) -> List[List[str]]:
+    st = ver.get("settings") or {}
+    e = st.get("eps", ver.get("eps", default_eps))
+    where = f"`verification.json`, {measured_on(ver)}, ε = {e:g}"
+    rows = [["clean accuracy (verifier)", _pct(ver.get("clean_accuracy")), where]]
+    rows.append(["PGD accuracy (verifier)", _pct(ver.get("pgd_accuracy")),
+                 f"PGD-{st.get('attack_steps', '?')}, step {st.get('attack_step_size', '?')}·ρ, "
+                 f"{st.get('attack_restarts', '?')} restart(s), counterexamples re-checked; {where}"])
+    rows.append(["IBP-verified (verifier)", _pct(ver.get("ibp_verified_accuracy")), where])
+    rows.append(["CROWN-verified", _pct(ver.get("crown_verified_accuracy")),
+                 f"IBP then CROWN (intermediate bounds: {st.get('crown_intermediate', '?')}); {where}"])
+    rows.append(["α-CROWN-verified", _pct(ver.get("alpha_crown_verified_accuracy")),
+                 f"+ α-CROWN, {st.get('alpha_iterations', '?')} iterations, lr {st.get('alpha_lr', '?')}; {where}"])
+    counts = ", ".join(f"{k} {v}" for k, v in (ver.get("counts") or {}).items() if v)
+    med = ver.get("median_time_s")
+    rows.append(["verified accuracy", _pct(ver.get("verified_accuracy")),
+                 f"complete verifier `{st.get('engine', '?')}`, timeout {st.get('timeout', '?')} s per point "
+                 f"(timeouts count as not verified)"
+                 + (f", median {med:.3g} s per point" if isinstance(med, (int, float)) else "")
+                 + (f"; outcomes: {counts}" if counts else "") + f"; {where}"])
+    return rows
+
+
+def _reproduce_section(rec, teacher_method: Optional[str]) -> List[str]:
+    cfg = rec.config
+    md = ["", "## Reproduce", "", "```bash"]
     if cfg.teacher and teacher_method is not None and is_run_dir(Path(cfg.teacher)):
         t = load_run(cfg.teacher)
         md.append(f"# teacher ({t.method})")
@@ -149,13 +185,8 @@ def model_card(run, release_dir=None) -> str:
     md.append(train_command(cfg, rec.path, rec.preset))
     md += [c for c in (evaluate_command(rec), verify_command(rec)) if c]
     md.append(f"certkd card {shlex.quote(str(rec.path))}")
-    md += ["```", "", "## Use", "", "```python", "import certkd", "",
-           f"model = certkd.load_model({str(release_dir or rec.path)!r})  # eval mode, inputs in [0, 1]",
-           "logits = model(x)  # x: (N, " + shape.replace("×", ", ") + ")", "```", ""]
-    md.append(f"Robustness is certified only for L∞ perturbations of radius ≤ {cfg.eps:g} on test points like the "
-              "ones measured above; the numbers say nothing about other threat models or data.")
-    md.append("")
-    return "\n".join(md)
+    md.append("```")
+    return md
 
 
 def _pct(v: Any) -> str:

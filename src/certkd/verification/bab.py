@@ -313,7 +313,6 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
     brancher = make_brancher(branching)
     attack = SubdomainAttack(steps=max(attack_steps, 0)) if attack_steps >= 0 else None
     from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
-    from certkd.verification.milp import EmptyDomainError, milp_verify
 
     start = time.perf_counter()
     elapsed = lambda: time.perf_counter() - start
@@ -365,19 +364,13 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
             for d in open_:
                 branch = picks.get(d)
                 if branch is None:  # leaf: exact MILP on this sub-domain
-                    pre = [(l[d], u[d]) for l, u in lb.intermediate]
-                    remaining = timeout - elapsed()
-                    if remaining <= 0:
-                        return BabResult("timeout", None, None, elapsed(), bounded)
-                    try:
-                        res = milp_verify(model, x, label, lower=lower, upper=upper, timeout=remaining,
-                                          preactivation_bounds=pre, margin_tol=margin_tol)
-                    except EmptyDomainError:  # split bounds ∩ interval bounds = ∅: no point here
+                    res = _leaf_milp(model, x, label, lower, upper, [(l[d], u[d]) for l, u in lb.intermediate],
+                                     timeout - elapsed(), margin_tol)
+                    if res is None:  # split bounds ∩ interval bounds = ∅: no point here
                         continue
-                    if res.status == "falsified":
-                        return BabResult("falsified", res.margin, res.counterexample, elapsed(), bounded)
                     if res.status != "verified":
-                        return BabResult("timeout", None, None, elapsed(), bounded, note=res.note)
+                        return BabResult(res.status, res.margin, res.counterexample, elapsed(), bounded,
+                                         note=res.note)
                     leaves_min = min(leaves_min, float(res.margin))
                     continue
                 alpha = None
@@ -387,6 +380,26 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
                 for sign in (+1, -1):
                     store.push(_Domain({**batch[d].splits, branch: sign}, float(worst[d]), alpha))
     return BabResult("verified", leaves_min, None, elapsed(), bounded)
+
+
+def _leaf_milp(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Tensor, pre: list,
+               remaining: float, margin_tol: float):
+    """Exact MILP on a leaf sub-domain given its pre-activation bounds ``pre``: a result with status
+    'verified', 'falsified' (margin, counterexample) or 'timeout' (note); None when the sub-domain is empty."""
+    from certkd.verification.milp import EmptyDomainError, milp_verify
+
+    if remaining <= 0:
+        return BabResult("timeout", None, None, 0.0, 0)
+    try:
+        res = milp_verify(model, x, label, lower=lower, upper=upper, timeout=remaining,
+                          preactivation_bounds=pre, margin_tol=margin_tol)
+    except EmptyDomainError:
+        return None
+    if res.status == "falsified":
+        return BabResult("falsified", res.margin, res.counterexample, 0.0, 0)
+    if res.status != "verified":
+        return BabResult("timeout", None, None, 0.0, 0, note=res.note)
+    return res
 
 
 def _alpha_bytes(alpha: Optional[List[Optional[Tensor]]]) -> float:

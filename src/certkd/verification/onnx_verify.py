@@ -219,8 +219,25 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
     if time.perf_counter() > deadline:
         return done("timeout", stage)
 
-    # 3. BaB on the open disjuncts, each by its best conjunct
-    lb = best[-1][1]
+    # 3. BaB on the open disjuncts
+    status, note, x = _branch_and_bound(net, prop, rows, offsets, owner, best[-1][1], shape, (in_lo, in_hi),
+                                        (out_lo, out_hi), deadline, margin_tol)
+    if x is not None:
+        out = candidate(x, "bab")
+        if out is not None:
+            return out
+        return done("unknown", "bab", "; ".join(notes))
+    return done(status, "bab", note)
+
+
+def _branch_and_bound(net: Network, prop: Property, rows: np.ndarray, offsets: np.ndarray, owner: np.ndarray,
+                      lb: np.ndarray, shape: Tuple[int, ...], in_box: Tuple[Tensor, Tensor],
+                      out_box: Tuple[Tensor, Tensor], deadline: float, margin_tol: float
+                      ) -> Tuple[str, str, Optional[Tensor]]:
+    """BaB on every disjunct the bounds left open, each by its conjunct with the best lower bound (refuting
+    one conjunct refutes the disjunct, so this is sound; it is incomplete when only the conjunction is
+    infeasible). Returns (status, note, candidate counterexample (1, *shape) or None); status is 'unsat',
+    'timeout' or 'unknown' when no candidate came back."""
     open_rows = []
     for d in range(len(prop.matrices)):
         mine = np.nonzero(owner == d)[0]
@@ -228,24 +245,21 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
             open_rows.append(int(mine[np.argmax(lb[mine])]))
     from certkd.verification.bab import bab_verify
 
+    in_lo, in_hi = in_box
     red = spec_network(net, rows[open_rows], offsets[open_rows], shape)
     centre = ((in_lo + in_hi) / 2)[0]
     try:
-        res = bab_verify(red, centre, 0, out_lo[0], out_hi[0], timeout=max(deadline - time.perf_counter(), 1e-3),
-                         margin_tol=margin_tol)
+        res = bab_verify(red, centre, 0, out_box[0][0], out_box[1][0],
+                         timeout=max(deadline - time.perf_counter(), 1e-3), margin_tol=margin_tol)
     except Exception as e:
-        return done("unknown", "bab", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return "unknown", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
     if res.status == "verified":
-        return done("unsat", "bab")
+        return "unsat", "", None
     if res.status == "falsified" and res.counterexample is not None:
-        x = torch.max(torch.min(res.counterexample.reshape(1, *shape).float(), in_hi), in_lo)
-        out = candidate(x, "bab")
-        if out is not None:
-            return out
-        return done("unknown", "bab", "; ".join(notes))
+        return "unknown", res.note, torch.max(torch.min(res.counterexample.reshape(1, *shape).float(), in_hi), in_lo)
     if time.perf_counter() >= deadline - 1e-3 or "domain limit" not in res.note:
-        return done("timeout", "bab", res.note)
-    return done("unknown", "bab", res.note)
+        return "timeout", res.note, None
+    return "unknown", res.note, None
 
 
 def _bounds(snet: Network, lo: Tensor, hi: Tensor, alpha_iterations: int, deadline: float):
