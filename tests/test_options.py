@@ -60,16 +60,48 @@ def test_the_cli_options_are_the_tables(command):
 
 def test_static_names_match_the_registries():
     """certkd.choices keeps torch-free copies of names whose registries import torch."""
-    from certkd.data.registry import DATASETS
-    from certkd.losses import distillation as D
+    from certkd.data.registry import DATASETS, _REGISTRY
     from certkd.models import list_models
-    from certkd.verification.pipeline import ENGINES
 
-    assert choices.DATASETS == tuple(DATASETS)
+    assert choices.DATASETS == tuple(DATASETS) == tuple(_REGISTRY)
     assert choices.MODELS == tuple(list_models())
-    assert choices.ENGINES == tuple(ENGINES)
-    assert (choices.DIST_COMBINATIONS, choices.DIST_DISTANCES, choices.DIST_REDUCTIONS) == \
-        (tuple(D.COMBINATIONS), tuple(D.DISTANCES), tuple(D.REDUCTIONS))
+
+
+def test_verify_engines_are_the_listed_ones():
+    from certkd.verification.pipeline import VerifyConfig
+
+    for engine in choices.ENGINES:
+        VerifyConfig(eps=0.1, engine=engine).validate()
+    with pytest.raises(CertkdError, match="unknown engine 'lp'; choose one of: " + ", ".join(choices.ENGINES)):
+        VerifyConfig(eps=0.1, engine="lp").validate()
+
+
+def test_distillation_losses_accept_exactly_the_listed_names():
+    """The distillation settings come from certkd.choices: each listed name works (and each combination
+    is its own formula, not a fall-through), an unlisted one is refused with the listed names."""
+    import torch
+
+    from certkd.losses.distillation import DistillationError, cc_dist_distance
+
+    g = torch.Generator().manual_seed(0)
+    lo = torch.rand(3, 5, generator=g)
+    hi = lo + torch.rand(3, 5, generator=g) + 0.1
+    a, t = lo + (hi - lo) * torch.rand(3, 5, generator=g), torch.rand(3, 5, generator=g) * 2
+    values = {}
+    for c in choices.DIST_COMBINATIONS:
+        for d in choices.DIST_DISTANCES:
+            for r in choices.DIST_REDUCTIONS:
+                values[c, d, r] = cc_dist_distance(a, lo, hi, t, 0.5, combination=c, distance=d, reduction=r)
+                assert torch.isfinite(values[c, d, r]).all()
+    for d in choices.DIST_DISTANCES:
+        distinct = {tuple(values[c, d, "sum"].tolist()) for c in choices.DIST_COMBINATIONS}
+        assert len(distinct) == len(choices.DIST_COMBINATIONS), d
+    for key, bad, listed in (("combination", "interval", choices.DIST_COMBINATIONS),
+                             ("distance", "linf", choices.DIST_DISTANCES),
+                             ("reduction", "max", choices.DIST_REDUCTIONS)):
+        with pytest.raises(DistillationError) as e:
+            cc_dist_distance(a, lo, hi, t, 0.5, **{key: bad})
+        assert str(e.value) == f"unknown {key} {bad!r}; expected one of {', '.join(listed)}"
 
 
 def test_method_choices_come_from_the_registry():

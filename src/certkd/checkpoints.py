@@ -30,6 +30,7 @@ from torch import nn
 from certkd.errors import CertkdError
 
 PathLike = Union[str, os.PathLike]
+CHECKPOINTS_DIR = "checkpoints"  # RUN/checkpoints; certkd.runs re-exports it with the rest of the layout
 FORMAT_VERSION = 1  # of the checkpoint layout; read_meta refuses a checkpoint with a newer one
 META_MAX_BYTES = 64 << 20  # meta.json is a few kB (optimiser hyper-parameters); refuse to read gigabytes
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -156,7 +157,7 @@ def save_checkpoint(run_dir: PathLike, epoch: int, model: nn.Module, meta: Dict[
                     optimizer: Optional[torch.optim.Optimizer] = None,
                     extra_tensors: Optional[Dict[str, torch.Tensor]] = None, keep: int = 1) -> Path:
     """Write ``RUN/checkpoints/epoch-NNNN`` atomically and point ``latest`` at it."""
-    ckdir = Path(run_dir) / "checkpoints"
+    ckdir = Path(run_dir) / CHECKPOINTS_DIR
     ckdir.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{epoch:04d}"
     for stale in [*ckdir.glob(".epoch-*"), *ckdir.glob(".latest.*.tmp")]:  # left by a writer killed mid-write
@@ -211,7 +212,7 @@ def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
     ``checkpoints/latest`` holds a folder name written by :func:`save_checkpoint`; anything else
     there (a directory, a binary file, a path leading elsewhere) is refused with a CertkdError.
     """
-    ckdir = Path(run_dir) / "checkpoints"
+    ckdir = Path(run_dir) / CHECKPOINTS_DIR
     pointer = ckdir / "latest"
     if not os.path.lexists(pointer):
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from certkd.checkpoints import checkpoint_eps, load_model, resolve_checkpoint
+from certkd.choices import eps_error
 from certkd.data import load_dataset
 from certkd.data.subsets import describe_points, stratified_indices
 from certkd.errors import CertkdError
@@ -27,7 +28,7 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
     cfg = model.certkd_meta.get("config", {})
     eps = checkpoint_eps(model.certkd_meta, path) if eps is None else float(eps)
     if not 0.0 < eps <= 1.0:
-        raise CertkdError(f"eps must be in (0, 1] (pixel units), got {eps}; pass --eps in pixel units of [0, 1] images, e.g. --eps 0.1 (MNIST) or --eps 0.00784 (2/255)")
+        raise CertkdError(eps_error(eps))
     if batch_size < 1:
         raise CertkdError(f"--batch-size must be >= 1, got {batch_size}; pass e.g. --batch-size 256")
     if limit is not None and limit < 1:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from certkd.choices import eps_error
 from certkd.errors import CertkdError
 from certkd.graph import UnsupportedLayerError
 from certkd.graph import fold_batchnorm as graph_fold
@@ -324,7 +325,7 @@ def _check_eps(value) -> float:
     except (TypeError, ValueError):
         v = float("nan")
     if not 0.0 < v <= 1.0:
-        raise CertkdError(f"eps must be in (0, 1] (pixel units), got {value}; pass --eps in pixel units of [0, 1] images, e.g. --eps 0.1 (MNIST) or --eps 0.00784 (2/255)")
+        raise CertkdError(eps_error(value))
     return v
 
 

@@ -19,8 +19,8 @@ rows only when the stored record equals the new one (:func:`check_same_subject`)
 for other weights must never be reported as certificates of these (docs/bad_inputs.md lists the
 refusals).
 
-The atomic writers (:func:`atomic_write_json`, ...) are re-exported from :mod:`certkd.checkpoints`,
-which implements them: it writes the checkpoint files with them and sits below this module
+The atomic writers (:func:`atomic_write_json`, ...) and :data:`CHECKPOINTS_DIR` are re-exported from
+:mod:`certkd.checkpoints`, which implements them: it writes the checkpoint files with them and sits below this module
 (:func:`run_directory` needs its ``resolve_checkpoint``), so moving them here would be an import
 cycle. This module imports :mod:`certkd.config` and :mod:`certkd.checkpoints`, never training,
 reporting, sweep, verification or the CLI, which all sit above it.
@@ -37,8 +37,8 @@ import yaml
 from torch import nn
 
 from certkd._version import __version__
-from certkd.checkpoints import (append_jsonl, atomic_write_bytes, atomic_write_json,  # noqa: F401  (re-exported)
-                                atomic_write_text, resolve_checkpoint)
+from certkd.checkpoints import (CHECKPOINTS_DIR, append_jsonl, atomic_write_bytes,  # noqa: F401  (re-exported)
+                                atomic_write_json, atomic_write_text, resolve_checkpoint)
 from certkd.config import TrainConfig, apply_overrides
 from certkd.errors import CertkdError
 
@@ -51,7 +51,7 @@ PathLike = Union[str, os.PathLike]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
+# CHECKPOINTS_DIR ("checkpoints") is re-exported from certkd.checkpoints, whose writer sits below this module
 EVALUATION_FILE = "evaluation.json"
 VERIFICATION_FILE = "verification.json"
 VERIFICATION_ROWS_FILE = "verification.jsonl"
@@ -216,6 +216,14 @@ def read_stored_config(run_dir: PathLike, fix: str = DEFAULT_FIX) -> StoredConfi
 def read_config(run_dir: PathLike, fix: str = DEFAULT_FIX) -> TrainConfig:
     """The :class:`TrainConfig` in ``RUN/config.yaml`` (errors as :func:`read_stored_config`)."""
     return read_stored_config(run_dir, fix).config
+
+
+def write_config(run_dir: PathLike, cfg: TrainConfig) -> Path:
+    """Write ``RUN/config.yaml`` atomically: the config keys in field order, what :func:`read_config`
+    reads back and what makes the folder a run (:func:`is_run_dir`). Returns the file's path."""
+    path = config_path(run_dir)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
 
 
 def find_config(run_dir: PathLike, fix: str = DEFAULT_FIX) -> Optional[TrainConfig]:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from certkd.choices import DIST_COMBINATIONS, DIST_DISTANCES, DIST_REDUCTIONS
 from certkd.distributed import LOCAL, Shard
 from certkd.errors import CertkdError
 
@@ -61,9 +62,10 @@ __all__ = [
     "logit_distillation_loss",
 ]
 
-DISTANCES = ("l2sq", "l1", "l2")
-REDUCTIONS = ("sum", "mean")
-COMBINATIONS = ("literal", "box", "distance")
+# The valid setting names: certkd.choices owns them (the CLI reads them there without torch).
+DISTANCES = DIST_DISTANCES
+REDUCTIONS = DIST_REDUCTIONS
+COMBINATIONS = DIST_COMBINATIONS
 
 Alpha = Union[float, int, Tensor]
 

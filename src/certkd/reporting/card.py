@@ -14,6 +14,7 @@ from certkd.errors import CertkdError
 from certkd.reporting.commands import evaluate_command, train_command, verify_command
 from certkd.reporting.records import FAMILIES, is_run_dir, load_run, measured_on
 from certkd.reporting.tables import _markdown_table
+from certkd.runs import CONFIG_FILE, EVALUATION_FILE, VERIFICATION_FILE, checkpoints_dir, config_path
 
 def _teacher_info(teacher: str) -> Tuple[Optional[str], str]:
     """(method, description) of a teacher path; the method is None when it cannot be read."""
@@ -203,8 +204,8 @@ def write_card(run, out=None) -> Path:
     return path
 
 
-RELEASE_FILES = ("model.safetensors", "meta.json", "MODEL_CARD.md", "config.yaml", "evaluation.json",
-                 "verification.json", "SHA256SUMS")
+RELEASE_FILES = ("model.safetensors", "meta.json", "MODEL_CARD.md", CONFIG_FILE, EVALUATION_FILE, VERIFICATION_FILE,
+                 "SHA256SUMS")
 
 
 def make_release(run, out_dir) -> Path:
@@ -217,7 +218,7 @@ def make_release(run, out_dir) -> Path:
     if out.exists() and not out.is_dir():
         raise CertkdError(f"release folder {out} exists and is not a directory; choose another")
     res_out, res_run = out.resolve(), rec.path.resolve()
-    if res_out == res_run or res_run / "checkpoints" in (res_out, *res_out.parents):
+    if res_out == res_run or checkpoints_dir(res_run) in (res_out, *res_out.parents):
         raise CertkdError(f"release folder {out} is inside the run {rec.path}; choose a folder outside it")
     meta = {k: v for k, v in rec.meta.items() if k != "optimizer"}  # optimiser state is for resuming only
     meta["release"] = {"source_run": str(rec.path), "checkpoint": rec.checkpoint.name}
@@ -225,11 +226,11 @@ def make_release(run, out_dir) -> Path:
         "model.safetensors": (rec.checkpoint / "model.safetensors").read_bytes(),
         "meta.json": (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
         "MODEL_CARD.md": model_card(run, release_dir=out).encode(),
-        "config.yaml": (rec.path / "config.yaml").read_bytes(),
+        CONFIG_FILE: config_path(rec.path).read_bytes(),
     }
-    for name in ("evaluation.json", "verification.json"):
+    for name in (EVALUATION_FILE, VERIFICATION_FILE):
         src = rec.path / name
-        if src.exists() and (name != "verification.json" or rec.verification is not None):
+        if src.exists() and (name != VERIFICATION_FILE or rec.verification is not None):
             contents[name] = src.read_bytes()
         elif (out / name).exists():
             (out / name).unlink()  # stale summary from an earlier release

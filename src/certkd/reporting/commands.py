@@ -21,6 +21,7 @@ from certkd.errors import CertkdError
 from certkd.options import Option, command_options, option
 from certkd.reporting.groups import Group
 from certkd.reporting.records import RunRecord
+from certkd.runs import SWEEP_FILE
 
 
 def _set_value(value: Any) -> str:
@@ -178,7 +179,7 @@ def _sweep_of(run: RunRecord) -> Optional[Tuple[Path, str]]:
     """(sweep folder, its command) when the run was made by ``certkd sweep`` (listed in ../sweep.json) and
     that command, resolved today, still gives the run's config (it may not for a sweep made by an older
     certkd, e.g. before ``epochs`` rescaled the schedule: the run then gets its own exact command)."""
-    path = run.path.parent / "sweep.json"
+    path = run.path.parent / SWEEP_FILE
     if not path.is_file():
         return None
     try:

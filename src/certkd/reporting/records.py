@@ -13,8 +13,8 @@ from certkd.checkpoints import latest_checkpoint, read_meta, read_tensors
 from certkd.config import TrainConfig
 from certkd.methods import method_category
 from certkd.errors import CertkdError
-from certkd.runs import (evaluation_path, is_run_dir, metrics_path, read_stored_config, result_warnings,
-                         verification_path, weights_sha256)
+from certkd.runs import (EVALUATION_FILE, VERIFICATION_FILE, evaluation_path, is_run_dir, metrics_path,
+                         read_stored_config, result_warnings, verification_path, weights_sha256)
 
 #: (key, label) of the report table, in column order.
 REPORT_METRICS = (("clean_accuracy", "clean"), ("pgd_accuracy", "PGD"), ("ibp_verified_accuracy", "IBP"),
@@ -181,7 +181,7 @@ def load_run(path, name: Optional[str] = None) -> RunRecord:
         rec.warnings.append(f"partially trained (epoch {rec.epoch}/{cfg.epochs}); finish it with "
                             f"`certkd train --resume --out {shlex.quote(str(p))}`")
     _drop_other_weights(rec)
-    for name, res in (("evaluation.json", rec.evaluation), ("verification.json", rec.verification)):
+    for name, res in ((EVALUATION_FILE, rec.evaluation), (VERIFICATION_FILE, rec.verification)):
         rec.warnings += [f"{name}: {w}" for w in result_warnings(res or {})]
     if rec.evaluation is not None and rec.epoch is not None and rec.evaluation.get("checkpoint_epoch") not in (
             None, rec.epoch):
@@ -200,8 +200,7 @@ def _drop_other_weights(rec: RunRecord) -> None:
     except CertkdError as e:
         rec.warnings.append(str(e))
         return
-    for attr, name, cmd in (("evaluation", "evaluation.json", "evaluate"), ("verification", "verification.json",
-                                                                             "verify")):
+    for attr, name, cmd in (("evaluation", EVALUATION_FILE, "evaluate"), ("verification", VERIFICATION_FILE, "verify")):
         res = getattr(rec, attr)
         cert = res.get("certifies") if isinstance(res, dict) else None
         if res is None:

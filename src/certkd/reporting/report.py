@@ -14,6 +14,7 @@ from certkd.reporting.groups import group_runs
 from certkd.reporting.plots import plot_curves, plot_pareto
 from certkd.reporting.records import collect_runs, is_run_dir
 from certkd.reporting.tables import measured_table, results_csv, results_table, runs_csv
+from certkd.runs import checkpoints_dir
 
 def _safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name.replace("/", "__")).strip("_") or "run"
@@ -28,7 +29,7 @@ def write_report(paths: Iterable, out_dir, command: Optional[str] = None) -> Dic
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CertkdError(f"--out {out} exists and is not a directory; choose another --out")
-    if is_run_dir(out) or (out / "checkpoints").is_dir():
+    if is_run_dir(out) or checkpoints_dir(out).is_dir():
         raise CertkdError(f"--out {out} is a run directory; write the report elsewhere (e.g. report/)")
     # `certkd report runs/* --out runs/report` run twice: the glob then names the report itself
     paths_given = [Path(p) for p in paths if not (Path(p).exists() and Path(p).resolve() == out.resolve())]

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
-import yaml
 from torch import nn
 
 from certkd import distributed, precision
@@ -33,7 +32,7 @@ from certkd.data import iterate_batches, load_dataset, num_batches
 from certkd.errors import CertkdError
 from certkd.methods import method_class
 from certkd.models import create_model, ibp_initialize
-from certkd.runs import ensure_writable_dir, first_missing, read_config, resolve_device
+from certkd.runs import ensure_writable_dir, first_missing, metrics_path, read_config, resolve_device, write_config
 from certkd.schedules import SmoothedEpsilonSchedule, multistep_lr
 from certkd.training.step import Teacher, training_loss
 from certkd.verification import evaluate_accuracy
@@ -279,13 +278,13 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         if device.type == "cuda" and "rng_cuda" in extra:
             torch.cuda.set_rng_state(extra["rng_cuda"])
         start_epoch = int(meta["epoch"]) + 1
-        metrics = out / "metrics.jsonl"
+        metrics = metrics_path(out)
         if main and metrics.exists():
             kept = [l for l in metrics.read_text().splitlines() if _epoch_of(l) is not None and _epoch_of(l) < start_epoch]
             atomic_write_text(metrics, "".join(l + "\n" for l in kept))
         log(f"resuming {out} from epoch {meta['epoch']}")
     elif main:
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_config(out, cfg)
     distributed.broadcast_module(dctx, model, teacher.adapter if teacher is not None else None)
     tb = None
     if tensorboard and main:
@@ -375,7 +374,7 @@ def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model
         if teacher is not None and teacher.adapter is not None:
             extra.update({f"{_ADAPTER_KEY}{k}": v for k, v in teacher.adapter.state_dict().items()})
         # metrics first: a crash before the checkpoint is undone on resume (lines past the checkpoint are dropped)
-        append_jsonl(out / "metrics.jsonl", record)
+        append_jsonl(metrics_path(out), record)
         save_checkpoint(out, epoch, model, model_meta, optimizer, extra)
         if tb is not None:
             tb.write(record)

@@ -75,7 +75,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from certkd.attacks.pgd import eval_mode, linf_box
+from certkd.attacks.pgd import eval_mode, linf_box, margin_loss
 from certkd.verification.highs import _absorb_banner, _highs_lp, _highspy, _run_highs  # noqa: F401
 from certkd.verification.milp_encoding import (  # noqa: F401  (private names re-exported for callers/tests)
     _PAD_ABS, _PAD_REL, EmptyDomainError, _Affine, _Encoding, _encode, _identity, _interval, _lp_tighten,
@@ -123,10 +123,29 @@ def _forward(model: nn.Module, point: Tensor) -> Tensor:
         return model(point.unsqueeze(0).to(_device(model)))[0].cpu()
 
 
-def _float32_margin(model: nn.Module, point: Tensor, label: int) -> float:
-    z = _forward(model, point)
-    others = torch.cat([z[:label], z[label + 1:]])
-    return float(z[label] - others.max())
+def float32_margin(model: nn.Module, x: Tensor, label: int, lower: Optional[Tensor] = None,
+                   upper: Optional[Tensor] = None) -> float:
+    """z_y − max_{j≠y} z_j of one concrete point, by a float32 forward of the network as deployed.
+
+    Whatever engine proposed a counterexample, this number judges it (docs/method.md §10.1): a point
+    is a real counterexample only when it is ≤ 0. Used by this module and by
+    :mod:`certkd.verification.pipeline`.
+
+    Args:
+        model: the float32 network (eval mode is the caller's); ``x`` is moved to its device.
+        x: one pixel-space point with a batch dimension of 1, (1, C, H, W), any float dtype.
+        label: its class y.
+        lower, upper: optional box, broadcastable to ``x``; when given, ``x`` is cast to float32
+            and clipped into it first.
+    Returns:
+        The margin as a Python float.
+    """
+    x = x.to(torch.float32)
+    if lower is not None and upper is not None:
+        x = torch.max(torch.min(x, upper), lower)
+    x = x.to(_device(model))
+    with torch.no_grad():
+        return float(-margin_loss(model(x), torch.tensor([label], device=x.device))[0])
 
 
 # --------------------------------------------------------------------------- main entry
@@ -172,7 +191,7 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
 
     with eval_mode(model):
         point = torch.max(torch.min(x.to(torch.float32), upper), lower)
-        clean = _float32_margin(model, point, label)
+        clean = float32_margin(model, point.unsqueeze(0), label)
         if clean <= 0:
             return MilpResult(_FALSIFIED, clean, point.clone(), elapsed(), 0,
                               note="the input (clipped to the box) is already misclassified")
@@ -346,7 +365,7 @@ def _solve_class(highspy, enc: _Encoding, cost: np.ndarray, offset: float, model
         if key in checked:
             return False
         checked.add(key)
-        m = _float32_margin(model, cand, label)
+        m = float32_margin(model, cand.unsqueeze(0), label)
         if m <= 0:
             found["counterexample"], found["cex_margin"] = cand, m
             return True

@@ -42,16 +42,17 @@ from torch import nn
 from certkd.attacks import PGD, linf_box, margin_loss
 from certkd.bounds import ibp_logit_difference_bounds
 from certkd import precision
+from certkd.choices import ENGINES, eps_error
 from certkd.data.subsets import describe_points, stratified_indices
 from certkd.errors import CertkdError
 from certkd.runs import (VERIFICATION_PARTS_GLOB, atomic_write_json, atomic_write_text, check_finite_weights,
                          check_same_subject, collapse, data_sha256, ensure_writable_dir, fingerprint, first_missing,
                          resolve_device, run_directory, training_progress, verification_part_path,
                          verification_path, verification_rows_path, weights_sha256)
+from certkd.verification.milp import float32_margin, milp_verify
 
 VERIFIED = ("verified-ibp", "verified-crown", "verified-alpha-crown", "verified-bab", "verified-milp")
 STATUSES = ("misclassified", "attacked") + VERIFIED + ("timeout",)
-ENGINES = ("bab", "milp", "none")
 DTYPES = ("float32", "float64")
 _FLOAT64_COPIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
@@ -83,7 +84,7 @@ class VerifyConfig:
 
     def validate(self) -> "VerifyConfig":
         if not 0.0 < self.eps <= 1.0:
-            raise CertkdError(f"eps must be in (0, 1] (pixel units), got {self.eps}; pass --eps in pixel units of [0, 1] images, e.g. --eps 0.1 (MNIST) or --eps 0.00784 (2/255)")
+            raise CertkdError(eps_error(self.eps))
         if not self.timeout > 0:
             raise CertkdError(f"timeout must be > 0 seconds, got {self.timeout}; pass e.g. --timeout 60")
         if self.engine not in ENGINES:
@@ -106,13 +107,6 @@ def _intermediate(model: nn.Module, cfg: VerifyConfig):
     n_relu = sum(isinstance(m, nn.ReLU) for m in model.features)
     n_params = sum(p.numel() for p in model.parameters())
     return "crown" if n_params < 2_000_000 else {n_relu - 1}
-
-
-def _float32_margin(model: nn.Module, x: torch.Tensor, y: int, lower: torch.Tensor, upper: torch.Tensor) -> float:
-    """z_y − max_{j≠y} z_j at x clipped to the box, computed by a float32 forward."""
-    x = torch.max(torch.min(x.float(), upper), lower)
-    with torch.no_grad():
-        return float(-margin_loss(model(x), torch.tensor([y], device=x.device))[0])
 
 
 def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, index: int = 0) -> Dict[str, Any]:
@@ -141,7 +135,7 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(index))  # order-independent
     attack = PGD(cfg.attack_steps, cfg.attack_step_size, cfg.attack_restarts, stop_on_success=True)
     x_adv = attack(model, x, yt, lo, hi, generator=gen)
-    adv_margin = _float32_margin(ref, x_adv, y, lo32, hi32)
+    adv_margin = float32_margin(ref, x_adv, y, lo32, hi32)
     if adv_margin <= 0:
         return done("attacked", adv_margin, stage="pgd")
 
@@ -174,8 +168,6 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
     if remaining <= 0:
         return done("timeout", float(best.min()))
     if cfg.engine == "milp":
-        from certkd.verification.milp import milp_verify
-
         res = milp_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining)
         status_map = {"verified": "verified-milp"}
     else:
@@ -184,7 +176,7 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
         res = bab_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining)
         status_map = {"verified": "verified-bab"}
     if res.status == "falsified":
-        margin = _float32_margin(ref, res.counterexample.unsqueeze(0).to(x.device), y, lo32, hi32)
+        margin = float32_margin(ref, res.counterexample.unsqueeze(0).to(x.device), y, lo32, hi32)
         if margin <= 0:
             return done("attacked", margin, stage=cfg.engine)
         return done("timeout", float(best.min()), note="counterexample did not re-check in float32")

@@ -1,8 +1,9 @@
-"""Clean, PGD and IBP-verified accuracy of a trained model (the `certkd evaluate` table).
+"""Batched accuracy of a trained model: clean, PGD (empirical) and IBP-verified (the `certkd evaluate` table).
 
-Despite the module's name, not only empirical robustness: next to the PGD attack it computes
-IBP-*verified* accuracy (a sound but incomplete certificate), and cross-checks the two (a point
-both IBP-verified and attacked raises :class:`SoundnessError`). Complete verification is
+One pass over the test set gives all three, as the training loop's test metrics and
+``certkd evaluate`` report them (docs/method.md §2.1, §2.3). IBP bounds are sound but incomplete;
+the attack and the certificate are cross-checked on every point (a point both IBP-verified and
+attacked raises :class:`SoundnessError`). Per-point complete verification (CROWN, BaB, MILP) is
 :mod:`certkd.verification.pipeline` (``certkd verify``).
 """
 from __future__ import annotations
