@@ -294,6 +294,7 @@ def digits_run(tmp_path_factory):
 def test_export_run_end_to_end(tmp_path, digits_run):
     import certkd
     from certkd.data import load_dataset
+    from certkd.data.subsets import stratified_indices
 
     out = tmp_path / "bench"
     summary = export_run(digits_run, out / "onnx" / "model.onnx", out / "vnnlib", eps=0.1, limit=5, timeout=30)
@@ -302,6 +303,8 @@ def test_export_run_end_to_end(tmp_path, digits_run):
 
     model = certkd.load_model(digits_run)
     _, test_set, _ = load_dataset("digits")
+    index = stratified_indices(test_set.labels, 5).tolist()
+    assert summary["indices"] == index
     onnx_path = out / "onnx" / "model.onnx"
     onnx.checker.check_model(onnx.load(str(onnx_path)))
 
@@ -309,10 +312,11 @@ def test_export_run_end_to_end(tmp_path, digits_run):
     rows = list(csv.reader(csv_path.open()))
     assert len(rows) == 5 and all(len(r) == 3 for r in rows)
     correct = 0
-    for i, (o, v, t) in enumerate(rows):
+    for i, (o, v, t) in zip(index, rows):
         assert float(t) == 30
         assert (csv_path.parent / o).resolve() == onnx_path.resolve()
         assert v == f"prop_{i}.vnnlib"
+        assert f"; test index {i};" in (csv_path.parent / v).read_text()
         x, y = test_set.get(torch.tensor([i]))
         lo, hi, dis = read_vnnlib(csv_path.parent / v)
         t_lo, t_hi = linf_box(x.reshape(-1), 0.1)
@@ -326,13 +330,71 @@ def test_export_run_end_to_end(tmp_path, digits_run):
         assert np.abs(got - want).max() <= 1e-5
         correct += int(got.argmax() == int(y))
     assert correct == summary["correct"]
-    assert not list((out / "vnnlib").glob("prop_5*"))
+    assert sorted(p.name for p in (out / "vnnlib").glob("prop_*")) == sorted(f"prop_{i}.vnnlib" for i in index)
 
 
 def test_export_run_default_eps_is_training_eps(tmp_path, digits_run):
     summary = export_run(digits_run, tmp_path / "m.onnx", tmp_path / "props", limit=1, check=False)
     assert summary["eps"] == pytest.approx(0.05)  # digits-small's ε
-    assert [p.name for p in sorted((tmp_path / "props").iterdir())] == ["instances.csv", "prop_0.vnnlib"]
+    (i,) = summary["indices"]
+    assert [p.name for p in sorted((tmp_path / "props").iterdir())] == ["instances.csv", f"prop_{i}.vnnlib"]
+
+
+def _exported(csv_path: Path):
+    """(test index, label) of each property of an instances.csv, in its order."""
+    out = []
+    for _, v, _ in csv.reader(csv_path.open()):
+        i = int(v[len("prop_"):-len(".vnnlib")])
+        _, _, dis = read_vnnlib(csv_path.parent / v)
+        labels = {y for conj in dis for _, y in conj}
+        assert len(labels) == 1
+        out.append((i, labels.pop()))
+    return out
+
+
+def test_export_run_takes_the_class_stratified_points(tmp_path, digits_run):
+    """--limit N exports the fixed-seed, class-stratified subset of certkd.data.subsets, not the first N."""
+    from certkd.data import load_dataset
+    from certkd.data.subsets import describe_points, stratified_indices
+
+    _, test_set, _ = load_dataset("digits")
+    n = 20
+    want = stratified_indices(test_set.labels, n)
+    assert want.tolist() != list(range(n))  # the test tells the two selections apart
+    summary = export_run(digits_run, tmp_path / "m.onnx", tmp_path / "props", eps=0.1, limit=n, check=False)
+    assert summary["n"] == n and summary["indices"] == want.tolist()
+    assert summary["points"] == describe_points(test_set.labels, want)
+    assert summary["points"]["points"] == f"{n} of {len(test_set)} test points, class-stratified (seed 0)"
+    got = _exported(tmp_path / "props" / "instances.csv")
+    assert [i for i, _ in got] == want.tolist()                               # same points, ascending
+    assert [y for _, y in got] == test_set.labels[want].tolist()              # each with its own label
+    assert sorted(y for _, y in got) == sorted(list(range(10)) * 2)            # 2 of each of the 10 classes
+    # a limit of at least the test-set size exports every point, in order
+    every = export_run(digits_run, tmp_path / "m2.onnx", tmp_path / "all", eps=0.1, limit=10 ** 6, check=False)
+    assert every["indices"] == list(range(len(test_set))) and every["points"]["points"].startswith("all ")
+
+
+def test_export_and_verify_with_the_same_limit_use_the_same_points(tmp_path, digits_run, capsys):
+    """`certkd export --limit N` writes the properties of the points `certkd verify --limit N` checks, in its order."""
+    import json
+
+    from certkd.cli import main
+
+    n = 7
+    main(["export", str(digits_run), "--onnx", str(tmp_path / "m.onnx"), "--vnnlib-dir", str(tmp_path / "props"),
+          "--eps", "0.1", "--limit", str(n)])
+    out = capsys.readouterr().out
+    main(["verify", str(digits_run), "--eps", "0.1", "--limit", str(n), "--engine", "none", "--timeout", "5",
+          "--quiet", "--out", str(tmp_path / "v")])
+    rows = [json.loads(line) for line in (tmp_path / "v" / "verification.jsonl").read_text().splitlines()]
+    verified = [(r["index"], r["label"]) for r in rows]
+    assert len(verified) == n and _exported(tmp_path / "props" / "instances.csv") == verified
+    certifies = json.loads((tmp_path / "v" / "verification.json").read_text())["certifies"]
+    summary = export_run(digits_run, tmp_path / "m2.onnx", tmp_path / "p2", eps=0.1, limit=n, check=False)
+    assert summary["indices"] == [i for i, _ in verified]
+    assert {k: summary["points"][k] for k in ("points", "n", "indices_sha256")} == \
+        {k: certifies[k] for k in ("points", "n", "indices_sha256")}
+    assert f"points: {certifies['points']}" in out
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

@@ -162,7 +162,9 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
 @click.option("--vnnlib-dir", required=True, type=click.Path(),
               help="Folder for prop_{i}.vnnlib and instances.csv (created if missing).")
 @click.option("--eps", type=EPS, help="L∞ radius in pixel units, e.g. 0.1 or 2/255 (default: the run's training ε).")
-@click.option("--limit", type=int, default=100, show_default=True, help="Export the first N test points.")
+@click.option("--limit", type=int, default=100, show_default=True,
+              help="Export N test points: the fixed-seed, class-stratified subset that verify --limit N checks "
+                   "(prop_{i}.vnnlib is test index i).")
 @click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Per-instance timeout in seconds, written to instances.csv.")
@@ -176,6 +178,7 @@ def export_cmd(run: str, onnx_path: str, vnnlib_dir: str, eps: Optional[float], 
     click.echo(f"model: {s['onnx']} (input {shape}, pixel units [0, 1]; output {s['num_classes']} logits)")
     click.echo(f"properties: {s['n']} at eps={s['eps']:g} in {s['vnnlib_dir']}; {s['correct']}/{s['n']} points are "
                "classified correctly (the others are violated trivially)")
+    click.echo(f"points: {s['points']['points']} (the points of certkd verify --limit {s['n']})")
     click.echo(f"instances: {s['instances']}")
 
 

@@ -13,7 +13,8 @@ property as VNN-LIB, listed in an ``instances.csv``. This module writes all thre
   "some other class scores at least as high as the label", ``(or (and (>= Y_j Y_y)) ...)``.
 * :func:`read_vnnlib` — a strict reader for that fragment of VNN-LIB (used by the tests
   and handy for checking a file by hand).
-* :func:`export_run` — everything for the first ``limit`` test points of a run.
+* :func:`export_run` — everything for ``limit`` test points of a run: the fixed-seed,
+  class-stratified subset that ``certkd verify --limit`` checks (:mod:`certkd.data.subsets`).
 
 Bounds are written so that the box a verifier parses (in float32 or float64) contains the
 certified box: each bound is a float32 value, rounded outward, printed with enough digits
@@ -351,27 +352,35 @@ def export_run(run_path: PathLike, onnx_path: PathLike, vnnlib_dir: PathLike, ep
                check: bool = True) -> Dict[str, Any]:
     """Export a run as a VNN-COMP benchmark: ONNX model, one property per test point, instances.csv.
 
-    Writes ``onnx_path``, ``vnnlib_dir/prop_{i}.vnnlib`` for test indices i = 0..n−1
-    (n = min(limit, test-set size)) and ``vnnlib_dir/instances.csv`` with rows
-    ``onnx,vnnlib,timeout`` (no header) whose paths are relative to the csv's folder.
+    The points are those ``certkd verify --limit`` checks: the fixed-seed, class-stratified
+    subset :func:`certkd.data.subsets.stratified_indices` selects (every point when ``limit`` is
+    at least the test-set size), in ascending test-index order. Writes ``onnx_path``,
+    ``vnnlib_dir/prop_{i}.vnnlib`` for each selected test index i (a comment in the file names
+    the index and the selection) and ``vnnlib_dir/instances.csv`` with rows
+    ``onnx,vnnlib,timeout`` (no header, in the same order) whose paths are relative to the
+    csv's folder.
 
     Args:
         run_path: run directory, checkpoint directory or release folder.
         onnx_path: the .onnx file to write.
         vnnlib_dir: folder for the properties and instances.csv (created if missing).
         eps: L∞ radius in pixel units, in (0, 1]; default: the run's training ε.
-        limit: number of test points (>= 1).
+        limit: number of test points (>= 1); the same points as ``certkd verify --limit``.
         data_dir: dataset directory (default: the run's).
         timeout: per-instance timeout in seconds written to instances.csv.
-        check: compare the ONNX graph with PyTorch on the first test point before writing.
+        check: compare the ONNX graph with PyTorch on the first exported point before writing.
     Returns:
-        A summary: paths, n, eps, and ``correct``, how many exported points the model
-        classifies correctly (a misclassified point is a trivially violated property).
+        A summary: paths, n, eps, ``indices`` (the exported test indices, in instances.csv
+        order), ``points`` (:func:`certkd.data.subsets.describe_points`; its ``points``, ``n``
+        and ``indices_sha256`` equal those a ``certkd verify --limit`` of the same N records under
+        ``certifies``) and ``correct``, how many exported points the model classifies correctly
+        (a misclassified point is a trivially violated property).
     Raises:
         CertkdError: bad eps/limit/timeout, unreadable run or data, unwritable outputs.
     """
     from certkd.checkpoints import load_model
     from certkd.data import load_dataset
+    from certkd.data.subsets import describe_points, stratified_indices
 
     if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
         raise CertkdError(f"--limit must be an integer >= 1, got {limit}")
@@ -394,7 +403,9 @@ def export_run(run_path: PathLike, onnx_path: PathLike, vnnlib_dir: PathLike, ep
     if info.input_size != spec.input_size or info.in_channels != spec.in_channels:
         raise CertkdError(f"model expects {spec.in_channels}×{spec.input_size}×{spec.input_size} inputs but the "
                           f"data is {info.in_channels}×{info.input_size}×{info.input_size}")
-    n = min(limit, len(test_set))
+    index = stratified_indices(test_set.labels, limit)  # as certkd verify --limit: same points, same order
+    points = describe_points(test_set.labels, index)
+    n = int(index.shape[0])
 
     ensure_writable_dir(onnx_path.parent, "ONNX output folder", "--onnx path")
     ensure_writable_dir(vnnlib_dir, "--vnnlib-dir", "--vnnlib-dir")
@@ -402,21 +413,21 @@ def export_run(run_path: PathLike, onnx_path: PathLike, vnnlib_dir: PathLike, ep
     correct = 0
     with torch.no_grad():
         for start in range(0, n, 256):
-            xb, yb = test_set.get(torch.arange(start, min(n, start + 256)))
+            xb, yb = test_set.get(index[start:start + 256])
             correct += int((model(xb).argmax(1) == yb).sum())
     if check:
-        check_onnx(data, model, test_set.get(torch.arange(1))[0])
+        check_onnx(data, model, test_set.get(index[:1])[0])
 
     csv_path = vnnlib_dir / "instances.csv"
     rel_onnx = _relative(onnx_path, vnnlib_dir)
     rows = []
     try:
         atomic_write_bytes(onnx_path, data)
-        for i in range(n):
+        for i in index.tolist():
             x, y = test_set.get(torch.tensor([i]))
             prop = vnnlib_dir / f"prop_{i}.vnnlib"
             write_vnnlib(prop, x[0], int(y[0]), eps, spec.num_classes,
-                         comments=[f"certkd export of {run_path}", f"test index {i}"])
+                         comments=[f"certkd export of {run_path}", f"test index {i}; exported: {points['points']}"])
             rows.append([rel_onnx, prop.name, f"{timeout:g}"])
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows)
@@ -424,7 +435,8 @@ def export_run(run_path: PathLike, onnx_path: PathLike, vnnlib_dir: PathLike, ep
     except OSError as e:
         raise CertkdError(f"cannot write {getattr(e, 'filename', None) or vnnlib_dir}: {e.strerror or e}") from None
     return {"onnx": str(onnx_path), "vnnlib_dir": str(vnnlib_dir), "instances": str(csv_path), "n": n,
-            "eps": eps, "timeout": timeout, "num_classes": spec.num_classes,
+            "indices": index.tolist(), "points": points, "eps": eps, "timeout": timeout,
+            "num_classes": spec.num_classes,
             "input_shape": [1, spec.in_channels, spec.input_size, spec.input_size], "correct": correct}
 
 
