@@ -52,7 +52,7 @@ else
     MODEL_SET=()
     THROUGHPUT_ARGS=(--batch "$BATCH" --repeats 10 --warmup 3)
 fi
-BETA=${BETA:-0.003}   # SPEC §10.6: 1e-3–3e-3 with the summed distance; the presets' 1.0 is far too large
+BETA=${BETA:-0.003}   # docs/method.md §7.9: 1e-3–3e-3 with the summed distance; the presets' 1.0 is far too large
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

@@ -181,7 +181,55 @@ def test_doc_references_point_to_existing_sections():
     assert not missing, "references to sections that do not exist: " + "; ".join(missing)
 
 
+# The external reference file that users of the package do not have; spelled in two parts so that
+# this file does not match its own check.
+SPEC_CITATIONS = ("SPEC" + " §", "SPEC" + ".md")
+REPO = SRC.parent
+PROSE_SUFFIXES = (".py", ".md", ".sh", ".txt", ".yaml", ".yml", ".toml", ".cfg")
+
+
+def _spec_citations(paths) -> List[str]:
+    """'file:line' of every line of ``paths`` that cites the external SPEC."""
+    return [f"{p.relative_to(REPO).as_posix()}:{i}" for p in paths
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if any(c in line for c in SPEC_CITATIONS)]
+
+
+def _project_text_files() -> List[Path]:
+    """README.md and the text files of docs/, tests/ and benchmarks/."""
+    files = [REPO / "README.md"]
+    for folder in ("docs", "tests", "benchmarks"):
+        files += [p for p in sorted((REPO / folder).rglob("*"))
+                  if p.is_file() and p.suffix in PROSE_SUFFIXES and "__pycache__" not in p.parts]
+    return files
+
+
 def test_no_references_to_the_external_spec_in_code():
-    offenders = [f"{p.relative_to(SRC)}:{i}" for p in sorted((SRC / PACKAGE).rglob("*.py"))
-                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "SPEC §" in line]
+    offenders = _spec_citations(sorted((SRC / PACKAGE).rglob("*.py")))
     assert not offenders, "docstrings cite SPEC (not shipped); cite docs/ instead: " + ", ".join(offenders)
+
+
+def test_no_references_to_the_external_spec_in_tests_docs_and_readme():
+    offenders = _spec_citations(_project_text_files())
+    assert not offenders, ("tests, docs, benchmarks or README cite SPEC, a file users do not have; cite "
+                           "docs/method.md §N (or another docs/ page) instead: " + ", ".join(offenders))
+
+
+# "docs/method.md §7.9", "method.md §11", "[method.md](method.md) §11": a section of a docs/ page.
+PAGE_REF = re.compile(r"(?<![\w/.-])(?:docs/)?([\w-]+\.md)(?:\]\([\w./#-]*\))? ?((?:,? ?§\d+(?:\.\d+)?)+)")
+
+
+def test_doc_references_outside_the_package_point_to_existing_sections():
+    missing = []
+    for path in _project_text_files():
+        for m in PAGE_REF.finditer(path.read_text(encoding="utf-8")):
+            page = REPO / "docs" / m.group(1)
+            where = path.relative_to(REPO).as_posix()
+            if not page.is_file():
+                missing.append(f"{where}: {m.group(0)} (no such page in docs/)")
+                continue
+            sections = _doc_sections(page)
+            for number in re.findall(r"§(\d+(?:\.\d+)?)", m.group(2)):
+                if number not in sections:
+                    missing.append(f"{where}: {m.group(1)} §{number}")
+    assert not missing, "references to sections that do not exist: " + "; ".join(missing)

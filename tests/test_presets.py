@@ -1,6 +1,6 @@
-"""The benchmark presets in src/certkd/presets/ against SPEC §7 (the paper README's hyper-parameters).
+"""The benchmark presets in src/certkd/presets/ against docs/method.md §11 (the paper README's hyper-parameters).
 
-The tables below are transcribed here from SPEC §7 on purpose, independently of the YAML files, so
+The tables below are transcribed here from docs/method.md §11 on purpose, independently of the YAML files, so
 that a typo in a preset shows up as a mismatch. Fast checks only (no training), except the
 ``slow`` tests at the end, which train every ``*-cpu`` preset to completion: on its real data where
 they exist, and on tiny synthetic files in the same on-disk layout everywhere.
@@ -25,10 +25,10 @@ ALL_PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 DUMMY_TEACHER = "runs/some-teacher"
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
-# --- SPEC §7, first table ------------------------------------------------------------------------
-# setting: dataset, model, eps (rounded, SPEC §5), k (eps ≈ k/255, None for MNIST), S, N, epochs,
+# --- docs/method.md §11, first table -------------------------------------------------------------
+# setting: dataset, model, eps (rounded, docs/method.md §9), k (eps ≈ k/255, None for MNIST), S, N, epochs,
 #          lr milestones, batch, train attack steps, relative step, attack_eps_factor, train-eps-mul,
-#          reg-λ, test interval (SPEC §7 notes)
+#          reg-λ, test interval
 ROWS = {
     "mnist-0.1": ("mnist", "cnn7", 0.1, None, 1, 20, 70, [50, 60], 256, 1, 10.0, 1.0, 2.0, 0.5, 10),
     "mnist-0.3": ("mnist", "cnn7", 0.3, None, 1, 20, 70, [50, 60], 256, 1, 10.0, 1.0, 1.334, 0.5, 10),
@@ -43,7 +43,7 @@ ROW_KEYS = ("dataset", "model", "eps", "k", "eps_start", "eps_length", "epochs",
             "attack_steps", "attack_step_size", "attack_eps_factor", "train_eps_mul", "reg_lambda",
             "test_interval")
 
-# --- SPEC §7, second table: (α, l1) per method (SABR: λ) -----------------------------------------
+# --- docs/method.md §11, second table: (α, l1) per method (SABR: λ) -------------------------------
 COEFFS = {
     "mnist-0.1": {"ccibp": (0.1, 2e-6), "mtlibp": (1e-2, 1e-5)},
     "mnist-0.3": {"ccibp": (0.3, 3e-6), "mtlibp": (8e-2, 1e-6)},
@@ -123,7 +123,7 @@ def test_preset_header_names_its_spec_row(name):
 
 
 def test_spec_eps_are_rounded_down_k_over_255():
-    """SPEC §5: the config ε values are k/255 rounded *down* to 5 decimals."""
+    """docs/method.md §9: the config ε values are k/255 rounded *down* to 5 decimals."""
     for setting, values in ROWS.items():
         r = dict(zip(ROW_KEYS, values))
         if r["k"] is not None:
@@ -234,7 +234,7 @@ def test_cpu_preset_keeps_the_rows_ccibp_settings(name):
 
 
 # Model shapes, built on the meta device (no memory, no time): feature width m = 512 for every
-# paper CNN7 (SPEC §0), class counts per dataset (SPEC §4).
+# paper CNN7, class counts per dataset (docs/method.md §8).
 SHAPES = {"mnist": (1, 28, 10), "cifar10": (3, 32, 10), "tinyimagenet": (3, 64, 200), "imagenet64": (3, 64, 1000)}
 
 
@@ -385,7 +385,7 @@ def test_cpu_preset_trains_to_completion_on_synthetic_files(name, tmp_path):
 
 
 # --- small BatchNorm CNN7 presets for CPU studies (issue #11) -------------------------------------
-# (ccibp, ccdist, SPEC §7 setting or None for digits, model)
+# (ccibp, ccdist, docs/method.md §11 setting or None for digits, model)
 CNN7W = [("digits-cnn7w16-ccibp", "digits-cnn7w16-ccdist", None, "cnn7-w16"),
          ("mnist-0.1-cnn7w16-ccibp", "mnist-0.1-cnn7w16-ccdist", "mnist-0.1", "cnn7-w16"),
          ("cifar10-2_255-cnn7w32-ccibp", "cifar10-2_255-cnn7w32-ccdist", "cifar10-2_255", "cnn7-w32")]
@@ -400,7 +400,7 @@ def test_cnn7w_presets_load_and_pair(ccibp, ccdist, setting, model):
     base, dist = resolve(ccibp), resolve(ccdist)
     assert base.method == "cc-ibp" and dist.method == "cc-dist" and base.model == dist.model == model
     assert base.model_kwargs == {} and base.ibp_init is True
-    # the ccdist preset is its ccibp preset plus the distillation keys, with a β inside SPEC §10.6's range
+    # the ccdist preset is its ccibp preset plus the distillation keys, with a β inside docs/method.md §7.9's range
     d, b = dist.to_dict(), base.to_dict()
     assert {k for k in d if d[k] != b[k]} <= DIST_KEYS
     assert 1e-3 <= dist.beta <= 3e-3 and dist.dist_combination == "box" and dist.dist_reduction == "sum"

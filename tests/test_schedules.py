@@ -1,4 +1,4 @@
-"""Tests for certkd.schedules (SPEC §1.5, §3.3)."""
+"""Tests for certkd.schedules (docs/method.md §3.1, §3.2)."""
 from __future__ import annotations
 
 import math
@@ -46,7 +46,8 @@ def test_cifar_check_values(epoch, value):
     assert s(first_batch(epoch)) == pytest.approx(value, rel=1e-12)
 
 
-def test_cifar_check_values_rounded_as_in_spec():
+def test_cifar_check_values_rounded_as_in_the_docs():
+    """The worked CIFAR-10 example of docs/method.md §3.1, at ε = 2/255."""
     s = cifar(eps_max=2 / 255)
     ratio = lambda e: s(first_batch(e)) / (2 / 255)  # noqa: E731
     assert round(ratio(22), 4) == 0.0769

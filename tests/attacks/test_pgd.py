@@ -1,4 +1,4 @@
-"""Tests for certkd.attacks.pgd (SPEC §1.3)."""
+"""Tests for certkd.attacks.pgd (docs/method.md §2.3)."""
 from __future__ import annotations
 
 import copy
@@ -51,7 +51,7 @@ def _ce(model, x, y):
 
 
 def _reference_pgd(model, y, lo, hi, start, steps, s):
-    """SPEC §1.3 written out: score before each step (>= keeps later ties), score the final
+    """docs/method.md §2.3 written out: score before each step (>= keeps later ties), score the final
     iterate when n > 1, return the last iterate without comparison when n = 1."""
     rho = (hi - lo) / 2
     x = start.clone()
@@ -210,7 +210,7 @@ def test_best_iterate_not_worse_than_random_start(steps):
 
 
 def test_single_step_is_returned_without_comparison():
-    # SPEC §1.3: with n = 1 the stepped point is returned even when its loss is below the start's
+    # docs/method.md §2.3: with n = 1 the stepped point is returned even when its loss is below the start's
     model = _Bump()
     x, y, lo, hi = _bump_data()
     start = _start(x, lo, hi, 9)

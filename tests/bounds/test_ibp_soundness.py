@@ -1,8 +1,8 @@
-"""Soundness and exactness of interval bound propagation (SPEC §1.1, §1.2, §8).
+"""Soundness and exactness of interval bound propagation (docs/method.md §2.1, §2.2).
 
 Every box check compares IBP bounds with outputs at points of the box evaluated with the
 *same* BatchNorm statistics: running statistics in eval mode, the statistics of the batch
-carried as ``point`` in train mode (SPEC §1.2).
+carried as ``point`` in train mode (docs/method.md §2.2).
 """
 from __future__ import annotations
 

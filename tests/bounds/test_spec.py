@@ -1,4 +1,4 @@
-"""Tests for certkd.bounds.spec: the logit-difference specification C(y) (SPEC §0)."""
+"""Tests for certkd.bounds.spec: the logit-difference specification C(y) (docs/method.md §1)."""
 from __future__ import annotations
 
 import pytest

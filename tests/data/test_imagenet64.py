@@ -75,7 +75,7 @@ def test_imagenet64_layouts_shapes_labels(tmp_path: Path, layout: str) -> None:
     assert test.images[:, 0, 63, 0].tolist() == [250] * N_VAL
     assert int(train.images[:, :, :5].max()) < 100              # rows above the marker are noise only
     assert (info.name, info.num_classes, info.in_channels, info.input_size) == ("imagenet64", 1000, 3, 64)
-    assert info.mean == (0.4815, 0.4578, 0.4082) and info.std == (0.2153, 0.2111, 0.2121)   # SPEC §5
+    assert info.mean == (0.4815, 0.4578, 0.4082) and info.std == (0.2153, 0.2111, 0.2121)   # docs/method.md §9
     assert info.augmentation == "crop-flip" and info.crop_padding == 4
     assert load_dataset("ImageNet-64", tmp_path)[2].name == "imagenet64"
 
@@ -145,4 +145,4 @@ def test_imagenet64_preset_model_forward(tmp_path: Path) -> None:
     with torch.no_grad():
         out = model(x)
     assert out.shape == (4, 1000) and torch.isfinite(out).all()
-    assert model.features[-3].in_features == 32768               # 16·16·128 (SPEC §4)
+    assert model.features[-3].in_features == 32768               # 16·16·128 (docs/method.md §8)

@@ -1,4 +1,4 @@
-"""Tests for certkd.losses.certified (SPEC §0, §2.2)."""
+"""Tests for certkd.losses.certified (docs/method.md §1, §5)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ from certkd.losses.certified import (adversarial_loss, cc_ibp_loss, difference_l
 
 
 def _ce_of_differences(d: torch.Tensor) -> torch.Tensor:
-    """Independent ℒ(d): CE of logits (0, −d) with label 0 (SPEC §0)."""
+    """Independent ℒ(d): CE of logits (0, −d) with label 0 (docs/method.md §1)."""
     logits = torch.cat([torch.zeros_like(d[:, :1]), -d], dim=1)
     return F.cross_entropy(logits, torch.zeros(d.shape[0], dtype=torch.long), reduction="none")
 
@@ -144,7 +144,7 @@ def test_all_expressive_losses_agree_when_bounds_equal_adversarial(fn):
     torch.testing.assert_close(fn(d_adv, d_adv, 0.37), adversarial_loss(d_adv), rtol=1e-6, atol=1e-6)
 
 
-# --------------------------------------------------------------------------- SABR (SPEC §2.2)
+# --------------------------------------------------------------------------- SABR (docs/method.md §5.5)
 
 def _sabr_case(seed=0, n=6, shape=(1, 5, 5), eps=0.1):
     """Pixel inputs spread over [0, 1] (so many coordinates are clipped), box clipped to [0, 1]."""
@@ -157,8 +157,9 @@ def _sabr_case(seed=0, n=6, shape=(1, 5, 5), eps=0.1):
     return x, lo, hi, x_adv, eps
 
 
-def _spec_sabr_box(x_adv, lo, hi, lam, eps):
-    """SPEC §2.2 literally: c = clamp(x_adv, x̲+ρ, x̄−ρ); box [max(c−ρ, x_min), min(c+ρ, x_max)]."""
+def _release_sabr_box(x_adv, lo, hi, lam, eps):
+    """The code release's small box (docs/method.md §5.5): c = clamp(x_adv, x̲+ρ, x̄−ρ); box
+    [max(c−ρ, x_min), min(c+ρ, x_max)], clipped to the image range only."""
     rho = lam * eps
     c = torch.minimum(torch.maximum(x_adv, lo + rho), hi - rho)  # torch.clamp semantics when min > max
     return (c - rho).clamp(min=0.0), (c + rho).clamp(max=1.0)
@@ -230,12 +231,13 @@ def test_sabr_box_exact_values_unclipped():
 
 
 @pytest.mark.parametrize("lam", [0.03, 0.3, 0.6, 1.0])
-def test_sabr_box_is_spec_box_intersected_with_large_box(lam):
-    """SPEC §2.2 clips the small box to the image domain [x_min, x_max]; certkd clips it to the
-    large box. The two agree except on coordinates where the large box is clipped at the top
-    (x̄ = x_max) and λ·ε exceeds its half-width: there the SPEC box reaches below x̲."""
+def test_sabr_box_is_release_box_intersected_with_large_box(lam):
+    """The code release clips the small box to the image domain [x_min, x_max]; certkd clips it to
+    the large box (docs/method.md §5.5). The two agree except on coordinates where the large box is
+    clipped at the top (x̄ = x_max) and λ·ε exceeds its half-width: there the release's box reaches
+    below x̲."""
     _, lo, hi, x_adv, eps = _sabr_case()
-    spec_lo, spec_hi = _spec_sabr_box(x_adv, lo, hi, lam, eps)
+    spec_lo, spec_hi = _release_sabr_box(x_adv, lo, hi, lam, eps)
     s_lo, s_hi = sabr_box(x_adv, lo, hi, lam, eps)
     torch.testing.assert_close(s_lo, torch.maximum(spec_lo, lo), rtol=0, atol=1e-7)
     torch.testing.assert_close(s_hi, torch.minimum(spec_hi, hi), rtol=0, atol=1e-7)

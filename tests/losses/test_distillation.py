@@ -1,4 +1,4 @@
-"""Tests for certkd.losses.distillation (SPEC §10, CC-Dist)."""
+"""Tests for certkd.losses.distillation (docs/method.md §7, CC-Dist)."""
 from __future__ import annotations
 
 import itertools

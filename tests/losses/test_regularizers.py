@@ -1,4 +1,4 @@
-"""Tests for certkd.losses.regularizers: warm-up regularisers of Shi et al. (SPEC §3.2)."""
+"""Tests for certkd.losses.regularizers: warm-up regularisers of Shi et al. (docs/method.md §5.6)."""
 from __future__ import annotations
 
 import pytest

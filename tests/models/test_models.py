@@ -1,4 +1,5 @@
-"""Tests for certkd.models: registry, architectures (SPEC §4) and IBP initialisation (SPEC §3.1)."""
+"""Tests for certkd.models: registry, architectures (docs/method.md §8) and IBP initialisation
+(docs/method.md §6)."""
 from __future__ import annotations
 
 import copy
@@ -58,7 +59,7 @@ def test_model_structure_contract():
     assert isinstance(model.features[0], Normalize) and model.normalize is model.features[0]
     assert isinstance(model.head, nn.Linear)
     assert model.feature_dim == 512 and model.head.out_features == 10
-    # the last feature layer is a ReLU, so h >= 0 (SPEC §0)
+    # the last feature layer is a ReLU, so h >= 0 (docs/method.md §1)
     assert isinstance(model.features[-1], nn.ReLU)
     torch.testing.assert_close(model.normalize.std, torch.tensor([0.2023, 0.1994, 0.2010]))
 
@@ -123,7 +124,7 @@ def test_features_must_start_with_normalize():
         CertifiableNet(nn.Sequential(nn.Flatten()), nn.Linear(4, 2), ModelSpec("x", 1, 2, 2))
 
 
-# --------------------------------------------------------------------------- IBP init (SPEC §3.1)
+# --------------------------------------------------------------------------- IBP init (docs/method.md §6)
 
 def test_ibp_initialize_std_and_head_unchanged():
     torch.manual_seed(0)
@@ -173,8 +174,8 @@ def test_ibp_initialize_is_deterministic_with_generator():
 
 @pytest.mark.parametrize("name", ["cnn-small", "mlp"])
 def test_ibp_initialize_leaves_few_dead_penultimate_units_without_bn(name):
-    """SPEC §3.1 caveat (issue #11): in a network without BatchNorm the shrunken IBP weights leave each
-    pre-activation ≈ its bias, so PyTorch's default (uniform) biases killed 39–54 of cnn-small's 100
+    """docs/method.md §6, biases (issue #11): in a network without BatchNorm the shrunken IBP weights
+    leave each pre-activation ≈ its bias, so PyTorch's default (uniform) biases killed 39–54 of cnn-small's 100
     penultimate units at init on digits (mlp: 21–34). With the biases of BN-free layers zeroed: 5–12."""
     from certkd.data import load_dataset
 

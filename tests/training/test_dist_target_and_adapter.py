@@ -1,4 +1,4 @@
-"""Issue #11: the feature adapter on the student's side, and the zero-target control (SPEC §10.6)."""
+"""Issue #11: the feature adapter on the student's side, and the zero-target control (docs/method.md §7.8, §7.9)."""
 import copy
 import json
 

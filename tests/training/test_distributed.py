@@ -2,7 +2,7 @@
 
 The runs train a CNN7 with BatchNorm (BN2d and BN1d, fused conv→BN in the IBP pass) on
 digits with CC-IBP and Adam, so they cover a warm-up batch with the regularisers, robust
-batches whose IBP pass uses the BN statistics of the adversarial batch (SPEC §1.2), the
+batches whose IBP pass uses the BN statistics of the adversarial batch (docs/method.md §2.2), the
 FGSM-to-vertex attack from a random start, and an uneven last batch (1437 = 22·64 + 29,
 split 15/14 between the ranks).
 
