@@ -163,21 +163,25 @@ def _doc_sections(path: Path) -> Set[str]:
     return found
 
 
-def test_doc_references_point_to_existing_sections():
-    docs = SRC.parent / "docs"
+def _dangling_refs(pattern: "re.Pattern[str]", path: Path, where: str) -> List[str]:
+    """References in ``path`` (group 1: a docs/ page, group 2: its §numbers) to a page or section
+    that does not exist."""
     missing = []
-    for path in sorted((SRC / PACKAGE).rglob("*")):
-        if path.suffix not in (".py", ".yaml") or "__pycache__" in path.parts:
+    for m in pattern.finditer(path.read_text(encoding="utf-8")):
+        page = SRC.parent / "docs" / m.group(1)
+        if not page.is_file():
+            missing.append(f"{where}: {m.group(0)} (no such page in docs/)")
             continue
-        for m in DOC_REF.finditer(path.read_text(encoding="utf-8")):
-            page = docs / m.group(1)
-            if not page.is_file():
-                missing.append(f"{path.name}: {m.group(0)} (no such page)")
-                continue
-            sections = _doc_sections(page)
-            for number in re.findall(r"§(\d+(?:\.\d+)?)", m.group(2)):
-                if number not in sections:
-                    missing.append(f"{path.name}: docs/{m.group(1)} §{number}")
+        sections = _doc_sections(page)
+        missing += [f"{where}: docs/{m.group(1)} §{number}"
+                    for number in re.findall(r"§(\d+(?:\.\d+)?)", m.group(2)) if number not in sections]
+    return missing
+
+
+def test_doc_references_point_to_existing_sections():
+    missing = [ref for path in sorted((SRC / PACKAGE).rglob("*"))
+               if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts
+               for ref in _dangling_refs(DOC_REF, path, path.name)]
     assert not missing, "references to sections that do not exist: " + "; ".join(missing)
 
 
@@ -220,16 +224,6 @@ PAGE_REF = re.compile(r"(?<![\w/.-])(?:docs/)?([\w-]+\.md)(?:\]\([\w./#-]*\))? ?
 
 
 def test_doc_references_outside_the_package_point_to_existing_sections():
-    missing = []
-    for path in _project_text_files():
-        for m in PAGE_REF.finditer(path.read_text(encoding="utf-8")):
-            page = REPO / "docs" / m.group(1)
-            where = path.relative_to(REPO).as_posix()
-            if not page.is_file():
-                missing.append(f"{where}: {m.group(0)} (no such page in docs/)")
-                continue
-            sections = _doc_sections(page)
-            for number in re.findall(r"§(\d+(?:\.\d+)?)", m.group(2)):
-                if number not in sections:
-                    missing.append(f"{where}: {m.group(1)} §{number}")
+    missing = [ref for path in _project_text_files()
+               for ref in _dangling_refs(PAGE_REF, path, path.relative_to(REPO).as_posix())]
     assert not missing, "references to sections that do not exist: " + "; ".join(missing)
