@@ -225,7 +225,20 @@ def collect(root: Path, settings: List[Setting]) -> Dict[str, Any]:
                 per_seed = {s: _metrics(run_dir(root, st, budget, arm, s)) for s in range(st.seeds)}
                 table[arm] = {s: m for s, m in per_seed.items() if m is not None}
             out[f"{st.name}/{budget}"] = {"arms": table, "best_beta": best_beta(root, st, betas),
-                                          "control_beta": st.control_beta}
+                                          "control_beta": st.control_beta, "teachers": _teachers(root, st)}
+    return out
+
+
+def _teachers(root: Path, setting: Setting) -> Dict[str, Dict[str, Any]]:
+    """The teachers' end-of-training test metrics (clean, PGD-40; their eval_limit points)."""
+    out = {}
+    for t in ("teacher-pgd-at", "teacher-standard"):
+        path = run_dir(root, setting, "full", t, 0) / "metrics.jsonl"
+        if path.exists():
+            tests = [json.loads(line).get("test") for line in path.read_text().splitlines() if line.strip()]
+            tests = [x for x in tests if x]
+            if tests:
+                out[t] = tests[-1]
     return out
 
 
@@ -269,15 +282,23 @@ def report(results: Dict[str, Any], out: Path, command: str) -> None:
                 cells.append(f"{statistics.fmean(vals):.1f} ± {sd:.1f}")
             n = {m["n"] for m in per_seed.values()}
             md.append(f"| {arm} | {len(per_seed)} | {'/'.join(map(str, sorted(n)))} | " + " | ".join(cells) + " |")
+        teachers = res.get("teachers") or {}
+        if teachers:
+            md += ["", "Teachers (end of training, PGD-40 on their evaluation points): " + "; ".join(
+                f"{t}: clean {100 * m['clean_accuracy']:.0f}%, PGD {100 * m['pgd_accuracy']:.0f}% (n = {m['n']})"
+                for t, m in teachers.items())]
         b = res["control_beta"] if res.get("control_beta") is not None else res["best_beta"]
         comparisons = []
         for arm in table:
             if arm.startswith("cc-dist"):
                 comparisons.append((f"{arm} − cc-ibp", arm, "cc-ibp"))
         if b is not None:
-            comparisons += [(f"teacher − target 0 (β={b:g})", f"cc-dist-b{b:g}", f"zero-b{b:g}"),
-                            (f"robust − standard teacher (β={b:g})", f"cc-dist-b{b:g}", f"std-teacher-b{b:g}"),
-                            (f"target 0 − cc-ibp (β={b:g})", f"zero-b{b:g}", "cc-ibp")]
+            comparisons.append((f"robust − standard teacher (β={b:g})", f"cc-dist-b{b:g}", f"std-teacher-b{b:g}"))
+        for arm in table:  # every target-0 control against the teacher at its β, and against CC-IBP
+            if arm.startswith("zero-b"):
+                z = arm[len("zero-b"):]
+                comparisons += [(f"teacher − target 0 (β={z})", f"cc-dist-b{z}", arm),
+                                (f"target 0 − cc-ibp (β={z})", arm, "cc-ibp")]
         md += ["", "| paired difference | verified | IBP | clean |", "|---|---|---|---|"]
         for label, a, c in comparisons:
             cells = [_paired(table, a, c, k) or "–" for k in ("verified_accuracy", "ibp_verified_accuracy",
