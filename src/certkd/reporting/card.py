@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from certkd.checkpoints import atomic_write_bytes, atomic_write_text, read_meta
 from certkd.errors import CertkdError
 from certkd.reporting.commands import evaluate_command, train_command, verify_command
-from certkd.reporting.records import FAMILIES, is_run_dir, load_run, measured_on
+from certkd.reporting.records import FAMILIES, load_run, measured_on
 from certkd.reporting.tables import _markdown_table
-from certkd.runs import CONFIG_FILE, EVALUATION_FILE, VERIFICATION_FILE, checkpoints_dir, config_path
+from certkd.runs import CONFIG_FILE, EVALUATION_FILE, VERIFICATION_FILE, checkpoints_dir, config_path, is_run_dir
 
 def _teacher_info(teacher: str) -> Tuple[Optional[str], str]:
     """(method, description) of a teacher path; the method is None when it cannot be read."""

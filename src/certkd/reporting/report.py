@@ -12,9 +12,9 @@ from certkd.errors import CertkdError
 from certkd.reporting.commands import _join, reproduce_commands
 from certkd.reporting.groups import group_runs
 from certkd.reporting.plots import plot_curves, plot_pareto
-from certkd.reporting.records import collect_runs, is_run_dir
+from certkd.reporting.records import collect_runs
 from certkd.reporting.tables import measured_table, results_csv, results_table, runs_csv
-from certkd.runs import checkpoints_dir
+from certkd.runs import checkpoints_dir, is_run_dir
 
 def _safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name.replace("/", "__")).strip("_") or "run"
