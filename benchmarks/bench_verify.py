@@ -6,16 +6,87 @@ benchmarks/distillation_mnist.py; train one first if it is missing:
 
     python benchmarks/distillation_mnist.py
     python benchmarks/bench_verify.py --run runs/distillation_mnist/cc-ibp --workers 2
+
+Side by side with another checkout (issue #12: "the same or better, and not slower"): with
+``--baseline-src DIR`` (the ``src`` folder of, e.g., ``git worktree add /tmp/pregraph 33e7c9a``,
+the tree before the network graph), ``certkd verify`` runs under each tree in turn, ``--rounds``
+times, alternating which goes first, on the same points and settings. It reports each tree's
+per-stage counts and the ratio this tree / baseline of the median (over rounds) of the summed
+per-point verification times, and writes ``results/bench_verify_vs_baseline.{json,md}``::
+
+    python benchmarks/bench_verify.py --baseline-src /tmp/pregraph/src --rounds 3
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from certkd.checkpoints import atomic_write_json, atomic_write_text
 from certkd.verification.pipeline import VerifyConfig, verify_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _verify_with(src: Path, args: argparse.Namespace, out: Path) -> dict:
+    """One ``certkd verify`` of ``args.run`` with the package imported from ``src``; its summary and
+    per-point records."""
+    cmd = [sys.executable, "-m", "certkd", "verify", args.run, "--eps", str(args.eps), "--limit", str(args.limit),
+           "--timeout", str(args.timeout), "--engine", args.engine, "--workers", str(args.workers),
+           "--restarts", str(args.restarts), "--out", str(out), "--force", "--quiet"]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "verification.json").read_text())
+    points = [json.loads(line) for line in (out / "verification.jsonl").read_text().splitlines() if line]
+    return {"counts": summary["counts"], "verified": summary["verified_accuracy"],
+            "total_s": sum(p["time_s"] for p in points), "median_s": statistics.median(p["time_s"] for p in points),
+            "status": {p["index"]: p["status"] for p in points}}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """This tree against ``args.baseline_src``, alternating per round (drift cancels)."""
+    trees = {"this": SRC, "baseline": Path(args.baseline_src).resolve()}
+    rounds = {name: [] for name in trees}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = list(trees) if r % 2 == 0 else list(reversed(list(trees)))
+            for name in order:
+                res = _verify_with(trees[name], args, Path(tmp) / f"{name}{r}")
+                rounds[name].append(res)
+                print(f"round {r} {name}: verified {100 * res['verified']:.1f}%, "
+                      f"sum of point times {res['total_s']:.1f}s, median {res['median_s']:.3f}s", flush=True)
+    med = {n: statistics.median(x["total_s"] for x in v) for n, v in rounds.items()}
+    this, base = rounds["this"][0], rounds["baseline"][0]
+    changed = sorted(i for i in this["status"] if this["status"][i] != base["status"].get(i))
+    result = {"run": args.run, "eps": args.eps, "limit": args.limit, "timeout": args.timeout, "engine": args.engine,
+              "restarts": args.restarts, "baseline_src": str(trees["baseline"]), "rounds": args.rounds,
+              "load_avg": os.getloadavg(), "median_total_s": med, "ratio_this_over_baseline": med["this"] / med["baseline"],
+              "counts": {n: v[0]["counts"] for n, v in rounds.items()},
+              "verified": {n: v[0]["verified"] for n, v in rounds.items()},
+              "per_round_total_s": {n: [x["total_s"] for x in v] for n, v in rounds.items()},
+              "points_with_another_status": changed}
+    keys = sorted(set(this["counts"]) | set(base["counts"]))
+    lines = [f"`certkd verify` of {args.run}, ε={args.eps:g}, {args.limit} points, timeout {args.timeout:g}s, "
+             f"engine {args.engine}, {args.restarts} PGD restart(s), workers {args.workers}; {args.rounds} rounds "
+             f"alternating; baseline {trees['baseline']}; load average at the end {os.getloadavg()[0]:.1f}",
+             "", "| stage | this tree | baseline |", "|---|---:|---:|"]
+    lines += [f"| {k} | {this['counts'].get(k, 0)} | {base['counts'].get(k, 0)} |" for k in keys]
+    lines += ["", f"verified: this {100 * this['verified']:.1f}%, baseline {100 * base['verified']:.1f}%; "
+                  f"points with another status: {len(changed)}",
+              f"median over rounds of the summed point times: this {med['this']:.1f}s, baseline {med['baseline']:.1f}s",
+              f"this/baseline verify time ratio: {med['this'] / med['baseline']:.2f}"]
+    print("\n".join(lines))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS / "bench_verify_vs_baseline.md", "\n".join(lines) + "\n")
+    atomic_write_json(RESULTS / "bench_verify_vs_baseline.json", result)
 
 
 def main() -> None:
@@ -28,7 +99,12 @@ def main() -> None:
     ap.add_argument("--engine", default="bab")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--restarts", type=int, default=1, help="PGD restarts (--baseline-src mode)")
+    ap.add_argument("--baseline-src", default=None, help="src folder of another checkout to compare with")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per tree (--baseline-src mode)")
     args = ap.parse_args()
+    if args.baseline_src:
+        return compare(args)
 
     cfg = VerifyConfig(eps=args.eps, timeout=args.timeout, engine=args.engine)
     out = Path(args.run) / "bench_verify"

@@ -120,6 +120,14 @@ def run_dir(root: Path, setting: Setting, budget: str, arm: str, seed: int) -> P
     return root / setting.name / budget / f"{arm}-s{seed}"
 
 
+def seeds_on_disk(root: Path, setting: Setting) -> range:
+    """Seeds 0..k-1, k the larger of the setting's count and the highest seed any run folder has (a study
+    extended with --seeds is reported whole by a later --report-only without --seeds)."""
+    found = [int(p.name.rsplit("-s", 1)[1]) for p in (root / setting.name).glob("*/*-s*")
+             if p.name.rsplit("-s", 1)[1].isdigit()]
+    return range(max([setting.seeds] + [n + 1 for n in found]))
+
+
 # ----------------------------------------------------------------------------------- one job
 
 def _job(kind: str, setting_name: str, data_dir: Optional[str], budget: str, arm: str, seed: int, root: str,
@@ -197,7 +205,7 @@ def best_beta(root: Path, setting: Setting, betas: List[float], key: str = "veri
     for budget in ("full", "short"):  # the full budget decides; the short one only when it is all there is
         scores = {}
         for b in betas:
-            vals = [m[key] for s in range(setting.seeds)
+            vals = [m[key] for s in seeds_on_disk(root, setting)
                     if (m := _metrics(run_dir(root, setting, budget, f"cc-dist-b{b:g}", s))) is not None]
             if vals:
                 scores[b] = statistics.fmean(vals)
@@ -222,10 +230,11 @@ def collect(root: Path, settings: List[Setting]) -> Dict[str, Any]:
         for budget in ("full", "short"):
             table = {}
             for arm in arms_for(root, st, betas):
-                per_seed = {s: _metrics(run_dir(root, st, budget, arm, s)) for s in range(st.seeds)}
+                per_seed = {s: _metrics(run_dir(root, st, budget, arm, s)) for s in seeds_on_disk(root, st)}
                 table[arm] = {s: m for s, m in per_seed.items() if m is not None}
             out[f"{st.name}/{budget}"] = {"arms": table, "best_beta": best_beta(root, st, betas),
-                                          "control_beta": st.control_beta, "teachers": _teachers(root, st)}
+                                          "control_beta": st.control_beta, "teachers": _teachers(root, st),
+                                          "timeout_s": st.timeout}
     return out
 
 
@@ -259,17 +268,22 @@ def report(results: Dict[str, Any], out: Path, command: str) -> None:
 
     keys = [("clean_accuracy", "clean"), ("pgd_accuracy", "PGD (5 restarts)"), ("ibp_verified_accuracy", "IBP"),
             ("verified_accuracy", "verified (complete)")]
-    md = ["# CC-Dist controlled study", "", f"Command: `{command}`", "",
-          "Accuracies in % (mean ± sd over seeds) from `certkd verify` (complete verifier, 5 s per point, "
-          "5 PGD restarts); paired differences in points with 95% t-intervals; (k/n > 0): seeds where the "
-          "difference is positive.", ""]
+    # preface.md beside the report (the commands that built the runs, the schedule, what was stopped) is kept
+    # as written; without one, the command of this invocation stands in for it
+    preface = out / "preface.md"
+    md = ["# CC-Dist controlled study", "",
+          preface.read_text().strip() if preface.exists() else f"Command: `{command}`", "",
+          "Accuracies in % (mean ± sd over seeds) from `certkd verify` (complete verifier with the per-point time "
+          "limit in each section's title, 5 PGD restarts); paired differences in points with 95% t-intervals; "
+          "(k/n > 0): seeds where the difference is positive.", ""]
     for name, res in results.items():
         table = res["arms"]
         if not any(table.values()):
             continue
         fixed = (f"; controls at β = {res['control_beta']:g}, fixed in advance" if res.get("control_beta") is not None
                  else "; controls at that β")
-        md += [f"## {name} (best CC-Dist β by verified accuracy: {res['best_beta']}{fixed})", "",
+        limit = f"{res['timeout_s']:g} s per point; " if res.get("timeout_s") else ""
+        md += [f"## {name} ({limit}best CC-Dist β by verified accuracy: {res['best_beta']}{fixed})", "",
                "| arm | seeds | n points | " + " | ".join(label for _, label in keys) + " |",
                "|---|---|---|" + "---|" * len(keys)]
         for arm, per_seed in table.items():
