@@ -260,7 +260,8 @@ def _paired(table: Dict[str, Dict[int, Dict[str, float]]], a: str, b: str, key: 
     diffs = [100 * (table[a][s][key] - table[b][s][key]) for s in seeds]
     m, lo, hi = t_interval(diffs)
     pos = sum(d > 0 for d in diffs)
-    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] ({pos}/{len(diffs)} > 0)"
+    ci = f"[{lo:+.2f}, {hi:+.2f}]" if len(diffs) > 1 else "[no interval: 1 seed]"
+    return f"{m:+.2f} {ci} ({pos}/{len(diffs)} > 0)"
 
 
 def report(results: Dict[str, Any], out: Path, command: str) -> None:
@@ -283,7 +284,8 @@ def report(results: Dict[str, Any], out: Path, command: str) -> None:
         fixed = (f"; controls at β = {res['control_beta']:g}, fixed in advance" if res.get("control_beta") is not None
                  else "; controls at that β")
         limit = f"{res['timeout_s']:g} s per point; " if res.get("timeout_s") else ""
-        md += [f"## {name} ({limit}best CC-Dist β by verified accuracy: {res['best_beta']}{fixed})", "",
+        best = "none yet" if res["best_beta"] is None else f"{res['best_beta']:g}"
+        md += [f"## {name} ({limit}best CC-Dist β by verified accuracy: {best}{fixed})", "",
                "| arm | seeds | n points | " + " | ".join(label for _, label in keys) + " |",
                "|---|---|---|" + "---|" * len(keys)]
         for arm, per_seed in table.items():
