@@ -26,14 +26,19 @@ _VERDICT = {"sat": "sat", "violated": "sat", "unsat": "unsat", "holds": "unsat"}
 
 
 def published(data: Path):
-    """{tool: {(benchmark, onnx name, vnnlib name): 'sat'|'unsat'|None}} from results/*.csv."""
+    """{tool: {(benchmark, onnx name, vnnlib name): ('sat'|'unsat'|None, run time s or None)}} from
+    results/*.csv."""
     out = {}
     for f in sorted((data / "results").glob("*.csv")):
         rows = {}
         for r in csv.reader(f.open()):
             if len(r) < 5:
                 continue
-            rows[(r[0], Path(r[1]).name, Path(r[2]).name)] = _VERDICT.get(r[4].strip().lower())
+            try:
+                secs = float(r[5]) if len(r) > 5 else None
+            except ValueError:
+                secs = None
+            rows[(r[0], Path(r[1]).name, Path(r[2]).name)] = (_VERDICT.get(r[4].strip().lower()), secs)
         out[f.stem] = rows
     return out
 
@@ -84,6 +89,8 @@ def main(argv=None) -> int:
                              limit=args.limit, log=lambda s: print(s, flush=True))
         inst = read_instances(csv_path)[:args.limit]
         keys = {(Path(o).name, Path(v).name) for o, v, _ in inst}
+        # the time limit certkd had on each instance, to count the tools' answers that came within it
+        limit_s = {(Path(o).name, Path(v).name): t * args.timeout_fraction for o, v, t in inst}
         counts = defaultdict(list)
         bad_sat = 0
         for r in rows:
@@ -94,8 +101,8 @@ def main(argv=None) -> int:
                 if why:
                     bad_sat += 1
                     disagreements.append((bench, r[1], r[2], "sat", f"counterexample NOT confirmed: {why}", ""))
-            verdicts = {t: v[(bench, Path(r[1]).name, Path(r[2]).name)] for t, v in pub.items()
-                        if v.get((bench, Path(r[1]).name, Path(r[2]).name))}
+            key = (bench, Path(r[1]).name, Path(r[2]).name)
+            verdicts = {t: v[key][0] for t, v in pub.items() if key in v and v[key][0]}
             opposite = {"sat": "unsat", "unsat": "sat"}.get(r[4])
             against = sorted(t for t, v in verdicts.items() if v == opposite)
             if against:
@@ -110,12 +117,18 @@ def main(argv=None) -> int:
                   f"| certkd | {len(counts['sat'])} | {len(counts['unsat'])} | {undecided} | "
                   f"{len(counts['sat']) - bad_sat}/{len(counts['sat'])} | "
                   f"{statistics.median(all_t) if all_t else 0:.2f} | {sum(all_t):.1f} |", "",
-                  "| 2021 tool (same instances) | sat | unsat | decided |", "|---|---:|---:|---:|"]
-        for tool, v in sorted(pub.items(), key=lambda kv: -sum(1 for k, x in kv[1].items()
-                                                                if k[0] == bench and k[1:] in keys and x)):
-            mine = [x for k, x in v.items() if k[0] == bench and k[1:] in keys]
-            lines.append(f"| {tool} | {mine.count('sat')} | {mine.count('unsat')} | "
-                         f"{mine.count('sat') + mine.count('unsat')} |")
+                  f"| 2021 tool (same instances) | sat | unsat | decided | decided within {args.timeout_fraction:g} "
+                  "× the timeout |", "|---|---:|---:|---:|---:|"]
+
+        def mine(v):
+            return [(x, t, limit_s[k[1:]]) for k, (x, t) in v.items() if k[0] == bench and k[1:] in keys]
+
+        for tool, v in sorted(pub.items(), key=lambda kv: -sum(1 for x, _, _ in mine(kv[1]) if x)):
+            got = mine(v)
+            verdicts = [x for x, _, _ in got]
+            quick = sum(1 for x, t, lim in got if x and t is not None and t <= lim)
+            lines.append(f"| {tool} | {verdicts.count('sat')} | {verdicts.count('unsat')} | "
+                         f"{verdicts.count('sat') + verdicts.count('unsat')} | {quick} |")
         lines.append("")
     lines += ["## Disagreements with published verdicts", ""]
     if disagreements:
