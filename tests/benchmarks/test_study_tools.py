@@ -305,3 +305,19 @@ def test_figures_only_for_the_given_keys():
 def test_paired_with_one_common_seed_says_there_is_no_interval():
     table = _table({0: 0.50, 5: 0.60}, {0: 0.47})
     assert study._paired(table, "a", "b", "verified_accuracy") == "+3.00 [no interval: 1 seed] (1/1 > 0)"
+
+
+def test_vnncomp_published_reads_verdicts_and_run_times(tmp_path):
+    vnncomp = _load("vnncomp")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "toolA.csv").write_text(
+        "mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/p0.vnnlib,.01,holds,3.5\n"
+        "mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/p1.vnnlib,.01,violated,0.25\n"
+        "mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/p2.vnnlib,.01,timeout,120.0\n"
+        "oval21,nets/a.onnx,vnnlib/q.vnnlib,.01,unsat,\n"
+        "short,row\n")
+    pub = vnncomp.published(tmp_path)
+    assert pub == {"toolA": {("mnistfc", "net.onnx", "p0.vnnlib"): ("unsat", 3.5),
+                             ("mnistfc", "net.onnx", "p1.vnnlib"): ("sat", 0.25),
+                             ("mnistfc", "net.onnx", "p2.vnnlib"): (None, 120.0),
+                             ("oval21", "a.onnx", "q.vnnlib"): ("unsat", None)}}
