@@ -381,6 +381,8 @@ def main() -> None:
     ap.add_argument("--mnist-dir", default=str(SHARED / "mnist"))
     ap.add_argument("--cifar-cache", default=str(Path.home() / ".cache" / "certkd" / "cifar10-jpeg75"))
     ap.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the setting's)")
+    ap.add_argument("--from-seed", type=int, default=0,
+                    help="train and verify seeds from this one on (two processes on disjoint seeds of one setting)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -410,7 +412,7 @@ def main() -> None:
                 arms = arms_for(root, st, betas) if phase == 2 else ["cc-ibp"] + [f"cc-dist-b{b:g}" for b in betas]
                 # seed-major order, each run trained then verified: a stopped study leaves whole seeds
                 jobs = [("both", st.name, data, budget, arm, seed, str(root), args.verify_limit)
-                        for budget in budgets for seed in range(st.seeds) for arm in arms]
+                        for budget in budgets for seed in range(args.from_seed, st.seeds) for arm in arms]
                 log(f"[{st.name}] phase {phase}: training and verifying {len(jobs)} runs")
                 _run_all(jobs, args.jobs, log)
     command = "python benchmarks/distillation_study.py " + " ".join(
