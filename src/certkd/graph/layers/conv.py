@@ -81,11 +81,16 @@ class Conv2d(Layer):
         n, rows = A.shape[:2]
         if b is not None:
             bias = bias + A.sum(dim=(3, 4)) @ b
-        hp, wp = in_shape[1] + pt + pb, in_shape[2] + pl + pr  # padded input size
-        out_pad = tuple(size - ((out_shape[1 + i] - 1) * s[i] + d[i] * (k[i] - 1) + 1)
-                        for i, size in enumerate((hp, wp)))
-        A = F.conv_transpose2d(A.reshape(n * rows, *out_shape), w, None, s, 0, out_pad, g, d)
-        A = A[:, :, pt:pt + in_shape[1], pl:pl + in_shape[2]]
+        symmetric = pt == pb and pl == pr
+        # symmetric padding: the transposed convolution crops it itself and returns a contiguous
+        # (.., *in_shape) tensor; otherwise compute the padded input and crop (a copy)
+        crop = (pt, pl) if symmetric else (0, 0)
+        size = (in_shape[1], in_shape[2]) if symmetric else (in_shape[1] + pt + pb, in_shape[2] + pl + pr)
+        out_pad = tuple(size[i] - ((out_shape[1 + i] - 1) * s[i] - 2 * crop[i] + d[i] * (k[i] - 1) + 1)
+                        for i in range(2))
+        A = F.conv_transpose2d(A.reshape(n * rows, *out_shape), w, None, s, crop, out_pad, g, d)
+        if not symmetric:
+            A = A[:, :, pt:pt + in_shape[1], pl:pl + in_shape[2]]
         return [A.reshape(n, rows, *in_shape)], bias
 
     def window(self, win: Window, in_shape: Shape, out_shape: Shape) -> Window:
