@@ -31,7 +31,6 @@ from certkd.checkpoints import atomic_write_json, atomic_write_text
 from certkd.verification.pipeline import VerifyConfig, verify_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _verify_with(src: Path, args: argparse.Namespace, out: Path) -> dict:
@@ -46,30 +45,31 @@ def _verify_with(src: Path, args: argparse.Namespace, out: Path) -> dict:
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "verification.json").read_text())
     points = [json.loads(line) for line in (out / "verification.jsonl").read_text().splitlines() if line]
-    return {"counts": summary["counts"], "verified": summary["verified_accuracy"],
+    return {"counts": summary["counts"], "verified": summary["verified_accuracy"], "certifies": summary["certifies"],
             "total_s": sum(p["time_s"] for p in points), "median_s": statistics.median(p["time_s"] for p in points),
             "status": {p["index"]: p["status"] for p in points}, "time_s": {p["index"]: p["time_s"] for p in points}}
 
 
 def compare(args: argparse.Namespace) -> None:
     """This tree against ``args.baseline_src``, alternating per round (drift cancels)."""
+    from compare_trees import SRC, alternate  # benchmarks/ is on sys.path when this script runs
+
     trees = {"this": SRC, "baseline": Path(args.baseline_src).resolve()}
-    rounds = {name: [] for name in trees}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = list(trees) if r % 2 == 0 else list(reversed(list(trees)))
-            for name in order:
-                res = _verify_with(trees[name], args, Path(tmp) / f"{name}{r}")
-                rounds[name].append(res)
-                print(f"round {r} {name}: verified {100 * res['verified']:.1f}%, "
-                      f"sum of point times {res['total_s']:.1f}s, median {res['median_s']:.3f}s", flush=True)
+        def one(name: str, src: Path, r: int) -> dict:
+            res = _verify_with(src, args, Path(tmp) / f"{name}{r}")
+            print(f"round {r} {name}: verified {100 * res['verified']:.1f}%, "
+                  f"sum of point times {res['total_s']:.1f}s, median {res['median_s']:.3f}s", flush=True)
+            return res
+
+        rounds = alternate(trees, args.rounds, one)
     med = {n: statistics.median(x["total_s"] for x in v) for n, v in rounds.items()}
     this, base = rounds["this"][0], rounds["baseline"][0]
     # the points both trees decided: a timeout costs the same limit in both and would hide the rest
     decided = [i for i in this["status"] if "timeout" not in (this["status"][i], base["status"].get(i, "timeout"))]
     med_decided = {n: statistics.median(sum(x["time_s"][i] for i in decided) for x in v) for n, v in rounds.items()}
     changed = sorted(i for i in this["status"] if this["status"][i] != base["status"].get(i))
-    result = {"run": args.run, "eps": args.eps, "limit": args.limit, "timeout": args.timeout, "engine": args.engine,
+    result = {"run": args.run, "certifies": this["certifies"], "eps": args.eps, "limit": args.limit, "timeout": args.timeout, "engine": args.engine,
               "restarts": args.restarts, "baseline_src": str(trees["baseline"]), "rounds": args.rounds,
               "load_avg": os.getloadavg(), "median_total_s": med, "ratio_this_over_baseline": med["this"] / med["baseline"],
               "decided_points": len(decided), "median_decided_s": med_decided,
@@ -82,7 +82,8 @@ def compare(args: argparse.Namespace) -> None:
     keys = sorted(set(this["counts"]) | set(base["counts"]))
     lines = [f"`certkd verify` of {args.run}, ε={args.eps:g}, {args.limit} points, timeout {args.timeout:g}s, "
              f"engine {args.engine}, {args.restarts} PGD restart(s), workers {args.workers}; {args.rounds} rounds "
-             f"alternating; baseline {trees['baseline']}; load average at the end {os.getloadavg()[0]:.1f}",
+             f"alternating; baseline {trees['baseline']}; load average at the end {os.getloadavg()[0]:.1f}; "
+             f"weights SHA-256 {this['certifies'].get('weights_sha256', '?')}",
              "", "| stage | this tree | baseline |", "|---|---:|---:|"]
     lines += [f"| {k} | {this['counts'].get(k, 0)} | {base['counts'].get(k, 0)} |" for k in keys]
     lines += ["", f"verified: this {100 * this['verified']:.1f}%, baseline {100 * base['verified']:.1f}%; "

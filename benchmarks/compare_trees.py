@@ -24,11 +24,25 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, Iterable, List, Tuple, TypeVar
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[0] / "src"
 RESULTS = HERE / "results"
+
+
+T = TypeVar("T")
+
+
+def alternate(trees: Dict[str, Path], rounds: int, run: Callable[[str, Path, int], T]) -> Dict[str, List[T]]:
+    """``run(name, src, round)`` for every tree in every round, the order reversed every other round so
+    that drift of the machine's speed falls on both trees alike; the results per tree, in round order."""
+    out: Dict[str, List[T]] = {name: [] for name in trees}
+    for r in range(rounds):
+        for name in (list(trees) if r % 2 == 0 else list(reversed(list(trees)))):
+            out[name].append(run(name, trees[name], r))
+            print(f"round {r} {name} done", flush=True)
+    return out
 
 
 def figures(data: dict, keys: List[str], prefix: str = "") -> Dict[str, float]:
@@ -53,16 +67,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     trees = {"this": SRC, "baseline": Path(args.baseline_src).resolve()}
     keys = args.keys.split(",")
-    runs: Dict[str, List[Dict[str, float]]] = {n: [] for n in trees}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for name in (list(trees) if r % 2 == 0 else list(reversed(list(trees)))):
-                out = Path(tmp) / f"{name}{r}.json"
-                cmd = [sys.executable, str(HERE / args.script), *[a for a in args.args if a != "--"], "--out", str(out)]
-                subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(trees[name])},
-                               stdout=subprocess.DEVNULL)
-                runs[name].append(figures(json.loads(out.read_text()), keys))
-                print(f"round {r} {name} done", flush=True)
+        def one(name: str, src: Path, r: int) -> Dict[str, float]:
+            out = Path(tmp) / f"{name}{r}.json"
+            cmd = [sys.executable, str(HERE / args.script), *[a for a in args.args if a != "--"], "--out", str(out)]
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(src)}, stdout=subprocess.DEVNULL)
+            return figures(json.loads(out.read_text()), keys)
+
+        runs = alternate(trees, args.rounds, one)
     common = sorted(set(runs["this"][0]) & set(runs["baseline"][0]))
     med = {n: {k: statistics.median(x[k] for x in v) for k in common} for n, v in runs.items()}
     load = os.getloadavg()[0]
