@@ -404,7 +404,7 @@ def test_cnn7w_presets_load_and_pair(ccibp, ccdist, setting, model):
     assert base.method == "cc-ibp" and dist.method == "cc-dist" and base.model == dist.model == model
     assert base.model_kwargs == {} and base.ibp_init is True
     # the ccdist preset is its ccibp preset plus the distillation keys, with the β the controlled study chose
-    # (docs/distillation_study/report.md: 1 on digits and MNIST; on CIFAR CC-Dist did not beat CC-IBP, 1e-3 lost least)
+    # (docs/distillation_study/report.md: 1 on digits and MNIST; on CIFAR CC-Dist did not beat CC-IBP, 1e-3 was level with it)
     d, b = dist.to_dict(), base.to_dict()
     assert {k for k in d if d[k] != b[k]} <= DIST_KEYS
     assert dist.beta == STUDY_BETA[ccdist] and dist.dist_combination == "box" and dist.dist_reduction == "sum"
