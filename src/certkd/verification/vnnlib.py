@@ -21,155 +21,58 @@ exactly one lower and one upper bound per input; output assertions of comparison
 ``>=`` between linear expressions over Y (numbers, ``Y_j``, ``+``, ``-``, ``*`` by a number),
 conjunctions ``(and ...)`` and one ``(or ...)`` of them. Several output assertions are
 conjoined (distributed into one DNF). Anything else is refused with ``file:line: reason``.
+
+Guards, so that a hostile file fails fast with one line instead of exhausting time or memory:
+nesting deeper than :data:`MAX_DEPTH`; a DNF of more than :data:`MAX_CONSTRAINTS` constraints
+in all once the output assertions are multiplied out (checked before building it), or whose
+matrices would hold more than :data:`MAX_CELLS` numbers; given the network's sizes, any
+declaration beyond them (checked as the file streams by); and an optional deadline
+(:class:`ParseTimeout`). All errors are :class:`VnnlibError` (a CertkdError and a ValueError).
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
+from certkd.verification.vnnlib_property import (MAX_CELLS, MAX_CONSTRAINTS, Constraint, Property, check_size,
+                                                 matrix_property, robustness_property, size_problem)
+from certkd.verification.vnnlib_sexpr import (MAX_DEPTH, Node, ParseTimeout, SList, VnnlibError, check_deadline,
+                                              iter_forms, mentions, node_text, parse_sexprs, text_lines)
+
 PathLike = Union[str, os.PathLike]
 
-_TOKEN = re.compile(r"\(|\)|[^\s();]+")
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _VAR = re.compile(r"([XY])_(0|[1-9]\d*)")
-
-
-# ------------------------------------------------------------------------------------ s-expressions
-
-class _Atom(str):
-    """A token with the line it came from."""
-
-    line: int
-
-    def __new__(cls, text: str, line: int):
-        obj = super().__new__(cls, text)
-        obj.line = line
-        return obj
-
-
-class _List(list):
-    line: int
-
-
-def tokenise(text: str, where: str) -> List[_Atom]:
-    """The tokens of ``text`` (comments dropped), each with its line number (line by line: fast)."""
-    tokens: List[_Atom] = []
-    for line, chunk in enumerate(text.split("\n"), 1):
-        cut = chunk.find(";")
-        if cut >= 0:
-            chunk = chunk[:cut]
-        tokens.extend(_Atom(tok, line) for tok in _TOKEN.findall(chunk))
-    return tokens
-
-
-def parse_sexprs(tokens: List[_Atom], where: str) -> List[_List]:
-    """Nested lists of the top-level forms."""
-    stack: List[_List] = []
-    top: List[Any] = []
-    for tok in tokens:
-        if tok == "(":
-            new = _List()
-            new.line = tok.line
-            stack.append(new)
-        elif tok == ")":
-            if not stack:
-                raise ValueError(f"{where}:{tok.line}: unmatched ')'")
-            done = stack.pop()
-            (stack[-1] if stack else top).append(done)
-        else:
-            if not stack:
-                raise ValueError(f"{where}:{tok.line}: {tok!r} outside of parentheses")
-            stack[-1].append(tok)
-    if stack:
-        raise ValueError(f"{where}:{stack[-1].line}: '(' is never closed")
-    return top
-
-
-def _text(node) -> str:
-    return f"({' '.join(_text(c) for c in node)})" if isinstance(node, list) else str(node)
-
-
-# ------------------------------------------------------------------------------------ the property
-
-@dataclass
-class Constraint:
-    """One atomic output constraint ``a · y <= b`` (``a`` as {output index: coefficient}).
-
-    ``pair`` is (j, k) when the comparison is exactly ``Y_j >= Y_k`` (robustness form).
-    """
-
-    a: Dict[int, float]
-    b: float
-    text: str
-    line: int
-    pair: Optional[Tuple[int, int]] = None
-
-
-@dataclass
-class Property:
-    """An input box and the violation condition as a DNF of linear constraints over Y.
-
-    lower, upper: (d,) float64 input bounds (flattened C-order, X_i order).
-    disjuncts: list of conjunctions, each a list of :class:`Constraint`.
-    num_outputs: K, the number of declared outputs.
-    """
-
-    lower: np.ndarray
-    upper: np.ndarray
-    disjuncts: List[List[Constraint]]
-    num_outputs: int
-    source: str = ""
-    matrices: List[Tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
-
-    def __post_init__(self) -> None:
-        self.matrices = []
-        for conj in self.disjuncts:
-            A = np.zeros((len(conj), self.num_outputs))
-            for i, c in enumerate(conj):
-                for j, v in c.a.items():
-                    A[i, j] += v
-            self.matrices.append((A, np.array([c.b for c in conj], dtype=np.float64)))
-
-    def margins(self, y: np.ndarray) -> List[np.ndarray]:
-        """Per disjunct, (..., m_d) margins g = A y − b of outputs y (..., K) (float64)."""
-        y = np.asarray(y, dtype=np.float64)
-        return [y @ A.T - b for A, b in self.matrices]
-
-    def violated_by(self, y: np.ndarray) -> bool:
-        """Whether the outputs y (K,) satisfy some disjunct (every conjunct's margin <= 0)."""
-        return any(bool(np.all(g <= 0)) for g in self.margins(np.asarray(y).reshape(-1)))
-
-    def contains(self, x: np.ndarray) -> bool:
-        """Whether the point x (d,) lies in the box (compared in float64)."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1)
-        return x.shape == self.lower.shape and bool(np.all(x >= self.lower) and np.all(x <= self.upper))
 
 
 # ------------------------------------------------------------------------------------ reader
 
 class _Reader:
-    """State while reading one file: declarations, input bounds and the DNF so far."""
+    """State while reading one file: declarations, input bounds and the output assertions so far."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, num_inputs: Optional[int], num_outputs: Optional[int],
+                 deadline: Optional[float]):
         self.where = where
+        self.limit = {"X": num_inputs, "Y": num_outputs}
+        self.deadline = deadline
         self.declared: Dict[str, set] = {"X": set(), "Y": set()}
         self.lower: Dict[int, float] = {}
         self.upper: Dict[int, float] = {}
-        self.dnf: List[List[Constraint]] = [[]]
-        self.n_output_asserts = 0
+        self.outputs: Dict[str, int] = {}                  # declared output name -> index
+        self.asserts: List[List[List[Constraint]]] = []   # per output assertion, its disjuncts
+        self.n_disjuncts, self.n_constraints = 1, 0        # of the DNF once multiplied out
+        self.line = 0                                      # of the list being read, for atoms' errors
 
     def fail(self, node, msg: str):
-        raise ValueError(f"{self.where}:{getattr(node, 'line', '?')}: {msg}")
+        raise VnnlibError(f"{self.where}:{getattr(node, 'line', self.line)}: {msg}")
 
     # atoms -----------------------------------------------------------------------------------
     def var(self, tok) -> Optional[Tuple[str, int]]:
-        if isinstance(tok, _List):
+        if isinstance(tok, SList):
             return None
         m = _VAR.fullmatch(tok)
         if m is None:
@@ -180,29 +83,23 @@ class _Reader:
         return kind, idx
 
     def number(self, tok) -> Optional[float]:
-        if isinstance(tok, _List) or _NUMBER.fullmatch(tok) is None:
+        if isinstance(tok, SList) or _NUMBER.fullmatch(tok) is None:
             return None
         v = float(tok)
         if not math.isfinite(v):
             self.fail(tok, f"number {tok} is out of range")
         return v
 
-    def comparison(self, node) -> Tuple[str, Any, Any]:
-        if not isinstance(node, _List) or not node:
-            self.fail(node, f"expected a comparison, got {node!r}")
+    def comparison(self, node) -> Tuple[str, Node, Node]:
+        if not isinstance(node, SList) or not node:
+            self.fail(node, f"expected a comparison, got {node_text(node)}")
+        self.line = node.line
         op = node[0]
-        if isinstance(op, _List) or op not in ("<=", ">="):
-            self.fail(node, f"unknown or unsupported operator {op!r} (expected <= or >=)")
+        if isinstance(op, SList) or op not in ("<=", ">="):
+            self.fail(node, f"unknown or unsupported operator {node_text(op)!r} (expected <= or >=)")
         if len(node) != 3:
             self.fail(node, f"'{op}' takes exactly 2 arguments, got {len(node) - 1}")
         return op, node[1], node[2]
-
-    @staticmethod
-    def mentions(node, kind: str) -> bool:
-        if isinstance(node, _List):
-            return any(_Reader.mentions(c, kind) for c in node)
-        m = _VAR.fullmatch(node)
-        return m is not None and m.group(1) == kind
 
     # inputs ----------------------------------------------------------------------------------
     def input_bound(self, node) -> None:
@@ -213,13 +110,13 @@ class _Reader:
         elif vb is not None and vb[0] == "X" and na is not None:
             idx, value, is_upper = vb[1], na, op == ">="
         else:
-            self.fail(node, f"expected an input bound (X_i against a number), got ({op} {_text(a)} {_text(b)})")
+            self.fail(node, f"expected an input bound (X_i against a number), got {node_text(node)}")
         target = self.upper if is_upper else self.lower
         if idx in target:
             self.fail(node, f"X_{idx} has two {'upper' if is_upper else 'lower'} bounds")
         target[idx] = value
 
-    def input_assert(self, body) -> None:
+    def input_assert(self, body: SList) -> None:
         if body[0] == "and":
             if len(body) < 2:
                 self.fail(body, "empty (and)")
@@ -230,23 +127,27 @@ class _Reader:
 
     # outputs ---------------------------------------------------------------------------------
     def linear(self, node) -> Tuple[Dict[int, float], float]:
-        """A linear expression over Y: ({j: coefficient}, constant)."""
-        v, n = self.var(node), self.number(node)
+        """A linear expression over Y: ({j: coefficient}, constant). Recursion is bounded by MAX_DEPTH."""
+        if node.__class__ is str and node in self.outputs:   # fast path: a declared Y_j
+            return {self.outputs[node]: 1.0}, 0.0
+        n = self.number(node)
         if n is not None:
             return {}, n
+        v = self.var(node)
         if v is not None:
             if v[0] != "Y":
                 self.fail(node, f"input {node} in an output constraint")
             return {v[1]: 1.0}, 0.0
-        if not isinstance(node, _List) or not node or isinstance(node[0], _List) or node[0] not in ("+", "-", "*") \
+        if not isinstance(node, SList) or not node or isinstance(node[0], SList) or node[0] not in ("+", "-", "*") \
                 or len(node) < 2:
-            self.fail(node, f"expected a linear expression over Y, got {_text(node)}")
+            self.fail(node, f"expected a linear expression over Y, got {node_text(node)}")
+        self.line = node.line
         parts = [self.linear(c) for c in node[1:]]
         op = node[0]
         if op == "*":
             consts = [p for p in parts if not p[0]]
             if len(parts) != 2 or not consts:
-                self.fail(node, f"(*) needs a number and an expression, got {_text(node)}")
+                self.fail(node, f"(*) needs a number and an expression, got {node_text(node)}")
             (coef, const), k = (parts[1], parts[0][1]) if not parts[0][0] else (parts[0], parts[1][1])
             return {j: c * k for j, c in coef.items()}, const * k
         sign = [1.0] + [(-1.0 if op == "-" else 1.0)] * (len(parts) - 1)
@@ -262,58 +163,76 @@ class _Reader:
 
     def output_constraint(self, node) -> Constraint:
         op, a, b = self.comparison(node)
+        line = node.line
         (ca, ka), (cb, kb) = self.linear(a), self.linear(b)
-        lo, hi = (ca, ka), (cb, kb)
-        if op == ">=":  # a >= b  <=>  b − a <= 0
-            lo, hi = hi, lo
+        lo, hi = ((cb, kb), (ca, ka)) if op == ">=" else ((ca, ka), (cb, kb))   # a >= b  <=>  b − a <= 0
         coef = dict(lo[0])
         for j, v in hi[0].items():
             coef[j] = coef.get(j, 0.0) - v
         coef = {j: v for j, v in coef.items() if v != 0.0}
         if not coef:
-            self.fail(node, f"output constraint {_text(node)} does not depend on Y")
+            self.fail(node, f"output constraint {node_text(node)} does not depend on Y")
+        if not all(math.isfinite(v) for v in coef.values()) or not math.isfinite(hi[1] - lo[1]):
+            self.fail(node, f"output constraint {node_text(node)} overflows float64")
         pair = None
-        va, vb = self.var(a), self.var(b)
-        if va is not None and vb is not None and va[0] == vb[0] == "Y":
-            pair = (va[1], vb[1]) if op == ">=" else (vb[1], va[1])
-        return Constraint(coef, hi[1] - lo[1], _text(node), getattr(node, "line", 0), pair)
+        if not isinstance(a, SList) and not isinstance(b, SList) and a[:2] == b[:2] == "Y_":
+            ja, jb = int(a[2:]), int(b[2:])
+            pair = (ja, jb) if op == ">=" else (jb, ja)
+        return Constraint(coef, hi[1] - lo[1], node_text(node), line, pair)
 
     def conjunction(self, node) -> List[Constraint]:
-        if isinstance(node, _List) and node and node[0] == "and":
+        if isinstance(node, SList) and node and node[0] == "and":
             if len(node) < 2:
                 self.fail(node, "empty (and)")
             return [self.output_constraint(c) for c in node[1:]]
         return [self.output_constraint(node)]
 
-    def output_assert(self, body) -> None:
-        self.n_output_asserts += 1
+    def output_assert(self, body: SList) -> None:
         if body[0] == "or":
             if len(body) < 2:
                 self.fail(body, "empty (or)")
-            disjuncts = [self.conjunction(c) for c in body[1:]]
+            disjuncts = []
+            for i, c in enumerate(body[1:]):
+                if i % 1024 == 1023:
+                    check_deadline(self.deadline, self.where)
+                disjuncts.append(self.conjunction(c))
         else:
             disjuncts = [self.conjunction(body)]
-        self.dnf = [a + b for a in self.dnf for b in disjuncts]
+        # conjoining with the DNF so far: every old disjunct pairs with every new one
+        total = sum(len(c) for c in disjuncts)
+        n_d = self.n_disjuncts * len(disjuncts)
+        n_c = self.n_constraints * len(disjuncts) + self.n_disjuncts * total
+        why = size_problem(n_d, n_c, max(len(self.declared["Y"]), 1))
+        if why is not None:
+            self.fail(body, f"{why} (output assertion {len(self.asserts) + 1})")
+        self.n_disjuncts, self.n_constraints = n_d, n_c
+        self.asserts.append(disjuncts)
 
     # forms -----------------------------------------------------------------------------------
-    def declare(self, form) -> None:
-        if len(form) != 3 or isinstance(form[1], _List) or isinstance(form[2], _List):
+    def declare(self, form: SList) -> None:
+        if len(form) != 3 or isinstance(form[1], SList) or isinstance(form[2], SList):
             self.fail(form, "expected (declare-const NAME Real)")
         m = _VAR.fullmatch(form[1])
         if m is None:
-            self.fail(form, f"unsupported variable name {form[1]!r} (expected X_i or Y_j)")
+            self.fail(form, f"unsupported variable name {node_text(form[1])!r} (expected X_i or Y_j)")
         if form[2] != "Real":
-            self.fail(form, f"{form[1]} must be declared Real, got {form[2]!r}")
+            self.fail(form, f"{form[1]} must be declared Real, got {node_text(form[2])!r}")
         kind, idx = m.group(1), int(m.group(2))
+        limit = self.limit[kind]
+        if limit is not None and idx >= limit:
+            self.fail(form, f"declares {form[1]} but the network has {limit} {'inputs' if kind == 'X' else 'outputs'} "
+                            f"({kind}_0..{kind}_{limit - 1})")
         if idx in self.declared[kind]:
             self.fail(form, f"{form[1]} is declared twice")
         self.declared[kind].add(idx)
+        if kind == "Y":
+            self.outputs[form[1]] = idx
 
-    def assertion(self, form) -> None:
-        if len(form) != 2 or not isinstance(form[1], _List) or not form[1]:
+    def assertion(self, form: SList) -> None:
+        if len(form) != 2 or not isinstance(form[1], SList) or not form[1]:
             self.fail(form, "expected (assert (OP ...))")
         body = form[1]
-        has_x, has_y = self.mentions(body, "X"), self.mentions(body, "Y")
+        has_x, has_y = mentions(body, "X"), mentions(body, "Y")
         if has_x and has_y:
             self.fail(body, "an assertion mixes inputs X and outputs Y (not supported)")
         if has_x:
@@ -323,75 +242,112 @@ class _Reader:
         else:
             self.fail(body, "an assertion mentions no variable X_i or Y_j")
 
-    def form(self, form) -> None:
-        if not isinstance(form, _List) or not form or isinstance(form[0], _List):
+    def form(self, form: SList) -> None:
+        self.line = form.line
+        if not form or isinstance(form[0], SList):
             self.fail(form, "expected (declare-const ...) or (assert ...)")
         if form[0] == "declare-const":
             self.declare(form)
         elif form[0] == "assert":
             self.assertion(form)
         else:
-            self.fail(form, f"unknown command {form[0]!r} (expected declare-const or assert)")
+            self.fail(form, f"unknown command {node_text(form[0])!r} (expected declare-const or assert)")
 
     def result(self) -> Property:
         where = self.where
-        for kind in ("X", "Y"):
+        for kind, what in (("X", "inputs"), ("Y", "outputs")):
             n = len(self.declared[kind])
             if n == 0:
-                raise ValueError(f"{where}: no {kind}_ variables declared")
-            if self.declared[kind] != set(range(n)):
-                missing = min(set(range(n)) - self.declared[kind])
-                raise ValueError(f"{where}: {kind}_ indices must be 0..{n - 1} without gaps "
-                                 f"({kind}_{missing} is missing)")
+                raise VnnlibError(f"{where}: no {kind}_ variables declared")
+            if max(self.declared[kind]) != n - 1:   # n distinct indices >= 0 with max n - 1 are 0..n-1
+                missing = next(i for i in range(n) if i not in self.declared[kind])
+                raise VnnlibError(f"{where}: {kind}_ indices must be 0..{n - 1} without gaps "
+                                  f"({kind}_{missing} is missing)")
+            if self.limit[kind] is not None and n != self.limit[kind]:
+                raise VnnlibError(f"{where}: declares {n} {what} {kind}_0..{kind}_{n - 1} but the network has "
+                                  f"{self.limit[kind]}")
         d = len(self.declared["X"])
         for name, bounds in (("lower", self.lower), ("upper", self.upper)):
             if len(bounds) != d:
-                missing = min(set(range(d)) - set(bounds))
-                raise ValueError(f"{where}: X_{missing} has no {name} bound")
-        if self.n_output_asserts == 0:
-            raise ValueError(f"{where}: no output assertion (the unsafe region over Y) found")
-        lo = np.array([self.lower[i] for i in range(d)], dtype=np.float64)
-        hi = np.array([self.upper[i] for i in range(d)], dtype=np.float64)
+                missing = next(i for i in range(d) if i not in bounds)
+                raise VnnlibError(f"{where}: X_{missing} has no {name} bound")
+        if not self.asserts:
+            raise VnnlibError(f"{where}: no output assertion (the unsafe region over Y) found")
+        lo = np.fromiter((self.lower[i] for i in range(d)), dtype=np.float64, count=d)
+        hi = np.fromiter((self.upper[i] for i in range(d)), dtype=np.float64, count=d)
         if np.any(lo > hi):
             i = int(np.argmax(lo > hi))
-            raise ValueError(f"{where}: empty input box, X_{i} has lower bound {lo[i]!r} > upper bound {hi[i]!r}")
-        return Property(lo, hi, self.dnf, len(self.declared["Y"]), source=where)
+            raise VnnlibError(f"{where}: empty input box, X_{i} has lower bound {lo[i]!r} > upper bound {hi[i]!r}")
+        k = len(self.declared["Y"])
+        why = size_problem(self.n_disjuncts, self.n_constraints, k)
+        if why is not None:
+            raise VnnlibError(f"{where}: {why}")
+        # multiplied out within the guard; each list in dnf is its own, so extending is safe (and
+        # keeps many one-constraint assertions linear instead of quadratic)
+        dnf: List[List[Constraint]] = [[]]
+        for disjuncts in self.asserts:
+            check_deadline(self.deadline, where)
+            if len(disjuncts) == 1:
+                for conj in dnf:
+                    conj.extend(disjuncts[0])
+            else:
+                dnf = [a + b for a in dnf for b in disjuncts]
+        check_deadline(self.deadline, where)
+        try:
+            return Property(lo, hi, dnf, k, source=where)
+        except VnnlibError as e:
+            raise VnnlibError(f"{where}: {e}") from None
 
 
-def parse_vnnlib(text: str, where: str = "<vnnlib>") -> Property:
-    """Read VNN-LIB text (see the module doc). Raises ValueError ``where:line: reason``."""
-    reader = _Reader(where)
-    for form in parse_sexprs(tokenise(text, where), where):
+def _read(lines: Iterable[str], where: str, num_inputs: Optional[int], num_outputs: Optional[int],
+          deadline: Optional[float]) -> Property:
+    for name, v in (("num_inputs", num_inputs), ("num_outputs", num_outputs)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise VnnlibError(f"{name} must be a positive integer or None, got {v!r}")
+    check_deadline(deadline, where)
+    reader = _Reader(where, None if num_inputs is None else int(num_inputs),
+                     None if num_outputs is None else int(num_outputs), deadline)
+    for n, form in enumerate(iter_forms(lines, where, deadline)):
+        if n % 256 == 255:
+            check_deadline(deadline, where)
         reader.form(form)
     return reader.result()
 
 
-def read_property(path: PathLike) -> Property:
-    """Read a VNN-LIB file into a :class:`Property`. Raises ValueError on anything unsupported."""
+def parse_vnnlib(text: str, where: str = "<vnnlib>", num_inputs: Optional[int] = None,
+                 num_outputs: Optional[int] = None, deadline: Optional[float] = None) -> Property:
+    """Read VNN-LIB text (see the module doc).
+
+    Args:
+        num_inputs, num_outputs: the network's sizes, if known: the first declaration of an
+            ``X_i``/``Y_j`` beyond them is refused at once, and the counts must match.
+        deadline: a ``time.perf_counter()`` value; past it, :class:`ParseTimeout`.
+    Raises:
+        VnnlibError (a CertkdError and a ValueError): ``where:line: reason``, one line.
+    """
+    return _read(text_lines(text), where, num_inputs, num_outputs, deadline)
+
+
+def read_property(path: PathLike, num_inputs: Optional[int] = None, num_outputs: Optional[int] = None,
+                  deadline: Optional[float] = None) -> Property:
+    """Read a VNN-LIB file into a :class:`Property`, streaming it line by line.
+
+    Arguments as :func:`parse_vnnlib`. Raises VnnlibError (one line) on a missing or unreadable
+    file and on anything unsupported; :class:`ParseTimeout` past ``deadline``.
+    """
     where = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "r", encoding="utf-8") as f:
+            return _read((line.rstrip("\n") for line in f), where, num_inputs, num_outputs, deadline)
+    except FileNotFoundError:
+        raise VnnlibError(f"VNN-LIB file not found: {where}") from None
+    except IsADirectoryError:
+        raise VnnlibError(f"VNN-LIB path is a directory, not a file: {where}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text ({e})") from None
-    return parse_vnnlib(text, where)
+        raise VnnlibError(f"{where}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise VnnlibError(f"cannot read VNN-LIB file {where}: {e.strerror or e}") from None
 
 
-def robustness_property(lower: np.ndarray, upper: np.ndarray, label: int, num_classes: int) -> Property:
-    """The local-robustness violation ``OR_{j≠y} Y_j >= Y_y`` on the box [lower, upper] (flat)."""
-    disjuncts = [[Constraint({label: 1.0, j: -1.0}, 0.0, f"(>= Y_{j} Y_{label})", 0, (j, label))]
-                 for j in range(num_classes) if j != label]
-    return Property(np.asarray(lower, np.float64).reshape(-1), np.asarray(upper, np.float64).reshape(-1),
-                    disjuncts, num_classes, source=f"robustness of class {label}")
-
-
-def matrix_property(lower: np.ndarray, upper: np.ndarray, C: np.ndarray) -> Property:
-    """The property ``C y > 0`` (each row must stay positive): violation ``OR_i C_i · y <= 0``."""
-    C = np.asarray(C, dtype=np.float64)
-    disjuncts = [[Constraint({j: float(v) for j, v in enumerate(row) if v != 0.0}, 0.0, f"row {i} of C", 0)]
-                 for i, row in enumerate(C)]
-    return Property(np.asarray(lower, np.float64).reshape(-1), np.asarray(upper, np.float64).reshape(-1),
-                    disjuncts, C.shape[1], source="C y > 0")
-
-
-__all__ = ["Constraint", "Property", "matrix_property", "parse_sexprs", "parse_vnnlib", "read_property",
-           "robustness_property", "tokenise"]
+__all__ = ["MAX_CELLS", "MAX_CONSTRAINTS", "MAX_DEPTH", "Constraint", "ParseTimeout", "Property", "VnnlibError",
+           "check_size", "matrix_property", "parse_sexprs", "parse_vnnlib", "read_property", "robustness_property"]
