@@ -72,8 +72,10 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 @click.option("--root", type=click.Path(), help="With --instances: folder the CSV's paths are relative to "
                                                 "(default: the CSV's folder).")
 @click.option("--eps", type=EPS, help="Radius in pixel units, e.g. 0.1 or 2/255 (default: the run's training ε).")
-@click.option("--timeout", type=float, help="Per-sample budget of the complete stage (s; default 60); with --onnx the "
-                                            "whole instance's budget; with --instances it replaces the CSV's.")
+@click.option("--timeout", type=float, help="Seconds, a positive finite number: a RUN's per-sample budget of the "
+              "complete stage (default 60); with --onnx the whole instance's budget (default 60); with --instances "
+              "the budget of every instance, reading its files included, replacing each CSV row's timeout "
+              "(default: the CSV's).")
 @click.option("--limit", type=int, help="Verify N test points, a fixed class-stratified subset (default: all).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes (one per GPU when present).")
 @click.option("--engine", type=ENGINE, default="bab", show_default=True,
@@ -84,7 +86,10 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
               help="Precision of the attack and the IBP/CROWN bounds (concrete points are always re-checked in float32).")
 @click.option("--out", "out_dir", type=click.Path(), help="Where to write verification.json/.jsonl (default: the run); "
               "with --onnx the result file; with --instances the results CSV (default results.csv).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted verification of the same weights and settings.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted verification of the same weights and settings "
+              "(--instances always resumes: instances already in the results CSV are skipped).")
+@click.option("--retry-errors", is_flag=True, help="With --instances: verify again the instances the results CSV "
+              "records as error (a rerun skips them otherwise), e.g. after fixing their files.")
 @click.option("--force", is_flag=True, help="Replace an existing verification in the output folder.")
 @click.option("--data-dir", type=click.Path(), help="Dataset directory (default: the run's).")
 @click.option("--device", default="auto", show_default=True)
@@ -93,7 +98,8 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[str], instances_csv: Optional[str],
            root: Optional[str], eps: Optional[float], timeout: Optional[float], limit: Optional[int], workers: int,
            engine: str, restarts: int, alpha_iterations: int, dtype: str, out_dir: Optional[str], resume: bool,
-           force: bool, data_dir: Optional[str], device: str, quiet: bool, threads: Optional[int] = None) -> None:
+           retry_errors: bool, force: bool, data_dir: Optional[str], device: str, quiet: bool,
+           threads: Optional[int] = None) -> None:
     """Verified robust accuracy of a run: clean → PGD → IBP → CROWN → α-CROWN → branch-and-bound
     (docs/method.md §10);
     or any ONNX network against a VNN-LIB property (--onnx/--vnnlib), or a whole benchmark (--instances)."""
@@ -104,14 +110,25 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
     modes = [m for m, v in (("RUN", run), ("--onnx", onnx_path), ("--instances", instances_csv)) if v]
     if len(modes) != 1 or bool(onnx_path) != bool(vnnlib_path):
         raise CertkdError("give one of: RUN, --onnx MODEL.onnx --vnnlib PROP.vnnlib, or --instances instances.csv")
+    if retry_errors and not instances_csv:
+        raise CertkdError("--retry-errors is for --instances (it verifies the error rows of a results CSV again); "
+                          "drop it")
+    if timeout is not None:
+        from certkd.verification.instances import positive_seconds
+
+        timeout = positive_seconds(timeout, "--timeout", "pass e.g. --timeout 60")
     if onnx_path:
+        from certkd.verification.instances import check_output_file
         from certkd.verification.onnx_verify import verify_instance
 
+        if out_dir:  # refused before the verification, not after it
+            check_output_file(out_dir, example="result.txt")
         res = verify_instance(onnx_path, vnnlib_path, timeout=60.0 if timeout is None else timeout)
         text = res.text()
         if out_dir:
-            Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_dir).write_text(text)
+            from certkd.checkpoints import atomic_write_text
+
+            atomic_write_text(out_dir, text)
         click.echo(text, nl=False)
         if res.note and res.status != "sat":
             click.echo(f"({res.stage}: {res.note})", err=True)
@@ -119,9 +136,8 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
     if instances_csv:
         from certkd.verification.instances import run_instances
 
-        if timeout is not None:
-            raise CertkdError("--timeout with --instances is not supported: the CSV gives each instance's timeout")
-        run_instances(instances_csv, root=root, out=out_dir, workers=workers, log=click.echo, limit=limit)
+        run_instances(instances_csv, root=root, out=out_dir, workers=workers, log=click.echo, limit=limit,
+                      timeout=timeout, retry_errors=retry_errors)
         return
     if timeout is None:
         timeout = 60.0
