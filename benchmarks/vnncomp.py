@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, help="first N instances of each benchmark only")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vnncomp.md")
     args = ap.parse_args(argv)
-    from certkd.verification.instances import read_instances, run_instances
+    from certkd.verification.instances import cex_path, read_instances, run_instances
 
     pub = published(args.data)
     lines = ["# certkd on VNN-COMP 2021 (mnistfc, oval21)", "",
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         for r in rows:
             counts[r[4]].append(float(r[5]))
             if r[4] == "sat":
-                cex = out_csv.parent / f"{out_csv.stem}_cex" / f"{Path(r[1]).stem}__{Path(r[2]).stem}.txt"
+                cex = cex_path(out_csv, r[1], r[2])
                 why = check_sat(cex, csv_path.parent / r[1], csv_path.parent / r[2])
                 if why:
                     bad_sat += 1

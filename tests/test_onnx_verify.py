@@ -250,7 +250,9 @@ def test_cli_instances_resume(tmp_path):
     assert len(rows) == 2 and rows[0][5] == "123.0" and rows[1][2] == b and len(rows[1]) == 6
     assert rows[1][4] == "sat"
     if rows[1][4] == "sat":
-        assert (out.parent / "results_cex" / "net__b.txt").read_text().startswith("sat\n((X_0 ")
+        from certkd.verification.instances import cex_path
+        assert cex_path(out, "net.onnx", b).read_text().startswith("sat\n((X_0 ")
+        assert cex_path(out, "net.onnx", b).name.startswith("net__b__")
 
 
 def test_cli_refuses_mixed_modes(tmp_path):
