@@ -6,10 +6,12 @@ from certkd.graph.layers.batchnorm import BatchNorm, bn_scale_shift
 from certkd.graph.layers.conv import Conv2d
 from certkd.graph.layers.identity import Identity
 from certkd.graph.layers.linear import Linear
+from certkd.graph.layers.pad import ConstantPad, Pad
 from certkd.graph.layers.relu import ReLU
 from certkd.graph.layers.reshape import Flatten, Reshape
 from certkd.graph.layers.scale_shift import ElementwiseAffine, NormalizeRule, ScaleShift, ScaleShiftModule
+from certkd.graph.layers.transpose import Permute, Transpose
 
-__all__ = ["Add", "AddModule", "AvgPool2d", "BatchNorm", "Conv2d", "ElementwiseAffine", "Flatten", "Identity",
-           "Layer", "Linear", "NormalizeRule", "ReLU", "Reshape", "ScaleShift", "ScaleShiftModule",
-           "UnsupportedLayerError", "bn_scale_shift", "register", "rule_class"]
+__all__ = ["Add", "AddModule", "AvgPool2d", "BatchNorm", "ConstantPad", "Conv2d", "ElementwiseAffine", "Flatten",
+           "Identity", "Layer", "Linear", "NormalizeRule", "Pad", "Permute", "ReLU", "Reshape", "ScaleShift",
+           "ScaleShiftModule", "Transpose", "UnsupportedLayerError", "bn_scale_shift", "register", "rule_class"]

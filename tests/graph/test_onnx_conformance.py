@@ -1,0 +1,88 @@
+"""ONNX's own operator conformance cases (``onnx.backend.test.case.node``) through ``from_onnx``.
+
+For every case whose nodes are all operators certkd imports, each input other than the first is
+turned into an initializer. A case certkd accepts must compute ONNX's expected outputs (in the
+model's dtype, tight tolerance); a case it refuses must raise a one-line ``CertkdError`` naming the
+operator (or the input's element type). Counts with onnx 1.23: COUNTS_PLACEHOLDER
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+
+from certkd.errors import CertkdError  # noqa: E402
+from certkd.graph import from_onnx  # noqa: E402
+
+OPS = {"Add", "AveragePool", "BatchNormalization", "Constant", "Conv", "Div", "Dropout", "Flatten", "Gemm",
+       "Identity", "MatMul", "Mul", "Relu", "Reshape", "Sub", "GlobalAveragePool", "Pad", "Transpose"}
+
+
+def _cases():
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings():  # the case generators warn about their own overflow cases
+        warnings.simplefilter("ignore")
+        cases = collect_testcases()
+    out = []
+    for case in cases:
+        if case.model is None or not case.data_sets:
+            continue
+        ops = {n.op_type for n in case.model.graph.node}
+        if ops and ops <= OPS:
+            out.append(case)
+    return out
+
+
+CASES = _cases()
+
+
+def _frozen(case):
+    """The case's model with every input but the first as an initializer, and (x, expected)."""
+    from onnx import numpy_helper
+
+    inputs, outputs = case.data_sets[0]
+    model = onnx.ModelProto()
+    model.CopyFrom(case.model)
+    g = model.graph
+    keep = g.input[:1]
+    for vi, value in zip(g.input[1:], inputs[1:]):
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), vi.name))
+    del g.input[1:]
+    assert len(g.input) == len(keep)
+    return model, (inputs[0] if inputs else None), outputs
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_conformance_case(case, tmp_path):
+    model, x, expected = _frozen(case)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    try:
+        net = from_onnx(path)
+    except CertkdError as e:
+        msg = str(e)
+        assert "\n" not in msg and msg
+        named = {n.op_type for n in model.graph.node} | {"element type", "inputs", "outputs", "no shape"}
+        assert any(k in msg for k in named), msg
+        pytest.skip(f"refused: {msg}")
+    assert isinstance(x, np.ndarray) and len(expected) == 1
+    want = np.asarray(expected[0])
+    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[x.dtype]
+    assert net.onnx_dtype == dtype and all(p.dtype == dtype for p in net.parameters())
+    xt = torch.from_numpy(np.ascontiguousarray(x)).reshape(1, *net.input_shape)
+    with torch.no_grad():
+        got = net(xt)
+    assert got.dtype == dtype and tuple(net.onnx_output_shape) == want.shape
+    assert got.numel() == want.size
+    got = got.numpy().reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=case.rtol, atol=case.atol)  # some expected values are rounded
+    from onnx.reference import ReferenceEvaluator  # ONNX's reference implementation, unrounded
+
+    ref = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x})[0]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(got, ref, **tol)
