@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 
 def property_values(y: Tensor, mats: Sequence[Tuple[Tensor, Tensor]]) -> Tensor:
-    """v_d = max_k (A_d y − b_d)_k for outputs y (N, K): (N, D); a violation iff some v_d <= 0."""
+    """v_d = max_k (A_d y − b_d)_k for outputs y (N, K) (or (N, *out), read C-order flattened): (N, D);
+    a violation iff some v_d <= 0."""
+    y = y.reshape(y.shape[0], -1)
     return torch.stack([(y @ A.T - b).max(dim=1).values for A, b in mats], dim=1)
 
 

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkd.graph.layers.base import Layer, Shape, detached, register, to_numpy
+from certkd.graph.layers.base import Layer, Shape, detached, numel, register, to_numpy
 
 
 @register
@@ -29,8 +29,9 @@ class Linear(Layer):
         return [A @ w], bias
 
     def affine(self, in_shapes: Sequence[Shape], out_shape: Shape):
-        if len(in_shapes[0]) != 1:
-            raise self.unsupported(f"the MILP encoding on non-flat inputs (shape {tuple(in_shapes[0])})")
         w = to_numpy(self.module.weight)
         b = np.zeros(w.shape[0]) if self.module.bias is None else to_numpy(self.module.bias)
-        return [sp.csr_matrix(w)], b
+        rows = numel(tuple(in_shapes[0])[:-1])  # on the last axis of each row (C order: blocks)
+        if rows == 1:
+            return [sp.csr_matrix(w)], b
+        return [sp.csr_matrix(sp.kron(sp.identity(rows, format="csr"), sp.csr_matrix(w)))], np.tile(b, rows)
