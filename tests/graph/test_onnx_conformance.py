@@ -3,7 +3,13 @@
 For every case whose nodes are all operators certkd imports, each input other than the first is
 turned into an initializer. A case certkd accepts must compute ONNX's expected outputs (in the
 model's dtype, tight tolerance); a case it refuses must raise a one-line ``CertkdError`` naming the
-operator (or the input's element type). Counts with onnx 1.23: COUNTS_PLACEHOLDER
+operator (or the input's element type). Counts with onnx 1.23.2 (:data:`COUNTS`): of 137 cases,
+84 accepted, all matching (ONNX's expected outputs at the case's tolerance, ONNX's reference
+evaluator at rtol 1e-5 / 1e-12 in float32 / float64), and 53 refused in one line: 31 integer or
+non-tensor inputs, 8 graphs with 2-3 outputs (masks, training statistics) or no input, 6 3-D
+AveragePools, 4 batched MatMuls (a constant operand of rank 3-4) and one with a scalar result,
+2 training-mode Dropouts, 1 Reshape with allowzero to an empty tensor. Before issue #19: 23
+matched, 2 wrong values (AveragePool), 7 crashes (Gemm).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ onnx = pytest.importorskip("onnx")
 from certkd.errors import CertkdError  # noqa: E402
 from certkd.graph import from_onnx  # noqa: E402
 
+COUNTS = {"1.23.2": (84, 53)}  # onnx version: (accepted, refused)
 OPS = {"Add", "AveragePool", "BatchNormalization", "Constant", "Conv", "Div", "Dropout", "Flatten", "Gemm",
        "Identity", "MatMul", "Mul", "Relu", "Reshape", "Sub", "GlobalAveragePool", "Pad", "Transpose"}
 
@@ -69,7 +76,7 @@ def test_conformance_case(case, tmp_path):
         assert "\n" not in msg and msg
         named = {n.op_type for n in model.graph.node} | {"element type", "inputs", "outputs", "no shape"}
         assert any(k in msg for k in named), msg
-        pytest.skip(f"refused: {msg}")
+        return
     assert isinstance(x, np.ndarray) and len(expected) == 1
     want = np.asarray(expected[0])
     dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[x.dtype]
@@ -86,3 +93,21 @@ def test_conformance_case(case, tmp_path):
     ref = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x})[0]
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(got, ref, **tol)
+
+
+def _accepted(case, tmp_path) -> bool:
+    model, _, _ = _frozen(case)
+    onnx.save(model, str(tmp_path / f"{case.name}.onnx"))
+    try:
+        from_onnx(tmp_path / f"{case.name}.onnx")
+    except CertkdError:
+        return False
+    return True
+
+
+def test_counts(tmp_path):
+    """How many cases certkd accepts: a drop means an operator form stopped importing."""
+    if onnx.__version__ not in COUNTS:
+        pytest.skip(f"counts recorded for onnx {sorted(COUNTS)}, not {onnx.__version__}")
+    accepted = sum(_accepted(c, tmp_path) for c in CASES)
+    assert (accepted, len(CASES) - accepted) == COUNTS[onnx.__version__]
