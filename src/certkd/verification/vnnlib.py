@@ -202,9 +202,11 @@ class _Reader:
         total = sum(len(c) for c in disjuncts)
         n_d = self.n_disjuncts * len(disjuncts)
         n_c = self.n_constraints * len(disjuncts) + self.n_disjuncts * total
-        why = size_problem(n_d, n_c, max(len(self.declared["Y"]), 1))
+        m = len(self.asserts) + 1
+        why = size_problem(n_d, n_c, max(len(self.declared["Y"]), 1),
+                           "the output condition" if m == 1 else f"output assertions 1 to {m} (conjoined)")
         if why is not None:
-            self.fail(body, f"{why} (output assertion {len(self.asserts) + 1})")
+            self.fail(body, why)
         self.n_disjuncts, self.n_constraints = n_d, n_c
         self.asserts.append(disjuncts)
 
@@ -277,7 +279,7 @@ class _Reader:
         hi = np.fromiter((self.upper[i] for i in range(d)), dtype=np.float64, count=d)
         if np.any(lo > hi):
             i = int(np.argmax(lo > hi))
-            raise VnnlibError(f"{where}: empty input box, X_{i} has lower bound {lo[i]!r} > upper bound {hi[i]!r}")
+            raise VnnlibError(f"{where}: empty input box, X_{i} has lower bound {float(lo[i])!r} > upper bound {float(hi[i])!r}")
         k = len(self.declared["Y"])
         why = size_problem(self.n_disjuncts, self.n_constraints, k)
         if why is not None:

@@ -36,15 +36,16 @@ class Constraint:
     pair: Optional[Tuple[int, int]] = None
 
 
-def size_problem(n_disjuncts: int, n_constraints: int, num_outputs: int) -> Optional[str]:
+def size_problem(n_disjuncts: int, n_constraints: int, num_outputs: int,
+                 what: str = "the output condition") -> Optional[str]:
     """Why a DNF of this size is refused (past :data:`MAX_CONSTRAINTS` or :data:`MAX_CELLS`), or None."""
     if n_constraints > MAX_CONSTRAINTS:
-        return (f"the output condition multiplies out to {n_disjuncts:,} disjuncts with {n_constraints:,} "
-                f"constraints in all, past certkd's limit of {MAX_CONSTRAINTS:,}; "
-                f"split the property into several files")
+        return (f"{what} multiplied out is {n_disjuncts:,} disjuncts with {n_constraints:,} constraints in all, "
+                f"past certkd's limit of {MAX_CONSTRAINTS:,} constraints; split the property into several files")
     if n_constraints * num_outputs > MAX_CELLS:
-        return (f"{n_constraints:,} constraints over {num_outputs:,} outputs need {n_constraints * num_outputs:,} "
-                f"matrix entries, past certkd's limit of {MAX_CELLS:,}; split the property into several files")
+        return (f"{what} multiplied out is {n_constraints:,} constraints over {num_outputs:,} outputs, "
+                f"{n_constraints * num_outputs:,} matrix entries, past certkd's limit of {MAX_CELLS:,}; "
+                f"split the property into several files")
     return None
 
 
@@ -71,10 +72,10 @@ def _box(lower, upper) -> Tuple[np.ndarray, np.ndarray]:
         bad = ~np.isfinite(v)
         if bad.any():
             i = int(np.argmax(bad))
-            raise VnnlibError(f"input {i} has {name} bound {v[i]!r}; the bounds must be finite numbers")
+            raise VnnlibError(f"input {i} has {name} bound {float(v[i])!r}; the bounds must be finite numbers")
     if np.any(lo > hi):
         i = int(np.argmax(lo > hi))
-        raise VnnlibError(f"empty input box: input {i} has lower bound {lo[i]!r} > upper bound {hi[i]!r}")
+        raise VnnlibError(f"empty input box: input {i} has lower bound {float(lo[i])!r} > upper bound {float(hi[i])!r}")
     return lo, hi
 
 
