@@ -27,7 +27,7 @@ _LAZY = {
     "create_model": "certkd.models",
     "list_models": "certkd.models",
     "train": "certkd.training",
-    "verify_model": "certkd.verification.onnx_verify",
+    "verify_model": "certkd.verification.api",
 }
 
 __all__ = ["CertkdError", "TrainConfig", "create_model", "evaluate_run", "list_models", "load_model",

@@ -38,6 +38,9 @@ class Layer:
     arity = 1
     diagonal = False  # elementwise (IBP through it composed with one general affine map is exact)
     is_relu = False
+    #: an activation computed without rounding and this Lipschitz (rounding errors of its input pass
+    #: through scaled by it; ``bounds/rounding.py``); None: no such guarantee
+    exact_lipschitz: Optional[float] = None
 
     def __init__(self, module: Optional[nn.Module] = None, name: str = ""):
         self.module, self.name = module, name

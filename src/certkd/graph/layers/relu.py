@@ -19,6 +19,7 @@ class ReLU(Layer):
     module_types = (nn.ReLU,)
     diagonal = True
     is_relu = True
+    exact_lipschitz = 1.0  # max(x, 0) rounds nothing, and |relu(a) - relu(b)| <= |a - b|
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.relu(x)

@@ -1,0 +1,143 @@
+"""A bound on the floating-point rounding error of a network's forward pass (``docs/verify_onnx.md`` §5).
+
+Bounds (IBP, CROWN, BaB) are computed for the network in exact arithmetic on its stored weights.
+onnxruntime (or torch) evaluates it in floating point, in an order and with fused multiply-adds
+that no file specifies. :func:`rounding_error_bound` gives, for every output, a bound ``e`` with
+
+    |fl(f(x)) − f(x)| ≤ e   for every x in the box and every evaluation order,
+
+under the standard model of floating-point arithmetic (each operation is exact up to a relative
+error ``u``, the unit roundoff: 2⁻²⁴ for float32, 2⁻⁵³ for float64) plus ``tiny`` of absolute error
+per operation for underflow. A node that computes an affine map row ``y_i = Σ_j M_ij x_j + b_i``
+with ``k_i`` nonzero terms (the bias counts as one) is charged Higham's bound for a sum of products,
+``γ_{k_i + 2} · (Σ_j |M_ij| m_j + |b_i|)`` with ``γ_k = k·u / (1 − k·u)`` and ``m`` a bound on
+``|x|`` over the box (from IBP); the two extra operations cover coefficients that the runtime
+computes itself before the sum (a division by a BatchNorm's ``sqrt(var + eps)``, a normalisation's
+``1/std``). A row that copies or negates one input (a reshape, a flatten, a transpose) is exact.
+Errors of the inputs propagate through ``|M|``; an elementwise activation that a rule declares
+exact with a Lipschitz constant (``Layer.exact_lipschitz``: 1 for ReLU) passes them on scaled by
+that constant. A rule with neither gives an infinite bound (nothing is certified through it).
+
+The walk uses each rule's ``affine`` (the MILP's sparse matrices) and ``interval`` methods, so it
+needs no layer-specific code.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from certkd.graph.network import Network
+
+#: unit roundoff and the absolute error allowed per operation for underflow (flush-to-zero included)
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+TINY = {torch.float32: 2.0 ** -126, torch.float64: 2.0 ** -1022}
+_EXTRA_OPS = 2
+
+_AFFINE: "weakref.WeakKeyDictionary[Network, Dict[Tuple[int, ...], list]]" = weakref.WeakKeyDictionary()
+
+
+def _gamma(k: np.ndarray, u: float) -> np.ndarray:
+    ku = k * u
+    return np.where(ku < 0.5, ku / np.maximum(1.0 - ku, 0.5), np.inf)
+
+
+def _affine_parts(net: Network, input_shape: Tuple[int, ...]) -> list:
+    """Per node: None (input or non-affine), or (|M_i| per input, |b|, terms per row, exact-copy rows)."""
+    cache = _AFFINE.setdefault(net, {})
+    if input_shape in cache:
+        return cache[input_shape]
+    shapes = net.shapes(input_shape)
+    parts: list = [None]
+    for node in net.nodes[1:]:
+        try:
+            mats, bias = node.rule.affine([shapes[j] for j in node.inputs], shapes[len(parts)])
+        except Exception:  # not affine (an activation), or no MILP rule
+            parts.append(None)
+            continue
+        mats = [m.tocsr() for m in mats]
+        bias = np.abs(np.asarray(bias, dtype=np.float64).reshape(-1))
+        terms = sum(np.diff(m.indptr) for m in mats) + (bias != 0)
+        # a row with one coefficient ±1 and no bias copies (or negates) its input: no rounding
+        single = terms == 1
+        copies = np.zeros_like(single)
+        if single.any():
+            mags = np.zeros(len(terms))
+            for m in mats:
+                np.maximum.at(mags, np.repeat(np.arange(m.shape[0]), np.diff(m.indptr)), np.abs(m.data))
+            copies = single & (mags == 1.0) & (bias == 0)
+        parts.append(([abs(m) for m in mats], bias, terms.astype(np.float64), copies))
+    cache[input_shape] = parts
+    return parts
+
+
+def _magnitudes(net: Network, lower: Tensor, upper: Tensor) -> List[np.ndarray]:
+    """max(|l|, |u|) of every node's output over the box, from IBP in float64, flattened (per sample)."""
+    net64 = copy.deepcopy(net).double()
+    c = ((upper + lower) / 2).double().unsqueeze(0)
+    r = ((upper - lower) / 2).double().unsqueeze(0)
+    vals: List[Tuple[Tensor, Tensor]] = [(c, r)]
+    with torch.no_grad():
+        for node in net64.nodes[1:]:
+            ins = [vals[j] for j in node.inputs]
+            if node.rule.arity == 1:
+                cc, rr, _ = node.rule.interval(ins[0][0], ins[0][1])
+            else:
+                cc, rr, _ = node.rule.interval(tuple(v[0] for v in ins), tuple(v[1] for v in ins))
+            vals.append((cc, rr))
+    # outward by a relative 1e-12: IBP in float64 is itself rounded
+    return [((cc.abs() + rr) * (1 + 1e-12)).reshape(-1).numpy() for cc, rr in vals]
+
+
+def rounding_error_bound(net: Network, lower: Tensor, upper: Tensor, dtype: torch.dtype,
+                         input_shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Bound on |fl(net(x)) − net(x)| for x in [lower, upper], every output, evaluated in ``dtype``.
+
+    Args:
+        net: the network (any parameter dtype; the bound is computed in float64).
+        lower, upper: the input box, per-sample shape (no batch dimension) or (1, *shape).
+        dtype: the precision the network is evaluated in (torch.float32 or torch.float64).
+        input_shape: per-sample input shape (default: ``lower``'s shape without a leading 1).
+    Returns:
+        (K,) float64, K the flattened output size; ``inf`` where a node has no error rule.
+    """
+    shape = tuple(input_shape) if input_shape is not None else tuple(lower.shape[1:] if lower.dim() > 1 and
+                                                                       lower.shape[0] == 1 else lower.shape)
+    lower, upper = lower.reshape(shape), upper.reshape(shape)
+    u, tiny = UNIT_ROUNDOFF[dtype], TINY[dtype]
+    parts = _affine_parts(net, shape)
+    mags = _magnitudes(net, lower, upper)
+    errs: List[np.ndarray] = [np.zeros(int(np.prod(shape)) if shape else 1)]
+    for i, node in enumerate(net.nodes[1:], 1):
+        part = parts[i]
+        if part is not None:
+            absm, bias, terms, copies = part
+            size = np.zeros(len(bias))
+            prop = np.zeros(len(bias))
+            for a, j in zip(absm, node.inputs):
+                size += a @ mags[j]
+                prop += a @ errs[j]
+            k = terms + _EXTRA_OPS
+            own = _gamma(k, u) * (size + bias) + k * tiny
+            errs.append(prop + np.where(copies, 0.0, own))
+            continue
+        lip = getattr(node.rule, "exact_lipschitz", None)
+        if lip is None or len(node.inputs) != 1:
+            errs.append(np.full(mags[i].shape, np.inf))
+            continue
+        errs.append(float(lip) * errs[node.inputs[0]] + tiny)
+    out = errs[-1]
+    return np.where(np.isfinite(out), out, np.inf)
+
+
+def margin_tolerance(err: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """|rows|·err: the bound on the error of each margin ``rows · y`` (rows (m, K), err (K,)) -> (m,)."""
+    a = np.abs(rows)
+    return np.where(a > 0, a * err[None, :], 0.0).sum(1)
+
+
+__all__ = ["TINY", "UNIT_ROUNDOFF", "margin_tolerance", "rounding_error_bound"]

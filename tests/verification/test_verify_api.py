@@ -1,0 +1,82 @@
+"""Issue #19 §3: ``certkd.verify_model`` checks what it is given, answers in one sentence, and never
+changes the caller's model (docs/verify_onnx.md)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import certkd
+from certkd.errors import CertkdError
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _one_line(fn, *words: str) -> str:
+    with pytest.raises(CertkdError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg and msg.strip()
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+Z4, O4 = torch.zeros(4), torch.ones(4)
+
+
+@pytest.mark.parametrize("name, call, words", [
+    ("lower above upper", lambda m: certkd.verify_model(m, O4, Z4, 0), ("lower > upper", "pass lower <= upper")),
+    ("shapes differ", lambda m: certkd.verify_model(m, Z4, torch.ones(5), 0), ("shape", "same shape")),
+    ("NaN bound", lambda m: certkd.verify_model(m, torch.full((4,), float("nan")), O4, 0), ("NaN",)),
+    ("wrong input size", lambda m: certkd.verify_model(m, torch.zeros(5), torch.ones(5), 0), ("does not take",)),
+    ("a batch on the bounds", lambda m: certkd.verify_model(m, torch.zeros(3, 4), torch.ones(3, 4), 0),
+     ("batch",)),
+    ("empty specification matrix", lambda m: certkd.verify_model(m, Z4, O4, np.zeros((0, 3))), ("no rows",)),
+    ("matrix of the wrong width", lambda m: certkd.verify_model(m, Z4, O4, np.ones((1, 2))), ("columns",)),
+    ("label out of range", lambda m: certkd.verify_model(m, Z4, O4, 3), ("out of range",)),
+    ("missing VNN-LIB path", lambda m: certkd.verify_model(m, Z4, O4, "/nonexistent/p.vnnlib"), ("not found",)),
+    ("only lower", lambda m: certkd.verify_model(m, Z4, None, 0), ("both",)),
+    ("timeout nan", lambda m: certkd.verify_model(m, Z4, O4, 0, timeout=float("nan")), ("timeout",)),
+    ("not a model", lambda m: certkd.verify_model(42, Z4, O4, 0), ("model must be",)),
+    ("float16 model", lambda m: certkd.verify_model(copy.deepcopy(m).half(), Z4, O4, 0), ("float16", "float()")),
+    ("BatchNorm without running statistics",
+     lambda m: certkd.verify_model(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)),
+                                   Z4, O4, 0), ("running statistics",)),
+])
+def test_bad_arguments_raise_one_line(name, call, words):
+    _one_line(lambda: call(_mlp().eval()), *words)
+
+
+def test_empty_box_is_refused_not_proved():
+    """lower > upper used to answer 'property holds' (an empty box has no counterexample)."""
+    with pytest.raises(CertkdError):
+        certkd.verify_model(nn.Linear(2, 2), torch.ones(2), torch.zeros(2), 0)
+
+
+def test_caller_model_is_left_as_it_was():
+    """verify_model used to put every child in eval mode, so later training stopped updating BatchNorm."""
+    model = _mlp().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = certkd.verify_model(model, Z4, O4 * 0.01, 0, timeout=20)
+    assert res.status in ("sat", "unsat", "unknown", "timeout")
+    assert all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_float64_module_is_verified_in_float64():
+    lin = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1024.0000611, -341.3333587]], dtype=torch.float64))
+    x = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    res = certkd.verify_model(nn.Sequential(lin), x, x, np.array([[1.0]]), timeout=20)  # needs y > 0: y = -1.5e-5
+    assert res.status == "sat" and res.y.dtype == np.float64 and float(res.y[0]) < 0
+    res = certkd.verify_model(nn.Sequential(lin), x, x, np.array([[-1.0]]), timeout=20)
+    assert res.status == "unsat" and res.float_proof
