@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Run every bad-input case of tests/test_bad_input.py and tests/test_hostile_inputs.py through
-``python -m certkd``; print a Markdown table.
+"""Run every bad-input case of tests/test_bad_input.py, tests/test_hostile_inputs.py and
+tests/test_cli_hostile.py through ``python -m certkd``; print a Markdown table.
 
 Usage (from the repository root, with the venv active)::
 
     python scripts/bad_input_catalogue.py > docs/bad_inputs.md
 
 Each case runs in a fresh temporary workspace (tiny untrained runs, fake MNIST files, a broken
-YAML file, malicious pickles: see ``build_workspace``), with paths relative to it. The exit
+YAML file, malicious pickles, tiny ONNX networks: see ``build_workspace``), with paths relative to it. The exit
 status is 1 if any case does not end with exit code 2 and exactly one stderr line without a
 traceback, or if a malicious pickle was ever unpickled.
 """
@@ -20,23 +20,26 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
 HEADER = """# Bad inputs and what certkd prints
 
 Every user mistake below ends with exit code 2 and exactly one line on stderr naming the
-problem and the fix, never a traceback (issues #6, #10). The cases are the `CASES` catalogues of
-`tests/test_bad_input.py` and `tests/test_hostile_inputs.py`, which assert exactly this; paths are
-relative to a temporary workspace built by each file's `build_workspace` (tiny untrained runs, fake
-MNIST files, a broken YAML file, malicious pickles, checkpoints with altered metadata or weights).
+problem and the fix, never a traceback (issues #6, #10, #19). The cases are the `CASES` catalogues of
+`tests/test_bad_input.py`, `tests/test_hostile_inputs.py` and `tests/test_cli_hostile.py`, which assert
+exactly this; paths are relative to a temporary workspace built by each file's `build_workspace` (tiny
+untrained runs, fake MNIST files, a broken YAML file, malicious pickles, checkpoints with altered
+metadata or weights, a tiny ONNX network with VNN-LIB properties and instances CSVs). Commands longer
+than 160 characters are shortened in the middle (…).
 Regenerate this file with `python scripts/bad_input_catalogue.py > docs/bad_inputs.md` (two to three
 minutes on two CPU cores).
 """
 
 
 # Test modules with a ``CASES`` catalogue and the ``build_workspace(w)`` their cases refer to, in table order.
-CATALOGUES = ("test_bad_input.py", "test_hostile_inputs.py")
+CATALOGUES = ("test_bad_input.py", "test_hostile_inputs.py", "test_cli_hostile.py")
 
 
 def _load_catalogue(filename: str = "test_bad_input.py"):
@@ -48,7 +51,11 @@ def _load_catalogue(filename: str = "test_bad_input.py"):
     return module
 
 
-def _cell(text: str) -> str:
+def _cell(text: str, width: Optional[int] = None) -> str:
+    """``text`` for a table cell: pipes escaped, newlines marked, and shortened in the middle past ``width``
+    characters if given (a --set value nested 5000 levels deep is 10000 characters)."""
+    if width is not None and len(text) > width:
+        text = text[: width // 2] + "…" + text[-width // 2:]
     return text.replace("|", "\\|").replace("\n", " ⏎ ")
 
 
@@ -74,7 +81,7 @@ def main() -> int:
     print("| case | command | exit code | stderr |")
     print("|---|---|---|---|")
     for name, cmd, code, err in rows:
-        print(f"| {_cell(name)} | `{_cell(cmd)}` | {code} | {_cell(err)} |")
+        print(f"| {_cell(name)} | `{_cell(cmd, 160)}` | {code} | {_cell(err)} |")
     if failures:
         print(f"{len(failures)} cases misbehaved: {', '.join(failures)}", file=sys.stderr)
         return 1

@@ -136,3 +136,24 @@ def test_help_does_not_import_torch(argv):
             "assert 'torch' not in sys.modules, 'torch was imported'\n" % (argv,))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     assert proc.returncode == 0, proc.stderr
+
+
+def test_no_extra_pulls_torchvision_and_no_module_imports_it():
+    """certkd never imports torchvision (the image readers need Pillow only); `pip install certkd[vision]` pulled
+    it anyway, dragging in a CUDA torch of another version or one that fails to import beside the CPU torch."""
+    import ast
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    named = [req for reqs in [project["dependencies"]] + list(extras.values()) for req in reqs]
+    assert not [req for req in named if "torchvision" in req.lower()], named
+    assert [req.lower() for req in extras["vision"]] == ["pillow"]
+    importers = []
+    for path in sorted((REPO / "src" / "certkd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] == "torchvision" for n in names):
+                importers.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not importers, importers

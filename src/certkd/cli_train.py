@@ -35,7 +35,8 @@ class EpsType(click.ParamType):
 EPS = EpsType()
 
 _THREADS_HELP = ("CPU threads for PyTorch (default: $CERTKD_THREADS, else min(4, cores left idle by the 1-minute "
-                 "load average), at least 1; pass it for bit-identical reruns).")
+                 "load average), at least 1; more than max(64, usable cores) is capped there, with a warning; pass "
+                 "it for bit-identical reruns).")
 THREADS_OPTION = click.option("--threads", type=click.IntRange(min=1), help=_THREADS_HELP)
 
 

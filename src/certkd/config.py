@@ -26,6 +26,9 @@ CERTIFIED_METHODS = method_names("certified")
 DISTILLATION_METHODS = method_names("distillation")
 EMPIRICAL_METHODS = method_names("empirical")
 METHODS = EMPIRICAL_METHODS + CERTIFIED_METHODS + DISTILLATION_METHODS
+#: Seeds are integers in [0, MAX_SEED): what numpy's seeding accepts, and far inside torch.manual_seed's
+#: range even as the per-epoch seed ``seed * 1000 + epoch`` of the batch order.
+MAX_SEED = 2 ** 32
 
 
 @dataclass
@@ -116,6 +119,9 @@ class TrainConfig:
                 raise CertkdError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise CertkdError(f"lr must be > 0, got {self.lr}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
+            raise CertkdError(f"seed must be an integer in [0, 2**32), got {self.seed}; pass e.g. --seed 0 "
+                              "(torch and numpy both accept that range)")
         if self.eps_start < 1 or self.eps_length < 0:
             raise CertkdError("eps_start must be >= 1 and eps_length >= 0 (epochs)")
         if self.attack_steps < 0:
@@ -180,7 +186,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             if isinstance(value, str):
                 try:
                     value = yaml.safe_load(value) or {}
-                except yaml.YAMLError:
+                except (yaml.YAMLError, RecursionError):
                     raise ValueError from None
             if not isinstance(value, dict):
                 raise ValueError
@@ -211,15 +217,41 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return str(getattr(e, "problem", None) or e).strip().splitlines()[0]
 
 
+#: Deepest nesting of lists/mappings a ``--set`` value may have: config values are at most two levels
+#: deep (``model_kwargs={hidden: [32, 32]}``); thousands of levels crash YAML's recursive parser.
+MAX_SET_DEPTH = 16
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists/mappings in ``value`` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, tuple, dict)):
+            deepest = max(deepest, d + 1)
+            if d + 1 <= MAX_SET_DEPTH:  # deeper than the limit is already refused: stop walking
+                stack.extend((x, d + 1) for x in (list(v.keys()) + list(v.values()) if isinstance(v, dict) else v))
+    return deepest
+
+
 def parse_set_value(key: str, raw: str) -> Any:
-    """The YAML value of ``--set KEY=RAW`` (None for an empty RAW), or a one-line CertkdError."""
+    """The YAML value of ``--set KEY=RAW`` (None for an empty RAW), or a one-line CertkdError
+    (invalid YAML, or lists/mappings nested more than :data:`MAX_SET_DEPTH` levels)."""
     if not raw.strip():
         return None
+    shown = raw if len(raw) <= 40 else raw[:40] + "…"
+    too_deep = CertkdError(f"--set {key}={shown}: nested more than {MAX_SET_DEPTH} levels deep; write a flat value, "
+                           "e.g. --set 'model_kwargs={hidden: [32, 32]}'")
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+    except RecursionError:
+        raise too_deep from None
     except yaml.YAMLError as e:
-        raise CertkdError(f"--set {key}={raw}: not a valid YAML value ({_yaml_problem(e)}); close the brackets or "
+        raise CertkdError(f"--set {key}={shown}: not a valid YAML value ({_yaml_problem(e)}); close the brackets or "
                           f"quote the value, e.g. --set 'alpha=0.5' or --set 'model_kwargs={{hidden: [32, 32]}}'") from None
+    if _depth(value) > MAX_SET_DEPTH:
+        raise too_deep
+    return value
 
 
 def parse_sets(sets: Union[None, Sequence[str], Mapping[str, Any]]) -> Dict[str, Any]:

@@ -132,7 +132,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("eval_limit", "Evaluate on N test points, a fixed class-stratified subset (null: all)."),
     Option("eval_batch_size", "Batch size of that evaluation."),
     # runtime
-    Option("seed", "Random seed.", "--seed"),
+    Option("seed", "Random seed, an integer in [0, 2**32).", "--seed"),
     Option("device", "auto (CUDA when present), cpu or cuda[:N]; under torchrun: cuda:LOCAL_RANK.", "--device"),
     Option("allow_tf32", "Allow TF32 matmuls/convolutions in training (off by default: bounds are not sound in "
            "TF32).", "--tf32"),

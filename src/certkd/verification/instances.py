@@ -61,7 +61,8 @@ def read_instances(path: PathLike) -> List[Tuple[str, str, float]]:
             if not row or not any(row):
                 continue
             if len(row) != 3:
-                raise CertkdError(f"{path}:{n}: expected onnx,vnnlib,timeout, got {len(row)} columns")
+                raise CertkdError(f"{path}:{n}: expected onnx,vnnlib,timeout, got {len(row)} columns; write one "
+                                  "onnx,vnnlib,timeout row per instance (quote paths with commas)")
             t = positive_seconds(row[2], f"{path}:{n}: timeout", "write the seconds, e.g. 60, or pass --timeout")
             rows.append((row[0], row[1], t))
     return rows
