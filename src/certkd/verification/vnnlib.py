@@ -188,25 +188,24 @@ class _Reader:
         return [self.output_constraint(node)]
 
     def output_assert(self, body: SList) -> None:
-        if body[0] == "or":
-            if len(body) < 2:
-                self.fail(body, "empty (or)")
-            disjuncts = []
-            for i, c in enumerate(body[1:]):
-                if i % 1024 == 1023:
-                    check_deadline(self.deadline, self.where)
-                disjuncts.append(self.conjunction(c))
-        else:
-            disjuncts = [self.conjunction(body)]
-        # conjoining with the DNF so far: every old disjunct pairs with every new one
-        total = sum(len(c) for c in disjuncts)
-        n_d = self.n_disjuncts * len(disjuncts)
-        n_c = self.n_constraints * len(disjuncts) + self.n_disjuncts * total
+        if body[0] == "or" and len(body) < 2:
+            self.fail(body, "empty (or)")
+        branches = body[1:] if body[0] == "or" else [body]
+        # the size once conjoined with the DNF so far (every old disjunct pairs with every new one),
+        # counted from the tree and checked before any constraint is built
+        total = sum(len(c) - 1 if isinstance(c, SList) and c and c[0] == "and" else 1 for c in branches)
+        n_d = self.n_disjuncts * len(branches)
+        n_c = self.n_constraints * len(branches) + self.n_disjuncts * total
         m = len(self.asserts) + 1
         why = size_problem(n_d, n_c, max(len(self.declared["Y"]), 1),
                            "the output condition" if m == 1 else f"output assertions 1 to {m} (conjoined)")
         if why is not None:
             self.fail(body, why)
+        disjuncts = []
+        for i, c in enumerate(branches):
+            if i % 1024 == 1023:
+                check_deadline(self.deadline, self.where)
+            disjuncts.append(self.conjunction(c))
         self.n_disjuncts, self.n_constraints = n_d, n_c
         self.asserts.append(disjuncts)
 
