@@ -123,9 +123,18 @@ def _forward(model: nn.Module, point: Tensor) -> Tensor:
         return model(point.unsqueeze(0).to(_device(model)))[0].cpu()
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating-point type the network computes in (its first floating parameter's; float32 if none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def float32_margin(model: nn.Module, x: Tensor, label: int, lower: Optional[Tensor] = None,
                    upper: Optional[Tensor] = None) -> float:
-    """z_y − max_{j≠y} z_j of one concrete point, by a float32 forward of the network as deployed.
+    """z_y − max_{j≠y} z_j of one concrete point, by a forward of the network as deployed, in its own
+    precision (float32 for certkd's models; float64 for a float64 network).
 
     Whatever engine proposed a counterexample, this number judges it (docs/method.md §10.1): a point
     is a real counterexample only when it is ≤ 0. Used by this module and by
@@ -140,7 +149,7 @@ def float32_margin(model: nn.Module, x: Tensor, label: int, lower: Optional[Tens
     Returns:
         The margin as a Python float.
     """
-    x = x.to(torch.float32)
+    x = x.to(model_dtype(model))
     if lower is not None and upper is not None:
         x = torch.max(torch.min(x, upper), lower)
     x = x.to(_device(model))
@@ -184,13 +193,14 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
     highspy = _highspy()
     start = time.perf_counter()
     deadline = start + float(timeout)
-    x, label, lower, upper = _check_inputs(x, label, eps, lower, upper, tighten, margin_tol)
+    dtype = model_dtype(model)
+    x, label, lower, upper = _check_inputs(x, label, eps, lower, upper, tighten, margin_tol, dtype)
 
     def elapsed() -> float:
         return time.perf_counter() - start
 
     with eval_mode(model):
-        point = torch.max(torch.min(x.to(torch.float32), upper), lower)
+        point = torch.max(torch.min(x.to(dtype), upper), lower)
         clean = float32_margin(model, point.unsqueeze(0), label)
         if clean <= 0:
             return MilpResult(_FALSIFIED, clean, point.clone(), elapsed(), 0,
@@ -219,9 +229,10 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
 
 
 def _check_inputs(x: Tensor, label: int, eps: Optional[float], lower: Optional[Tensor], upper: Optional[Tensor],
-                  tighten: str, margin_tol: float) -> Tuple[Tensor, int, Tensor, Tensor]:
+                  tighten: str, margin_tol: float, dtype: torch.dtype = torch.float32
+                  ) -> Tuple[Tensor, int, Tensor, Tensor]:
     """Validate :func:`milp_verify`'s arguments: the single input (C, H, W) on the CPU, the label,
-    and the float32 box (from ``eps`` unless ``lower``/``upper`` are given)."""
+    and the box in the network's ``dtype`` (from ``eps`` unless ``lower``/``upper`` are given)."""
     x = x.detach().cpu()
     if x.dim() == 4:
         if x.shape[0] != 1:
@@ -236,8 +247,8 @@ def _check_inputs(x: Tensor, label: int, eps: Optional[float], lower: Optional[T
         if eps is None:
             raise ValueError("give eps or both lower and upper")
         lower, upper = linf_box(x, float(eps))
-    lower = lower.detach().cpu().reshape(x.shape).to(torch.float32)
-    upper = upper.detach().cpu().reshape(x.shape).to(torch.float32)
+    lower = lower.detach().cpu().reshape(x.shape).to(dtype)
+    upper = upper.detach().cpu().reshape(x.shape).to(dtype)
     if torch.any(lower > upper):
         raise ValueError("empty input box: lower > upper somewhere")
     return x, label, lower, upper
@@ -311,7 +322,7 @@ def _decide_classes(highspy, enc: _Encoding, classes: _Classes, model: nn.Module
     if undecided:
         j, out = undecided[0]
         return _TIMEOUT, (f"class {j} undecided: proven bound {out['dual_bound']:.3g} <= margin_tol, best "
-                          f"objective {out['primal']:.3g}, and no float32-confirmed counterexample "
+                          f"objective {out['primal']:.3g}, and no counterexample confirmed in the network's precision "
                           f"(HiGHS: {out['status']}); the margin is within solver tolerances of 0"), None, None
     return _VERIFIED, "", None, None
 
@@ -359,7 +370,7 @@ def _solve_class(highspy, enc: _Encoding, cost: np.ndarray, offset: float, model
     checked = set()
 
     def check(sol) -> bool:
-        cand = torch.as_tensor(np.asarray(sol[:n_in], dtype=np.float64), dtype=torch.float32).reshape(lower.shape)
+        cand = torch.as_tensor(np.asarray(sol[:n_in], dtype=np.float64), dtype=lower.dtype).reshape(lower.shape)
         cand = torch.max(torch.min(cand, upper), lower)
         key = cand.numpy().tobytes()
         if key in checked:
