@@ -12,6 +12,11 @@ Also here: "is this a run?" (:func:`is_run_dir`: a folder with a config.yaml fil
 the run owning a checkpoint path), the one writable-directory check (:func:`ensure_writable_dir`),
 device resolution (:func:`resolve_device`), and what a stored result certifies.
 
+Writers lock the folder they write (``train``, ``verify``, ``sweep``): :func:`lock_run_dir` holds
+``RUN/.certkd.lock`` and refuses a second writer with one line naming the holder. It lives in
+:mod:`certkd.run_lock` (re-exported here, with :data:`LOCK_FILE`, :func:`run_entries` and
+:func:`clear_run_dir`); the lock file is never part of a run.
+
 A verification or evaluation result is only meaningful for the exact weights, radius, test
 points and settings it was computed with. Every ``verification.json`` and ``evaluation.json``
 therefore carries a ``certifies`` record (:func:`fingerprint`), and ``verify --resume`` reuses
@@ -22,7 +27,7 @@ refusals).
 The atomic writers (:func:`atomic_write_json`, ...) and :data:`CHECKPOINTS_DIR` are re-exported from
 :mod:`certkd.checkpoints`, which implements them: it writes the checkpoint files with them and sits below this module
 (:func:`run_directory` needs its ``resolve_checkpoint``), so moving them here would be an import
-cycle. This module imports :mod:`certkd.config` and :mod:`certkd.checkpoints`, never training,
+cycle. This module imports :mod:`certkd.config`, :mod:`certkd.checkpoints` and :mod:`certkd.run_lock`, never training,
 reporting, sweep, verification or the CLI, which all sit above it.
 """
 from __future__ import annotations
@@ -41,6 +46,7 @@ from certkd.checkpoints import (CHECKPOINTS_DIR, append_jsonl, atomic_write_byte
                                 atomic_write_json, atomic_write_text, resolve_checkpoint)
 from certkd.config import TrainConfig, apply_overrides
 from certkd.errors import CertkdError
+from certkd.run_lock import LOCK_FILE, RunLock, clear_run_dir, lock_run_dir, run_entries  # noqa: F401  (re-exported)
 
 PathLike = Union[str, os.PathLike]
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -32,7 +34,8 @@ from certkd.data import iterate_batches, load_dataset, num_batches
 from certkd.errors import CertkdError
 from certkd.methods import method_class
 from certkd.models import create_model, ibp_initialize
-from certkd.runs import ensure_writable_dir, first_missing, metrics_path, read_config, resolve_device, write_config
+from certkd.runs import (clear_run_dir, ensure_writable_dir, first_missing, lock_run_dir, metrics_path, read_config,
+                         resolve_device, run_entries, write_config)
 from certkd.schedules import SmoothedEpsilonSchedule, multistep_lr
 from certkd.training.step import Teacher, training_loss
 from certkd.verification import evaluate_accuracy
@@ -64,21 +67,25 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, check_only: bool = Fal
         if latest_checkpoint(out) is None:
             raise CertkdError(f"{h['resume']}: no checkpoint in {out}; start a new run without {h['resume']}")
         return
-    if out.exists() and any(out.iterdir()):
+    if run_entries(out):  # the lock file of this writer is not content
         if not force:
             raise CertkdError(f"output directory {out} already exists; pass {h['resume']} to continue it or "
                               f"{h['force']} to overwrite" + (" (or choose another out_dir)" if hints == "python" else ""))
         if check_only:
             return
-        shutil.rmtree(out)
+        clear_run_dir(out)  # not rmtree: the lock file stays until this writer releases it
     ensure_writable_dir(out, create=not check_only, probe=True)
 
 
 def _create_run_dir(out: Path, force: bool, state: Dict[str, Any], hints: str = "cli") -> None:
     """prepare_run_dir for a new run, noting in ``state["created"]`` what to remove should the run fail
-    before its first checkpoint: the topmost folder this call creates (``out`` itself when --force
-    replaces a run), or None for an empty folder that already existed."""
-    state["created"] = (out if any(out.iterdir()) else None) if out.exists() else first_missing(out)
+    before its first checkpoint: the topmost folder this call (or its run lock) creates (``out`` itself
+    when --force replaces a run), or None for an empty folder that already existed."""
+    lock = state.get("lock")
+    if lock is not None and lock.created is not None:
+        state["created"] = lock.created
+    else:
+        state["created"] = (out if run_entries(out) else None) if out.exists() else first_missing(out)
     prepare_run_dir(out, False, force, hints=hints)
 
 
@@ -165,22 +172,30 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
 
     Under torchrun every process calls this (see :mod:`certkd.distributed`). The TF32 flags
     are set from ``cfg.allow_tf32`` for the run and restored on return.
+
+    The writing process (rank 0) holds the run directory's lock (:func:`certkd.runs.lock_run_dir`) from
+    its first check to its last write: a second writer into ``out_dir`` gets one line naming this one.
     """
     saved = precision.tf32_flags()
-    state: Dict[str, Any] = {}  # what _train created ("created") and its process group ("dctx")
+    state: Dict[str, Any] = {}  # what _train created ("created"), its process group ("dctx"), the lock ("lock")
     try:
-        return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log, state=state,
-                      tensorboard=tensorboard, hints=hints)
-    except BaseException as e:
-        out = Path(out_dir)
-        ckpt = _discard_unsaved_run(out, state)
-        full = disk_full(e) if isinstance(e, Exception) else None
-        if full is None:
-            raise
-        kept = (f"the checkpoint of epoch {ckpt.name.split('-')[-1].lstrip('0') or '0'} is intact; free space and "
-                "rerun with --resume, or choose another --out" if ckpt is not None else
-                "nothing was saved; free space or choose another --out")
-        raise CertkdError(f"disk full while writing the run {out} ({full.strerror}): {kept}") from None
+        with ExitStack() as stack:
+            if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the run directory
+                state["lock"] = stack.enter_context(lock_run_dir(out_dir, "certkd train", _HINTS.get(
+                    hints, _HINTS["cli"])["out"]))
+            try:
+                return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log, state=state,
+                              tensorboard=tensorboard, hints=hints)
+            except BaseException as e:
+                out = Path(out_dir)
+                ckpt = _discard_unsaved_run(out, state)
+                full = disk_full(e) if isinstance(e, Exception) else None
+                if full is None:
+                    raise
+                kept = (f"the checkpoint of epoch {ckpt.name.split('-')[-1].lstrip('0') or '0'} is intact; free "
+                        "space and rerun with --resume, or choose another --out" if ckpt is not None else
+                        "nothing was saved; free space or choose another --out")
+                raise CertkdError(f"disk full while writing the run {out} ({full.strerror}): {kept}") from None
     finally:
         precision.set_tf32_flags(*saved)
         distributed.shutdown(state.get("dctx"))
@@ -196,12 +211,14 @@ def _discard_unsaved_run(out: Path, state: Dict[str, Any]) -> Optional[Path]:
     if ckpt is not None or "created" not in state:  # a saved checkpoint, or nothing created by this call
         return ckpt
     root = state["created"]
+    lock = state.get("lock")
     try:
-        if root is not None:
+        if root is not None and lock is None:
             shutil.rmtree(root, ignore_errors=True)
-        elif out.is_dir():  # an empty folder the user made: keep it, empty
-            for p in out.iterdir():
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif out.is_dir():  # the lock file stays until its holder releases it
+            clear_run_dir(out)
+            if root is not None:  # the lock removes the emptied folders on release
+                lock.created = root
     except OSError:
         pass
     return None

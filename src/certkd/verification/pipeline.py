@@ -25,6 +25,7 @@ on the float32 network, the MILP in float64 in HiGHS).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -46,8 +47,8 @@ from certkd.choices import ENGINES, eps_error
 from certkd.data.subsets import describe_points, stratified_indices
 from certkd.errors import CertkdError
 from certkd.runs import (VERIFICATION_PARTS_GLOB, atomic_write_json, atomic_write_text, check_finite_weights,
-                         check_same_subject, collapse, data_sha256, ensure_writable_dir, fingerprint, first_missing,
-                         resolve_device, run_directory, training_progress, verification_part_path,
+                         check_same_subject, collapse, data_sha256, ensure_writable_dir, fingerprint, RunLock,
+                         clear_run_dir, lock_run_dir, resolve_device, run_directory, training_progress, verification_part_path,
                          verification_path, verification_rows_path, weights_sha256)
 from certkd.verification.milp import float32_margin, milp_verify
 
@@ -187,7 +188,7 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
 
 # ------------------------------------------------------------------------------------------ runs
 
-def _read_rows(path: Path) -> List[Dict[str, Any]]:
+def read_rows(path: Path) -> List[Dict[str, Any]]:
     """Complete rows of a JSONL file; a torn last line (crash mid-write) is ignored."""
     if not path.exists():
         return []
@@ -201,9 +202,38 @@ def _read_rows(path: Path) -> List[Dict[str, Any]]:
 
 
 def summarize(rows: Sequence[Dict[str, Any]], cfg: VerifyConfig, n_total: int) -> Dict[str, Any]:
+    """The ``verification.json`` summary of ``rows`` (verification.jsonl) for ``n_total`` requested points."""
+    numbers = summarize_rows(rows)
+    return {"n": numbers.pop("n"), "n_requested": n_total, "complete": len(rows) == n_total, "eps": cfg.eps,
+            **numbers, "settings": asdict(cfg)}
+
+
+#: The keys of a summary that :func:`summarize_rows` computes from the rows alone.
+ROW_KEYS = ("n", "clean_accuracy", "pgd_accuracy", "empirical_robust_accuracy", "falsified_by_verifier",
+            "ibp_verified_accuracy", "crown_verified_accuracy", "alpha_crown_verified_accuracy", "verified_accuracy",
+            "counts", "median_time_s")
+
+
+def summarize_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The numbers of a verification that follow from its rows alone (:data:`ROW_KEYS`).
+
+    Also the check of a stored summary against its rows (``certkd report`` and ``card``).
+    Raises:
+        ValueError: a row is not an object with a known ``status`` and a numeric ``time_s``, or repeats an
+            ``index``.
+    """
     counts = {s: 0 for s in STATUSES}
-    for r in rows:
-        counts[r["status"]] += 1
+    seen = set()
+    for k, r in enumerate(rows):
+        status = r.get("status") if isinstance(r, dict) else None
+        if status not in counts or not isinstance(r.get("time_s"), (int, float)):
+            raise ValueError(f"row {k + 1} has no known status and time")
+        if "index" in r:  # one row per test point: a repeated one would count twice
+            key = repr(r["index"])
+            if key in seen:
+                raise ValueError(f"row {k + 1} repeats test point {r['index']}")
+            seen.add(key)
+        counts[status] += 1
     n = len(rows)
     verified_ibp = counts["verified-ibp"]
     verified_crown = verified_ibp + counts["verified-crown"]
@@ -212,7 +242,7 @@ def summarize(rows: Sequence[Dict[str, Any]], cfg: VerifyConfig, n_total: int) -
     pgd_found = sum(1 for r in rows if r["status"] == "attacked" and r.get("stage", "pgd") == "pgd")
     frac = (lambda k: k / n) if n else (lambda k: 0.0)
     return {
-        "n": n, "n_requested": n_total, "complete": n == n_total, "eps": cfg.eps,
+        "n": n,
         "clean_accuracy": frac(n - counts["misclassified"]),
         # PGD alone; counterexamples found later (BaB's sub-domain attack, MILP) count only in
         # the empirical robust accuracy, the tightest upper bound on the true robust accuracy
@@ -225,7 +255,6 @@ def summarize(rows: Sequence[Dict[str, Any]], cfg: VerifyConfig, n_total: int) -
         "verified_accuracy": frac(verified),
         "counts": counts,
         "median_time_s": statistics.median([r["time_s"] for r in rows]) if rows else None,
-        "settings": asdict(cfg),
     }
 
 
@@ -264,31 +293,37 @@ def verify_run(path, cfg: VerifyConfig, *, limit: Optional[int] = None, out_dir=
     The summary (also written to ``verification.json``) records under ``certifies`` the weights'
     SHA-256, the model, ε, the points and the settings; ``resume`` reuses stored rows only when
     that record is unchanged, and existing results are replaced only with ``force``.
-    TF32 is off throughout and the caller's TF32 flags are restored on return.
+    TF32 is off throughout and the caller's TF32 flags are restored on return. The folder written
+    is locked (:func:`certkd.runs.lock_run_dir`): a second writer gets one line naming this one.
     """
-    created = first_missing(out_dir) if out_dir is not None else None
-    try:
-        with precision.tf32(False):
-            return _verify_run(path, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, force=force,
-                               data_dir=data_dir, device=device, progress=progress)
-    except BaseException as e:
-        # outermost handling only: no stub folder for a verification that saved nothing, one line for a full disk
-        from certkd.checkpoints import disk_full
+    where = Path(out_dir) if out_dir is not None else _default_out(path)
+    with lock_run_dir(where, "certkd verify") if where is not None else contextlib.nullcontext() as lock:
+        try:
+            with precision.tf32(False):
+                return _verify_run(path, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume,
+                                   force=force, data_dir=data_dir, device=device, progress=progress)
+        except BaseException as e:
+            replacement = _failed(where, out_dir, lock, e)
+            if replacement is None:
+                raise
+            raise replacement from None
 
-        if created is not None and created.is_dir() and not _saved_rows(Path(out_dir)):
-            import shutil
 
-            shutil.rmtree(created, ignore_errors=True)
-        full = disk_full(e) if isinstance(e, Exception) else None
-        if full is None:
-            raise
-        where = Path(out_dir) if out_dir is not None else _default_out(path)
-        n = _saved_rows(where) if where is not None else 0
-        kept = (f"the {n} points verified so far are kept; free space and rerun with --resume, or choose another "
-                "--out" if n else "no verified point was saved; free space or choose another --out")
-        raise CertkdError(f"disk full while writing the verification results to {where or 'the run directory'} "
-                          f"({full.strerror}): "
-                          f"{kept}") from None
+def _failed(where: Optional[Path], out_dir, lock: Optional[RunLock], e: BaseException) -> Optional[CertkdError]:
+    """After a failed verification: remove what it created if it saved nothing (no stub folder); the
+    one-line error that replaces a full disk's exception (None: re-raise ``e``)."""
+    from certkd.checkpoints import disk_full
+
+    if out_dir is not None and lock is not None and lock.created is not None and not _saved_rows(Path(out_dir)):
+        clear_run_dir(out_dir)  # the lock removes the folders it created once they are empty
+    full = disk_full(e) if isinstance(e, Exception) else None
+    if full is None:
+        return None
+    n = _saved_rows(where) if where is not None else 0
+    kept = (f"the {n} points verified so far are kept; free space and rerun with --resume, or choose another "
+            "--out" if n else "no verified point was saved; free space or choose another --out")
+    return CertkdError(f"disk full while writing the verification results to {where or 'the run directory'} "
+                       f"({full.strerror}): {kept}")
 
 
 def _default_out(path) -> Optional[Path]:
@@ -383,9 +418,9 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
     atomic_write_json(summary_path, dict(summarize([], cfg, n_total), **extra, complete=False))
 
     wanted = set(indices)
-    done_rows = {r["index"]: r for r in _read_rows(rows_path) if r.get("index") in wanted}
+    done_rows = {r["index"]: r for r in read_rows(rows_path) if r.get("index") in wanted}
     for p in parts:
-        kept = _read_rows(p)
+        kept = read_rows(p)
         done_rows.update({r["index"]: r for r in kept if r.get("index") in wanted})
         # drop a torn last line so that appended rows start on a fresh line
         atomic_write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
@@ -416,7 +451,7 @@ def _verify_run(path, cfg: VerifyConfig, *, limit: Optional[int], out_dir, worke
     if bar is not None:
         bar.close()
     for p in sorted(out.glob(VERIFICATION_PARTS_GLOB)):
-        done_rows.update({r["index"]: r for r in _read_rows(p) if r.get("index") in wanted})
+        done_rows.update({r["index"]: r for r in read_rows(p) if r.get("index") in wanted})
     rows = [done_rows[i] for i in indices if i in done_rows]
     atomic_write_text(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     predicted = torch.tensor([r["predicted"] for r in rows if "predicted" in r], dtype=torch.int64)
