@@ -17,7 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from certkd.errors import CertkdError  # noqa: E402
 from certkd.graph import from_onnx  # noqa: E402
-from certkd.verification.onnx_verify import spec_network, verify_model  # noqa: E402
+from certkd.verification.api import verify_model  # noqa: E402
+from certkd.verification.onnx_verify import spec_network  # noqa: E402
 from certkd.verification.vnnlib import read_property, robustness_property  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "vnncomp2021")

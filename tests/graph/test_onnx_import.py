@@ -179,7 +179,7 @@ def test_batch_free_inputs(tmp_path, in_shape):
 
 def test_output_not_1d_imports_and_verifies(tmp_path):
     """An output of shape (1, 2, 1) imports; the verifier reads it flattened."""
-    from certkd.verification.onnx_verify import verify_model
+    from certkd.verification.api import verify_model
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "s"], ["y"])]
     m = model(nodes, [1, 3], {"w": np.array([[1.0, -1.0], [0.0, 1.0], [0.0, 0.0]]),
                               "s": np.array([1, 2, 1], dtype=np.int64)})

@@ -22,7 +22,8 @@ from torch import nn
 from certkd.errors import CertkdError
 from certkd.graph.network import Network
 from certkd.verification.onnx_verify import VerifyResult, network_dtype, verify_network
-from certkd.verification.vnnlib import Property, matrix_property, read_property, robustness_property
+from certkd.verification.vnnlib import (ParseTimeout, Property, matrix_property, read_property,
+                                        robustness_property)
 
 
 def _is_path(x) -> bool:
@@ -138,6 +139,8 @@ def verify_model(model: Union[str, nn.Module], lower=None, upper=None, spec=None
             (S, K) (every row of C·y must stay > 0), a :class:`Property`, or a VNN-LIB path.
         timeout: seconds for the whole call, reading the files included; input_shape: per-sample
             shape (default: the ONNX input's, or ``lower.shape``); kwargs: see :func:`verify_network`.
+            A VNN-LIB file is read after the network, against its sizes, within the time limit:
+            past it the answer is ``timeout`` (stage ``parse``).
     Returns:
         :class:`VerifyResult`. Raises CertkdError (one line) for unsupported models or bad arguments.
     """
@@ -149,31 +152,31 @@ def verify_model(model: Union[str, nn.Module], lower=None, upper=None, spec=None
     given_box = lower is not None or upper is not None
     if given_box and (lower is None or upper is None):
         raise CertkdError("pass both lower and upper, or neither (to use the box of a VNN-LIB property)")
-    if _is_path(spec):
-        spec = _read_spec(spec)
     lo = hi = None
     if given_box:
         lo, hi = check_box(lower, upper)
-    elif not isinstance(spec, Property):
+    elif not (isinstance(spec, Property) or _is_path(spec)):
         raise CertkdError("verify_model needs lower and upper unless spec is a VNN-LIB property")
+    private, source = None, None
     if _is_path(model):
         from certkd.graph import from_onnx
 
-        if input_shape is None and lo is not None and lo.ndim > 1:
-            input_shape = None  # the ONNX input's own shape; lo is flattened to it
-        net, private, shape, source = from_onnx(model, input_shape), None, None, os.fspath(model)
-        shape = net.input_shape
-        if isinstance(source, bytes):
-            source = source.decode()
+        net = from_onnx(model, input_shape)
+        shape, source = net.input_shape, os.fsdecode(model)
     elif isinstance(model, nn.Module):
+        if lo is None and _is_path(spec):  # the box comes from the file: read it first
+            spec = _read_spec(spec, deadline=deadline)
         if lo is None:
-            lo, hi = spec.lower, spec.upper
             input_shape = input_shape if input_shape is not None else (spec.lower.size,)
-        net, private, shape = _module_network(model, lo, input_shape)
-        source = None
+        net, private, shape = _module_network(model, lo if lo is not None else spec.lower, input_shape)
     else:
         raise CertkdError(f"model must be an ONNX path or an nn.Module, got {type(model).__name__}")
     k = int(np.prod(net.shapes(tuple(shape))[-1]))
+    if _is_path(spec):  # after the network: the reader refuses declarations beyond its sizes at once
+        try:
+            spec = _read_spec(spec, int(np.prod(shape)), k, deadline)
+        except ParseTimeout as e:
+            return VerifyResult("timeout", round(time.perf_counter() - start, 4), "parse", note=str(e))
     box_lo, box_hi = (lo, hi) if lo is not None else (spec.lower, spec.upper)
     if box_lo.size != int(np.prod(shape)):
         raise CertkdError(f"the box has {box_lo.size} coordinates but the model takes {int(np.prod(shape))} "
@@ -183,9 +186,12 @@ def verify_model(model: Union[str, nn.Module], lower=None, upper=None, spec=None
                           deadline=deadline, **kwargs)
 
 
-def _read_spec(path) -> Property:
+def _read_spec(path, num_inputs: Optional[int] = None, num_outputs: Optional[int] = None,
+               deadline: Optional[float] = None) -> Property:
     try:
-        return read_property(path)
+        return read_property(path, num_inputs=num_inputs, num_outputs=num_outputs, deadline=deadline)
+    except ParseTimeout:
+        raise
     except CertkdError:
         raise
     except (OSError, ValueError) as e:

@@ -224,7 +224,6 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
         status, round(time.perf_counter() - start, 4), stage, x, y, note, **kw)
     check = _Checker(net, prop, shape, dtype, onnx_source, None if onnx_source is not None else (reference or net))
     out_lo, out_hi, in_lo, in_hi = _box(prop, shape, dtype)
-    mats = [(torch.tensor(A, dtype=dtype), torch.tensor(b, dtype=dtype)) for A, b in prop.matrices]
     notes: List[str] = []
 
     def candidate(x: Tensor, stage: str) -> Optional[VerifyResult]:
@@ -235,7 +234,9 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
         return None
 
     # 1. attack: centre and corners, then PGD
-    from certkd.attacks.spec_pgd import property_values, spec_pgd
+    from certkd.attacks.spec_pgd import Disjuncts, property_values, spec_pgd
+
+    mats = Disjuncts([(torch.tensor(A, dtype=dtype), torch.tensor(b, dtype=dtype)) for A, b in prop.matrices])
 
     if attack_restarts > 0:
         probes = _probes(in_lo, in_hi)
@@ -267,10 +268,9 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
     if not bool(torch.isfinite(out_lo).all() and torch.isfinite(out_hi).all()):
         return done("unknown", "bounds", "; ".join(notes + ["the box is unbounded in the network's precision"]))
     try:
-        snet = spec_network(net, rows, offsets, shape)
         err = _row_rounding(net, out_lo, out_hi, dtype, shape, rows)
         enough = float(np.max(margin_tol + (2 * err if strict_rounding else 0.0)))
-        best = _bounds(snet, out_lo, out_hi, alpha_iterations, deadline, enough)
+        best = _bounds(net, out_lo, out_hi, rows, offsets, alpha_iterations, deadline, enough)
     except CertkdError:
         raise
     except Exception as e:  # an engine refused this network: one line, no answer
@@ -363,38 +363,49 @@ def _branch_and_bound(net: Network, rows: np.ndarray, offsets: np.ndarray, shape
     return "unknown", res.note, None  # undecided with time left: a tie within tolerances, a domain limit
 
 
-def _bounds(snet: Network, lo: Tensor, hi: Tensor, alpha_iterations: int, deadline: float, enough: float = 0.0):
-    """[(stage, lower bounds of the margins (m,))] for IBP, CROWN, α-CROWN (each ∩ the previous;
-    α-CROWN only while some bound is at most ``enough``)."""
-    from certkd.bounds import ibp_logit_difference_bounds
+def _ibp_margins(net: Network, lo: Tensor, hi: Tensor, rows: Tensor) -> Tensor:
+    """IBP lower bounds of ``rows · y`` (1, m), with a final Linear merged into the rows (as CROWN does)."""
+    from certkd.bounds.ibp import interval_bounds
+
+    last = net.nodes[net.output]
+    with torch.no_grad():
+        if isinstance(last.rule.module, nn.Linear) and last.inputs == (net.output - 1,) and net.output > 1:
+            b = interval_bounds(Network(net.nodes[:-1]), lo, hi)
+            w = last.rule.module.weight.detach().to(rows.dtype)
+            A = rows @ w                                                         # (m, h)
+            bias = rows @ last.rule.module.bias.detach().to(rows.dtype) if last.rule.module.bias is not None else 0
+            c, r = b.center.reshape(1, -1), b.radius.reshape(1, -1)
+            return c @ A.T - r @ A.abs().T + bias
+        b = interval_bounds(net, lo, hi)
+        c, r = b.center.reshape(1, -1), b.radius.reshape(1, -1)
+        return c @ rows.T - r @ rows.abs().T
+
+
+def _bounds(net: Network, lo: Tensor, hi: Tensor, rows: np.ndarray, offsets: np.ndarray, alpha_iterations: int,
+            deadline: float, enough: float = 0.0):
+    """[(stage, lower bounds of the margins rows·y − offsets (m,))] for IBP, CROWN, α-CROWN (each ∩ the
+    previous; α-CROWN only while some bound is at most ``enough``). The rows are the engines'
+    specification matrix C, so m rows cost an (m, K) matrix, not an (m, m) one."""
     from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
 
-    y = torch.zeros(1, dtype=torch.long)
+    C = torch.tensor(rows, dtype=lo.dtype)
+    off = offsets.astype(np.float64)
+    finite = lambda t, fallback: torch.where(torch.isfinite(t), t, fallback)
     out = []
-    with torch.no_grad():
-        best = ibp_logit_difference_bounds(snet, lo, hi, y)[0][0]
-    best = torch.where(torch.isfinite(best), best, torch.full_like(best, -np.inf))
-    out.append(("ibp", best.numpy().astype(np.float64)))
+    best = _ibp_margins(net, lo, hi, C)[0]
+    best = finite(best, torch.full_like(best, -np.inf))
+    out.append(("ibp", best.numpy().astype(np.float64) - off))
     if time.perf_counter() > deadline:
         return out
-    lb = crown_bounds(snet, lo, hi, y)[0]
-    best = torch.maximum(best, torch.where(torch.isfinite(lb), lb, best))
-    out.append(("crown", best.numpy().astype(np.float64)))
-    if alpha_iterations > 0 and time.perf_counter() < deadline and float(best.min()) <= enough:
-        lb = alpha_crown_bounds(snet, lo, hi, y, iterations=alpha_iterations, deadline=deadline)[0].detach()
-        best = torch.maximum(best, torch.where(torch.isfinite(lb), lb, best))
-        out.append(("alpha-crown", best.numpy().astype(np.float64)))
+    lb = crown_bounds(net, lo, hi, C=C.unsqueeze(0))[0]
+    best = torch.maximum(best, finite(lb, best))
+    out.append(("crown", best.numpy().astype(np.float64) - off))
+    if alpha_iterations > 0 and time.perf_counter() < deadline and float((best.double().numpy() - off).min()) <= enough:
+        lb = alpha_crown_bounds(net, lo, hi, C=C.unsqueeze(0), iterations=alpha_iterations, deadline=deadline)[0]
+        lb = lb.detach()
+        best = torch.maximum(best, finite(lb, best))
+        out.append(("alpha-crown", best.numpy().astype(np.float64) - off))
     return out
-
-
-def __getattr__(name: str):
-    """``verify_model`` and ``verify_instance`` live in :mod:`certkd.verification.api` (imported late:
-    that module imports this one)."""
-    if name in ("verify_model", "verify_instance"):
-        from certkd.verification import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["RESULTS", "VerifyResult", "network_dtype", "spec_network", "verify_network"]
