@@ -134,6 +134,18 @@ def _fake_run(path, seed, evaluation=None, **overrides):
         (path / "evaluation.json").write_text(json.dumps(evaluation))
 
 
+def _write_rows(run, counts, time_s=0.5):
+    """verification.jsonl with ``counts[status]`` rows per status (what ``certkd verify`` writes beside
+    verification.json; report and card check the summary against it). "attacked@milp": a counterexample
+    found by the complete verifier, not by PGD."""
+    rows = []
+    for key, k in counts.items():
+        status, _, stage = key.partition("@")
+        rows += [{"index": len(rows) + j, "label": 0, "status": status, "time_s": time_s, "margin": 0.0,
+                  "stage": stage or "pgd"} for j in range(k)]
+    (run / "verification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_three_seeds_partial_metrics_and_missing_runs(tmp_path):
     rng = np.random.default_rng(0)
     vals = rng.uniform(0.2, 0.9, size=(3, 3))
@@ -145,6 +157,7 @@ def test_three_seeds_partial_metrics_and_missing_runs(tmp_path):
     (tmp_path / "runs" / "s2" / "verification.json").write_text(json.dumps(
         {"complete": True, "n": 30, "verified_accuracy": 0.5, "crown_verified_accuracy": 0.4,
          "clean_accuracy": 0.9, "settings": {"eps": 0.05, "timeout": 1.0, "engine": "bab"}}))
+    _write_rows(tmp_path / "runs" / "s2", {"misclassified": 3, "verified-crown": 12, "verified-bab": 3, "timeout": 12})
     _fake_run(tmp_path / "runs" / "noeval", 0, method="ibp")
     s = reporting.write_report([tmp_path / "runs"], tmp_path / "rep")  # a folder of runs is expanded
     assert s["missing"] == ["noeval"]
@@ -220,15 +233,20 @@ def test_card_describes_complete_verification(runs, tmp_path):
     run = tmp_path / "verified"
     shutil.copytree(runs / "ccibp-s0", run)
     settings = asdict(VerifyConfig(eps=0.05, timeout=7.0, engine="milp"))
+    counts = {"misclassified": 20, "attacked": 4, "attacked@milp": 3, "verified-ibp": 4, "verified-crown": 4,
+              "verified-alpha-crown": 2, "verified-milp": 2, "timeout": 1}
     (run / "verification.json").write_text(json.dumps({
-        "n": 30, "n_requested": 30, "complete": True, "eps": 0.05, "clean_accuracy": 0.5, "pgd_accuracy": 0.4,
+        "n": 40, "n_requested": 40, "complete": True, "eps": 0.05, "clean_accuracy": 0.5, "pgd_accuracy": 0.4,
         "ibp_verified_accuracy": 0.1, "crown_verified_accuracy": 0.2, "alpha_crown_verified_accuracy": 0.25,
-        "verified_accuracy": 0.3, "counts": {"verified-milp": 2, "timeout": 1}, "median_time_s": 0.5,
-        "settings": settings}))
+        "verified_accuracy": 0.3, "counts": {"misclassified": 20, "attacked": 7, "verified-ibp": 4, "verified-crown": 4,
+                                             "verified-alpha-crown": 2, "verified-milp": 2, "timeout": 1},
+        "median_time_s": 0.5, "settings": settings}))
+    _write_rows(run, counts)
     card = reporting.model_card(run)
     assert "| verified accuracy" in card and "30.0%" in card and "25.0%" in card
     assert "complete verifier `milp`, timeout 7.0 s per point" in card and "timeout 1" in card
-    assert f"certkd verify {run} --timeout 7 --engine milp --limit 30" in card
+    assert f"certkd verify {run} --timeout 7 --engine milp --limit 40" in card
+    assert "disagrees" not in card  # the summary follows from its rows
     md = reporting.write_report([run], tmp_path / "rep")
     assert "verify" in (tmp_path / "rep" / "report.md").read_text() and md["groups"] == ["cc-ibp"]
 

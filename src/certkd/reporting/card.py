@@ -14,7 +14,8 @@ from certkd.errors import CertkdError
 from certkd.reporting.commands import evaluate_command, train_command, verify_command
 from certkd.reporting.records import FAMILIES, load_run, measured_on
 from certkd.reporting.tables import _markdown_table
-from certkd.runs import CONFIG_FILE, EVALUATION_FILE, VERIFICATION_FILE, checkpoints_dir, config_path, is_run_dir
+from certkd.runs import (CONFIG_FILE, EVALUATION_FILE, VERIFICATION_FILE, VERIFICATION_ROWS_FILE, checkpoints_dir,
+                         config_path, is_run_dir)
 
 def _teacher_info(teacher: str) -> Tuple[Optional[str], str]:
     """(method, description) of a teacher path; the method is None when it cannot be read."""
@@ -205,12 +206,12 @@ def write_card(run, out=None) -> Path:
 
 
 RELEASE_FILES = ("model.safetensors", "meta.json", "MODEL_CARD.md", CONFIG_FILE, EVALUATION_FILE, VERIFICATION_FILE,
-                 "SHA256SUMS")
+                 VERIFICATION_ROWS_FILE, "SHA256SUMS")
 
 
 def make_release(run, out_dir) -> Path:
     """A self-contained folder: weights + meta of the latest checkpoint, model card, config and the
-    evaluation/verification summaries. ``certkd.load_model(out_dir)`` loads it. Returns ``out_dir``."""
+    evaluation/verification summaries (with the verification's per-point rows). ``certkd.load_model(out_dir)`` loads it. Returns ``out_dir``."""
     rec = load_run(run)
     if rec.checkpoint is None or rec.meta is None:
         raise CertkdError(f"{rec.path} has no checkpoint; train it first")
@@ -228,12 +229,15 @@ def make_release(run, out_dir) -> Path:
         "MODEL_CARD.md": model_card(run, release_dir=out).encode(),
         CONFIG_FILE: config_path(rec.path).read_bytes(),
     }
-    for name in (EVALUATION_FILE, VERIFICATION_FILE):
+    for name in (EVALUATION_FILE, VERIFICATION_FILE, VERIFICATION_ROWS_FILE):
         src = rec.path / name
-        if src.exists() and (name != VERIFICATION_FILE or rec.verification is not None):
+        if src.exists() and (name == EVALUATION_FILE or rec.verification is not None):
             contents[name] = src.read_bytes()
         elif (out / name).exists():
             (out / name).unlink()  # stale summary from an earlier release
+    if VERIFICATION_FILE in contents and json.loads(contents[VERIFICATION_FILE]) != rec.verification:
+        # the summary disagreed with its rows (load_run warned): release the one recomputed from the rows
+        contents[VERIFICATION_FILE] = (json.dumps(rec.verification, indent=2, sort_keys=True) + "\n").encode()
     sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in sorted(contents.items()))
     contents["SHA256SUMS"] = sums.encode()
     # meta.json goes first and comes back last: a crash never pairs new weights with another run's meta

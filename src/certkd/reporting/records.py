@@ -14,7 +14,7 @@ from certkd.config import TrainConfig
 from certkd.methods import method_category
 from certkd.errors import CertkdError
 from certkd.runs import (EVALUATION_FILE, VERIFICATION_FILE, evaluation_path, is_run_dir, metrics_path,
-                         read_stored_config, result_warnings, verification_path, weights_sha256)
+                         read_stored_config, result_warnings, verification_path, verification_rows_path, weights_sha256)
 
 #: (key, label) of the report table, in column order.
 REPORT_METRICS = (("clean_accuracy", "clean"), ("pgd_accuracy", "PGD"), ("ibp_verified_accuracy", "IBP"),
@@ -161,6 +161,8 @@ def load_run(path, name: Optional[str] = None) -> RunRecord:
     rec.evaluation = _read_json(evaluation_path(p), rec.warnings, ev_hint)
     ver = _read_json(verification_path(p), rec.warnings, f"rerun `certkd verify {shlex.quote(str(p))}`")
     if ver is not None:
+        ver = checked_against_rows(ver, p, rec.warnings)
+    if ver is not None:
         if ver.get("complete", True) and ver.get("n", 0):
             rec.verification = ver
         else:
@@ -188,6 +190,61 @@ def load_run(path, name: Optional[str] = None) -> RunRecord:
         rec.warnings.append(f"evaluation.json is from epoch {rec.evaluation.get('checkpoint_epoch')} but the latest "
                             f"checkpoint is epoch {rec.epoch}; rerun `certkd evaluate {shlex.quote(str(p))}`")
     return rec
+
+
+# The order in which a disagreement is named: the number of points, then the headline number.
+_CHECK_ORDER = ("n", "verified_accuracy", "counts", "crown_verified_accuracy", "alpha_crown_verified_accuracy",
+                "ibp_verified_accuracy", "clean_accuracy", "pgd_accuracy", "empirical_robust_accuracy",
+                "falsified_by_verifier", "median_time_s")
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    if isinstance(b, dict):  # counts: a status missing from an older summary counts 0
+        return isinstance(a, dict) and all(a.get(k, 0) == v for k, v in b.items()) and set(a) <= set(b)
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        return False
+    return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+
+
+def checked_against_rows(ver: Dict[str, Any], run: Path, warnings: List[str]) -> Optional[Dict[str, Any]]:
+    """A complete ``verification.json`` checked against the per-point rows of ``verification.jsonl``.
+
+    The summary is what ``report`` and ``card`` show, so it must follow from the rows: the numbers are
+    recomputed with the verifier's own :func:`certkd.verification.pipeline.summarize_rows`. When they
+    disagree (a hand-edited or mixed-up file) the numbers from the rows replace the summary's, with a
+    one-line warning; without readable rows the summary is not used. An incomplete summary is returned
+    as it is (:func:`load_run` reports it as incomplete and uses none of its numbers).
+    """
+    if not (ver.get("complete", True) and ver.get("n", 0)):
+        return ver
+    from certkd.verification.pipeline import ROW_KEYS, read_rows, summarize_rows
+
+    fix = f"rerun `certkd verify {shlex.quote(str(run))} --force`"
+    rows_path = verification_rows_path(run)
+    if not rows_path.is_file():
+        warnings.append(f"verification.json has no verification.jsonl beside it, so its numbers cannot be checked "
+                        f"against the per-point results: not used; {fix}")
+        return None
+    try:
+        numbers = summarize_rows(read_rows(rows_path))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        warnings.append(f"verification.jsonl is not a list of verification results ({e}): verification.json not "
+                        f"used; {fix}")
+        return None
+    diff = [k for k in _CHECK_ORDER if k in ROW_KEYS and k in ver and not _same_number(ver[k], numbers[k])]
+    if not diff:
+        return ver
+    k = diff[0]
+    shown = {side: (f"{100 * v:.1f}%" if k.endswith("accuracy") and isinstance(v, (int, float)) else
+                    json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v))
+             for side, v in (("stored", ver[k]), ("rows", numbers[k]))}
+    warnings.append(f"verification.json disagrees with verification.jsonl ({k} {shown['stored']} in the summary, "
+                    f"{shown['rows']} from its {numbers['n']} rows): the numbers from the rows are used; {fix}")
+    n_req = ver.get("n_requested")
+    complete = numbers["n"] == (n_req if isinstance(n_req, int) and not isinstance(n_req, bool) else ver.get("n"))
+    return dict(ver, **numbers, complete=complete)
 
 
 def _drop_other_weights(rec: RunRecord) -> None:
