@@ -237,7 +237,8 @@ def test_cli_threads_100000_runs_with_the_cap(two_cores, monkeypatch, capsys):
 
 def test_help_says_what_the_thread_cap_is(capsys):
     main(["train", "--help"])
-    assert "more than max(64, usable cores) is capped there, with a warning" in " ".join(capsys.readouterr().out.split())
+    text = " ".join(capsys.readouterr().out.split())
+    assert "more than max(64, usable cores) is capped there, with a warning" in text
 
 
 # ------------------------------------------------------------------------------------------ --set / --seed

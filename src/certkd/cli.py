@@ -113,13 +113,13 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
     if retry_errors and not instances_csv:
         raise CertkdError("--retry-errors is for --instances (it verifies the error rows of a results CSV again); "
                           "drop it")
-    if timeout is not None:
+    if timeout is not None and not run:  # a RUN's timeout is checked with its other settings (VerifyConfig)
         from certkd.verification.instances import positive_seconds
 
         timeout = positive_seconds(timeout, "--timeout", "pass e.g. --timeout 60")
     if onnx_path:
         from certkd.verification.instances import check_output_file
-        from certkd.verification.onnx_verify import verify_instance
+        from certkd.verification.api import verify_instance
 
         if out_dir:  # refused before the verification, not after it
             check_output_file(out_dir, example="result.txt")

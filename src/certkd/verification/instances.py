@@ -116,8 +116,8 @@ def check_output_file(path: PathLike, option: str = "--out", example: str = "res
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise CertkdError(f"cannot write {option} {p}: {folder} is a file, not a folder; pass a path whose folders "
-                          f"are folders, e.g. {option} {example}")
+        raise CertkdError(f"cannot write {option} {p}: {folder} is a file, not a folder; choose an {option} "
+                          f"outside it, e.g. {option} {example}")
     if not os.access(folder, os.W_OK | os.X_OK) or (p.is_file() and not os.access(p, os.W_OK)):
         raise CertkdError(f"cannot write {option} {p} (permission denied); choose a writable {option}")
     return p
