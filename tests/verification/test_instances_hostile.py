@@ -151,6 +151,49 @@ def test_a_file_read_past_the_deadline_is_a_timeout_row(bench, tmp_path, monkeyp
     assert [r[4] for r in rows] == ["timeout"] and not called and float(rows[0][3]) >= 0.3
 
 
+def test_the_property_reader_gets_the_deadline_and_the_network_sizes(bench, tmp_path, monkeypatch):
+    import time
+
+    import certkd.verification.vnnlib as vnnlib
+
+    real, seen = vnnlib.read_property, []
+
+    def spy(path, **kw):
+        seen.append(kw)
+        return real(path, **kw)
+
+    monkeypatch.setattr(vnnlib, "read_property", spy)
+    csv_path = write_csv(bench, [("a/net.onnx", "unsat.vnnlib", 7)])
+    before = time.perf_counter()
+    run_instances(csv_path, out=tmp_path / "r.csv", **QUIET)
+    (kw,) = seen
+    assert (kw["num_inputs"], kw["num_outputs"]) == (2, 2)
+    assert before + 7 <= kw["deadline"] <= time.perf_counter() + 7
+
+
+def test_a_parse_timeout_is_a_timeout_row_not_an_error(bench, tmp_path, monkeypatch):
+    import certkd.verification.vnnlib as vnnlib
+
+    def too_slow(path, **kw):
+        raise vnnlib.ParseTimeout(f"{path}: reading the VNN-LIB property ran past the time limit")
+
+    monkeypatch.setattr(vnnlib, "read_property", too_slow)
+    csv_path = write_csv(bench, [("a/net.onnx", "unsat.vnnlib", 5)])
+    rows = run_instances(csv_path, out=tmp_path / "r.csv", **QUIET)
+    assert [r[4] for r in rows] == ["timeout"]
+    assert not error_path(tmp_path / "r.csv", "a/net.onnx", "unsat.vnnlib").exists()
+
+
+def test_a_property_for_another_network_size_is_an_error_row(bench, tmp_path):
+    (bench / "three.vnnlib").write_text("".join(f"(declare-const X_{i} Real)\n" for i in range(3)) +
+                                        "(declare-const Y_0 Real)\n(assert (>= Y_0 0.0))\n")
+    csv_path = write_csv(bench, [("a/net.onnx", "three.vnnlib", 5), ("a/net.onnx", "unsat.vnnlib", 5)])
+    rows = run_instances(csv_path, out=tmp_path / "r.csv", **QUIET)
+    assert [r[4] for r in rows] == ["error", "unsat"]
+    reason = error_path(tmp_path / "r.csv", "a/net.onnx", "three.vnnlib").read_text()
+    assert "three.vnnlib" in reason and "X_2" in reason and reason.count("\n") == 1
+
+
 # ------------------------------------------------------------------------------------------ error rows
 
 def test_bad_instances_become_error_rows_and_the_benchmark_goes_on(bench, tmp_path, monkeypatch):

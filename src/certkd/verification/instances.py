@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import math
 import os
 import re
@@ -131,17 +130,10 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _read_property(read_property: Callable, path: Path, net, deadline: float):
-    """``read_property(path)``, with the network's sizes and the deadline where the reader takes them."""
-    params = inspect.signature(read_property).parameters
-    kwargs = {}
-    if "deadline" in params:
-        kwargs["deadline"] = deadline
-    if "num_inputs" in params:
-        kwargs["num_inputs"] = math.prod(int(s) for s in net.input_shape)
-    if "num_outputs" in params:
-        kwargs["num_outputs"] = math.prod(int(s) for s in net.shapes(tuple(net.input_shape))[-1])
-    return read_property(path, **kwargs)
+def _sizes(net) -> Tuple[int, int]:
+    """(inputs, outputs) of one sample of ``net``: the VNN-LIB reader checks declarations against them."""
+    shape = tuple(int(s) for s in net.input_shape)
+    return math.prod(shape), math.prod(int(s) for s in net.shapes(shape)[-1])
 
 
 def _one(job) -> Tuple[List[str], Optional[str]]:
@@ -155,14 +147,14 @@ def _one(job) -> Tuple[List[str], Optional[str]]:
     from certkd.verification import vnnlib as reader
     from certkd.verification.onnx_verify import verify_network
 
-    read_property = reader.read_property
-    parse_timeout = getattr(reader, "ParseTimeout", TimeoutError)  # the reader's "past the deadline"
     t0 = time.perf_counter()
     deadline = t0 + timeout  # the timeout covers reading the files too
     reason = None
     try:
         net = from_onnx(Path(root) / onnx)
-        prop = _read_property(read_property, Path(root) / vnnlib, net, deadline)
+        num_inputs, num_outputs = _sizes(net)
+        prop = reader.read_property(Path(root) / vnnlib, num_inputs=num_inputs, num_outputs=num_outputs,
+                                    deadline=deadline)
         prepare, left = time.perf_counter() - t0, deadline - time.perf_counter()
         if left <= 0:
             status, run = "timeout", 0.0
@@ -171,7 +163,7 @@ def _one(job) -> Tuple[List[str], Optional[str]]:
             status, run = res.status, res.time_s
             if status == "sat":
                 atomic_write_text(cex_path(out, onnx, vnnlib), res.text())
-    except (TimeoutError, parse_timeout):
+    except reader.ParseTimeout:  # reading the property used up the time limit
         prepare, run, status = time.perf_counter() - t0, 0.0, "timeout"
     except Exception as e:  # noqa: BLE001  any failure of one instance is that instance's error row
         prepare, run, status = time.perf_counter() - t0, 0.0, "error"
