@@ -261,3 +261,28 @@ def test_lock_left_by_killed_train_and_verify_blocks_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads((v / "verification.json").read_text())["n"] == 5
     assert sorted(p.name for p in v.iterdir()) == ["verification.json", "verification.jsonl"]
+
+
+def test_sweep_records_a_locked_run_as_failed_and_goes_on(tmp_path):
+    """Two sweeps sharing an --out: a run the other holds is `failed` with the holder's name; the
+    train/resume/skip decision is taken again under the lock, so a run finished meanwhile is not retrained."""
+    import certkd.sweep as sweep
+
+    sets = ["method=standard", "model=mlp", "model_kwargs={hidden: [16]}", "epochs=1", "eval_limit=10",
+            "test_attack_steps=2"]
+    out = tmp_path / "s"
+    holder = _hold(out / "seed=0")
+    try:
+        s = sweep.run_sweep(out, "digits-small", [], seeds="0,1", sets=sets, log=lambda line: None)
+    finally:
+        _release(holder)
+    entries = {e["name"]: e for e in s["runs"]}
+    assert entries["seed=0"]["status"] == "failed" and entries["seed=1"]["status"] == "complete"
+    assert entries["seed=0"]["error"].startswith(f"{out / 'seed=0'} is being written by pid {holder.pid} (certkd train")
+    assert not (out / "seed=0").exists()  # the holder created it for its lock only, and removed it
+
+    run = sweep.plan_sweep(out, "digits-small", [], seeds="1", sets=sets)[0]
+    before = (run.path / "metrics.jsonl").read_bytes()
+    upd = sweep._run_one(run, "new", False, None, False, lambda line: None)  # "new" when the sweep started
+    assert upd["action"] == "skipped" and (run.path / "metrics.jsonl").read_bytes() == before
+    assert not (run.path / LOCK_FILE).exists()

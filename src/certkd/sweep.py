@@ -10,6 +10,18 @@ a run of another configuration is refused before anything trains.
 Every combination is resolved and validated before the first run starts, so a typo in a key
 (``--grid alpah=...``) or a bad value fails at once with a one-line :class:`CertkdError`.
 
+A grid value is compared after parsing, as the config stores it: ``lr=0.001,1e-3`` or
+``eps=2/255,0.00784313725490196`` name one value twice and are refused with one line naming both
+(they would train the same configuration twice, which ``report`` would then average as two seeds).
+Numbers equal to 9 significant digits count as the same value (:func:`same_value`), so a fraction
+and its decimal expansion written to 9 or more digits are one value; ``eps=2/255,0.0078`` are two.
+As a last check, two combinations that resolve to the same configuration are refused too.
+
+While a run trains, the sweep holds its folder's lock (:func:`certkd.runs.lock_run_dir`) and decides
+there whether to train, resume or skip it: two sweeps sharing an ``--out`` never train one run twice
+at once, and one never restarts a run the other has just finished; a run locked by another process is
+recorded as ``failed`` with the holder's name, and the sweep goes on.
+
 Several devices: ``devices=["cuda:0", "cuda:1"]`` (``--devices cuda:0,cuda:1``) starts one
 worker process per device (spawned, so CUDA initialises cleanly in each); the workers take the
 pending combinations from one queue in grid order, each with ``device`` set to its own, and
@@ -22,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import math
 import multiprocessing
 import re
 import shlex
@@ -38,7 +52,8 @@ from certkd.checkpoints import latest_checkpoint, read_meta
 from certkd.config import TrainConfig, apply_overrides, resolve_config
 from certkd.config import parse_sets as _parse_sets
 from certkd.errors import CertkdError
-from certkd.runs import SWEEP_FILE, atomic_write_json, evaluation_path, find_config, is_run_dir, resolve_device
+from certkd.runs import (SWEEP_FILE, atomic_write_json, evaluation_path, find_config, is_run_dir, lock_run_dir,
+                         resolve_device)
 
 GridSpec = Union[Sequence[str], Mapping[str, Sequence[Any]]]
 #: Keys that may differ between a stored run and the sweep without making it another run.
@@ -102,9 +117,44 @@ def parse_grid(grid: GridSpec) -> List[Tuple[str, List[Tuple[str, Any]]]]:
         raws = [r for r, _ in values]
         if len(set(raws)) != len(raws):
             raise CertkdError(f"--grid {name} repeats a value ({', '.join(raws)})")
+        _refuse_equal_values(name, values)
         seen.add(name)
         out.append((name, values))
     return out
+
+
+#: Numbers that agree to this relative tolerance are one grid value (a fraction and its decimal expansion).
+SAME_VALUE_REL_TOL = 1e-9
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two parsed config values are the same: equal, or numbers equal to 9 significant digits
+    (:data:`SAME_VALUE_REL_TOL`), element by element in lists and mappings."""
+    if isinstance(a, bool) or isinstance(b, bool):  # True is not the number 1 here
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or math.isclose(a, b, rel_tol=SAME_VALUE_REL_TOL, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(same_value(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _refuse_equal_values(name: str, values: Sequence[Tuple[str, Any]]) -> None:
+    """One line naming two values of ``--grid NAME`` that parse to the same config value."""
+    parsed: List[Tuple[str, Any]] = []
+    for raw, value in values:
+        try:
+            parsed.append((raw, getattr(apply_overrides(TrainConfig(), {name: value}), name)))
+        except CertkdError:  # a bad value: plan_sweep names the combination it breaks
+            continue
+    for i, (raw_a, a) in enumerate(parsed):
+        for raw_b, b in parsed[i + 1:]:
+            if same_value(a, b):
+                shown = f"{a:.9g}" if isinstance(a, float) else json.dumps(a, default=str)
+                raise CertkdError(f"--grid {name} lists one value twice: {raw_a} and {raw_b} are both {shown} "
+                                  f"(numbers equal to 9 significant digits are one value); list each value once")
 
 
 def _name_value(v: Any) -> str:
@@ -164,6 +214,7 @@ def plan_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=Non
         seed_list = [resolve_config(preset, fixed).seed]
     runs: List[SweepRun] = []
     names: Dict[str, Dict[str, Any]] = {}
+    configs: Dict[str, str] = {}  # resolved config → the first combination that has it
     for combo in itertools.product(*[values for _, values in axes]):
         overrides = {key: val for (key, _), (_, val) in zip(axes, combo)}
         label = "_".join(f"{key}={_dir_part(raw)}" for (key, _), (raw, _) in zip(axes, combo))
@@ -177,6 +228,11 @@ def plan_sweep(out, preset: Optional[str] = None, grid: GridSpec = (), seeds=Non
                 cfg = resolve_config(preset, dict(fixed, **overrides, seed=seed))
             except CertkdError as e:
                 raise CertkdError(f"sweep combination {name}: {e}") from None
+            key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+            if key in configs:
+                raise CertkdError(f"sweep combinations {configs[key]} and {name} resolve to the same configuration, "
+                                  "which would train it twice; drop one of the grid values")
+            configs[key] = name
             runs.append(SweepRun(name=name, path=Path(out) / name, overrides=overrides, seed=seed, config=cfg))
     return runs
 
@@ -226,7 +282,19 @@ def sweep_command(out, preset, grid: GridSpec, seeds, sets, evaluate: bool, eval
 
 def _run_one(run: SweepRun, state: str, evaluate: bool, eval_limit: Optional[int], progress: bool,
              log: Callable[[str], None]) -> Dict[str, Any]:
-    """Train (resume, or skip) and evaluate one combination; returns the fields of its sweep entry."""
+    """Train (resume, or skip) and evaluate one combination; returns the fields of its sweep entry.
+
+    Holds the run's lock throughout, and decides under it whether to train, resume or skip (``state``
+    was read before: another sweep sharing ``--out`` may have trained the run since)."""
+    if state == "done" and not evaluate:
+        return _run_locked(run, state, evaluate, eval_limit, progress, log)
+    with lock_run_dir(run.path, "certkd sweep"):
+        state, _ = run_state(run)
+        return _run_locked(run, state, evaluate, eval_limit, progress, log)
+
+
+def _run_locked(run: SweepRun, state: str, evaluate: bool, eval_limit: Optional[int], progress: bool,
+                log: Callable[[str], None]) -> Dict[str, Any]:
     upd: Dict[str, Any] = {}
     if state == "partial":
         upd["action"] = "resumed"

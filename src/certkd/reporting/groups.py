@@ -1,6 +1,10 @@
 """Grouping and statistics: :func:`group_runs` groups the seeds of one configuration (runs differing
 only in :data:`GROUP_IGNORED_KEYS`), names each group by the keys that distinguish it, and
 :func:`mean_std` gives the statistics of its metrics.
+
+Two runs of one configuration with the same seed are one seed, not two: the group counts one of them
+(the one with the most results, then by name) and the other gets a one-line warning, so a configuration
+trained twice (``sweep --grid lr=0.001,1e-3`` before sweeps refused it) never narrows the spread.
 """
 from __future__ import annotations
 
@@ -122,12 +126,27 @@ def _group_key(cfg: TrainConfig) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _one_run_per_seed(runs: Sequence[RunRecord]) -> List[RunRecord]:
+    """The runs of one configuration, one per seed, sorted by seed; a repeated seed is counted once and
+    the run left out gets a warning (it is still listed with the report's warnings)."""
+    ranked = sorted(runs, key=lambda r: (r.config.seed, r.verification is None, r.evaluation is None, r.name))
+    kept: Dict[int, RunRecord] = {}
+    for r in ranked:
+        first = kept.setdefault(r.config.seed, r)
+        if first is not r:
+            note = (f"same configuration and seed ({r.config.seed}) as `{first.name}`: counted once, as `{first.name}`, "
+                    "not averaged in as another seed; delete one of them or retrain it with another seed")
+            if note not in r.warnings:
+                r.warnings.append(note)
+    return list(kept.values())
+
+
 def group_runs(runs: Sequence[RunRecord]) -> List[Group]:
     """Group seeds; name each group by its method plus the keys that tell apart groups of that method."""
     by_key: Dict[str, List[RunRecord]] = {}
     for r in runs:
         by_key.setdefault(_group_key(r.config), []).append(r)
-    groups = [(json.loads(k), sorted(rs, key=lambda r: (r.config.seed, r.name))) for k, rs in by_key.items()]
+    groups = [(json.loads(k), _one_run_per_seed(rs)) for k, rs in by_key.items()]
     names: List[str] = []
     for cfg, rs in groups:
         same_method = [c for c, _ in groups if c["method"] == cfg["method"]]
