@@ -54,6 +54,7 @@ def build_workspace(w: Path) -> Path:
     (w / "adir").mkdir(exist_ok=True)
     (w / "afile").write_text("not a folder\n")
     (w / "taken_cex").write_text("not a folder either\n")
+    (w / "deep.yaml").write_text(f"model_kwargs: {DEEP}\n")
     return w
 
 
@@ -106,6 +107,8 @@ CASES: List[Case] = [
     Case("sweep --set nested 5000 levels deep", ("sweep", "--preset", "digits-small", "--set", f"hidden={DEEP}",
                                                 "--quiet") + _OUT,
          "nested more than 16 levels deep", "write a flat value"),
+    Case("preset nested 5000 levels deep", ("train", "--preset", "{w}/deep.yaml") + _OUT,
+         "nests lists or mappings thousands of levels deep", "fix the file"),
     Case("train --seed 99999999999999999999", _TRAIN + ("--seed", HUGE_SEED) + _OUT,
          f"seed must be an integer in [0, 2**32), got {HUGE_SEED}", "pass e.g. --seed 0"),
     Case("train --seed -1", _TRAIN + ("--seed", "-1") + _OUT, "seed must be an integer in [0, 2**32), got -1",
