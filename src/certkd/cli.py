@@ -84,6 +84,9 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 @click.option("--alpha-iterations", type=int, default=20, show_default=True, help="α-CROWN iterations (0: off).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of the attack and the IBP/CROWN bounds (concrete points are always re-checked in float32).")
+@click.option("--strict-rounding", is_flag=True, help="With --onnx/--instances: answer unsat only when every refuted "
+              "margin clears twice the bound on floating-point rounding, so that it holds for the network as onnxruntime "
+              "evaluates it in any order (docs/verify_onnx.md §5); closer margins answer unknown.")
 @click.option("--out", "out_dir", type=click.Path(), help="Where to write verification.json/.jsonl (default: the run); "
               "with --onnx the result file; with --instances the results CSV (default results.csv).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted verification of the same weights and settings "
@@ -97,7 +100,8 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 @THREADS_OPTION
 def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[str], instances_csv: Optional[str],
            root: Optional[str], eps: Optional[float], timeout: Optional[float], limit: Optional[int], workers: int,
-           engine: str, restarts: int, alpha_iterations: int, dtype: str, out_dir: Optional[str], resume: bool,
+           engine: str, restarts: int, alpha_iterations: int, dtype: str, strict_rounding: bool,
+           out_dir: Optional[str], resume: bool,
            retry_errors: bool, force: bool, data_dir: Optional[str], device: str, quiet: bool,
            threads: Optional[int] = None) -> None:
     """Verified robust accuracy of a run: clean → PGD → IBP → CROWN → α-CROWN → branch-and-bound
@@ -110,6 +114,9 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
     modes = [m for m, v in (("RUN", run), ("--onnx", onnx_path), ("--instances", instances_csv)) if v]
     if len(modes) != 1 or bool(onnx_path) != bool(vnnlib_path):
         raise CertkdError("give one of: RUN, --onnx MODEL.onnx --vnnlib PROP.vnnlib, or --instances instances.csv")
+    if strict_rounding and run:
+        raise CertkdError("--strict-rounding is for --onnx and --instances (a RUN's points are judged by its own "
+                          "float32 forward); drop it")
     if retry_errors and not instances_csv:
         raise CertkdError("--retry-errors is for --instances (it verifies the error rows of a results CSV again); "
                           "drop it")
@@ -123,7 +130,8 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
 
         if out_dir:  # refused before the verification, not after it
             check_output_file(out_dir, example="result.txt")
-        res = verify_instance(onnx_path, vnnlib_path, timeout=60.0 if timeout is None else timeout)
+        res = verify_instance(onnx_path, vnnlib_path, timeout=60.0 if timeout is None else timeout,
+                              strict_rounding=strict_rounding)
         text = res.text()
         if out_dir:
             from certkd.checkpoints import atomic_write_text
@@ -132,12 +140,17 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
         click.echo(text, nl=False)
         if res.note and res.status != "sat":
             click.echo(f"({res.stage}: {res.note})", err=True)
+        if res.status == "unsat":
+            click.echo(f"(unsat at {res.stage}; rounding bound {res.rounding_bound:.3g}: "
+                       + ("holds for onnxruntime's floating-point evaluation in any order)" if res.float_proof else
+                          "proved in exact arithmetic; a margin is within twice the rounding bound, see "
+                          "--strict-rounding)"), err=True)
         return
     if instances_csv:
         from certkd.verification.instances import run_instances
 
         run_instances(instances_csv, root=root, out=out_dir, workers=workers, log=click.echo, limit=limit,
-                      timeout=timeout, retry_errors=retry_errors)
+                      timeout=timeout, retry_errors=retry_errors, strict_rounding=strict_rounding)
         return
     if timeout is None:
         timeout = 60.0

@@ -155,3 +155,21 @@ def test_box_beyond_float32_range_gives_the_corner_counterexample():
                                   dtype=torch.float64), np.array([[1.0, -1.0]]), timeout=20)
     assert res.status == "sat"
     assert float(res.y[0]) <= float(res.y[1])
+
+
+def test_cli_strict_rounding(tmp_path, capsys):
+    """`certkd verify --onnx` says whether an unsat holds under onnxruntime's rounding; --strict-rounding
+    turns a margin inside twice the rounding bound into unknown (y = x − 0.5, margin 10·2⁻²³ ≈ 1.19e-6)."""
+    from certkd.cli import main
+
+    model = _save(tmp_path / "m.onnx", [helper.make_node("Sub", ["x", "h"], ["y"])],
+                  [numpy_helper.from_array(np.array([0.5], np.float32), "h")], 1, 1)
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+                    f"(assert (>= X_0 {0.5 + 10 * F32_EPS!r}))\n(assert (<= X_0 1.0))\n(assert (<= Y_0 0.0))\n")
+    args = ["verify", "--onnx", str(model), "--vnnlib", str(prop), "--timeout", "20"]
+    main(args)
+    out = capsys.readouterr()
+    assert out.out == "unsat\n" and "see --strict-rounding" in out.err
+    main(args + ["--strict-rounding"])
+    assert capsys.readouterr().out in ("unknown\n", "timeout\n")

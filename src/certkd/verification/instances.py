@@ -138,7 +138,7 @@ def _sizes(net) -> Tuple[int, int]:
 
 def _one(job) -> Tuple[List[str], Optional[str]]:
     """Worker: verify one instance; returns (results row, one-line reason of an ``error`` row or None)."""
-    benchmark, root, onnx, vnnlib, timeout, out, threads = job
+    benchmark, root, onnx, vnnlib, timeout, out, threads, strict_rounding = job
     import torch
 
     torch.set_num_threads(threads)
@@ -159,7 +159,8 @@ def _one(job) -> Tuple[List[str], Optional[str]]:
         if left <= 0:
             status, run = "timeout", 0.0
         else:
-            res = verify_network(net, prop, net.input_shape, timeout=left, onnx_source=str(Path(root) / onnx))
+            res = verify_network(net, prop, net.input_shape, timeout=left, onnx_source=str(Path(root) / onnx),
+                                 strict_rounding=strict_rounding)
             status, run = res.status, res.time_s
             if status == "sat":
                 atomic_write_text(cex_path(out, onnx, vnnlib), res.text())
@@ -198,7 +199,7 @@ def _compact(out: Path, done: Dict[Tuple[str, str], List[str]]) -> None:
 def run_instances(csv_path: PathLike, root: Optional[PathLike] = None, out: Optional[PathLike] = None,
                   workers: int = 1, timeout_fraction: float = 1.0, log: Callable[[str], None] = print,
                   limit: Optional[int] = None, timeout: Optional[float] = None,
-                  retry_errors: bool = False) -> List[List[str]]:
+                  retry_errors: bool = False, strict_rounding: bool = False) -> List[List[str]]:
     """Verify every instance of ``csv_path`` not yet in ``out``; returns all result rows in CSV order.
 
     Args:
@@ -244,7 +245,7 @@ def run_instances(csv_path: PathLike, root: Optional[PathLike] = None, out: Opti
         seconds = (t if timeout is None else timeout) * fraction
         if not math.isfinite(seconds):
             raise CertkdError(f"timeout {t:g} × fraction {fraction:g} is not finite; pass a smaller --timeout")
-        jobs.append((benchmark, str(root), o, v, seconds, str(out), threads))
+        jobs.append((benchmark, str(root), o, v, seconds, str(out), threads, strict_rounding))
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def record(result: Tuple[List[str], Optional[str]], f) -> None:

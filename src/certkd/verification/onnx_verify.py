@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from certkd.errors import CertkdError
 from certkd.graph.network import Network, Node
-from certkd.verification.vnnlib import Property, matrix_property, read_property, robustness_property
+from certkd.verification.vnnlib import Property
 
 RESULTS = ("sat", "unsat", "timeout", "unknown")
 
