@@ -6,7 +6,7 @@ start time). A second writer does not wait: it gets a one-line :class:`CertkdErr
 (exit code 2 at the CLI). The kernel releases a ``flock`` when its process dies, so a lock file left by
 a killed process (SIGKILL, power loss) never blocks the next run: the file is reused.
 
-Rules (docs/bad_inputs.md, "Two writers of one folder"):
+Rules:
 
 * The lock file is not part of a run: :func:`run_entries` leaves it out, so a folder holding only a
   lock file is empty to ``train``, and :func:`certkd.runs.is_run_dir` never looks at it.
