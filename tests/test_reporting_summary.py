@@ -119,3 +119,16 @@ def test_summary_without_readable_rows_is_not_used(verified, tmp_path, rows, pro
     warn = [w for w in rec.warnings if problem in w]
     assert len(warn) == 1 and "\n" not in warn[0] and warn[0].endswith(f"rerun `certkd verify {run} --force`")
     assert "| verified accuracy" not in reporting.model_card(run)
+
+
+def test_card_command_prints_the_disagreement(verified, tmp_path, capsys):
+    """`certkd card` says on stderr what the card's caveats say, so a hand-edited summary is not missed."""
+    from certkd.cli import main
+
+    run = _copy(verified, tmp_path)
+    summary = json.loads((run / "verification.json").read_text())
+    summary.update(verified_accuracy=1.0)
+    (run / "verification.json").write_text(json.dumps(summary))
+    main(["card", str(run), "--out", str(tmp_path / "card.md")])
+    err = capsys.readouterr().err
+    assert "warning: verification.json disagrees with verification.jsonl" in err

@@ -237,8 +237,11 @@ def report(runs: Sequence[str], out_dir: str) -> None:
 def card(run: str, out_path: Optional[str], release_dir: Optional[str]) -> None:
     """Markdown model card of a trained run: architecture, data, ε, method, teacher, metrics, commands."""
     from certkd.reporting import make_release, write_card
+    from certkd.reporting.records import load_run
 
     click.echo(f"model card written to {write_card(run, out_path)}")
+    for w in load_run(run).warnings:  # also in the card's caveats; said here so that they are not missed
+        click.echo(f"warning: {w}", err=True)
     if release_dir:
         make_release(run, release_dir)
         click.echo(f"release folder written to {release_dir}; load it with certkd.load_model({release_dir!r})")
