@@ -82,6 +82,20 @@ def main() -> int:
     print("|---|---|---|---|")
     for name, cmd, code, err in rows:
         print(f"| {_cell(name)} | `{_cell(cmd, 160)}` | {code} | {_cell(err)} |")
+    api = _load_catalogue("verification/test_verify_api.py")
+    print("\n## Python API: `certkd.verify_model`\n")
+    print("Each raises `certkd.CertkdError` with this one line (`m` is a small MLP with 4 inputs and 3 outputs;")
+    print("the cases are `API_CASES` of `tests/verification/test_verify_api.py`).\n")
+    print("| case | call | message |")
+    print("|---|---|---|")
+    for name, code, words in api.API_CASES:
+        try:
+            msg = api.api_case_message(code)
+        except AssertionError as e:
+            msg = f"BAD: {e}"
+        if "\n" in msg or not all(w in msg for w in words) or msg.startswith("BAD"):
+            failures.append(name)
+        print(f"| {_cell(name)} | `{_cell(code)}` | {_cell(msg)} |")
     if failures:
         print(f"{len(failures)} cases misbehaved: {', '.join(failures)}", file=sys.stderr)
         return 1

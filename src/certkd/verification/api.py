@@ -82,6 +82,9 @@ def _module_network(model: nn.Module, lo: np.ndarray, input_shape: Optional[Sequ
         with torch.no_grad():
             out = private(torch.zeros((1,) + shape, dtype=dtype))
     except Exception as e:
+        if len(shape) > 1 and _runs(private, shape[1:], dtype):
+            raise CertkdError(f"lower/upper have shape {shape}, a batch of {shape[0]} samples of shape {shape[1:]}; "
+                              "verify_model takes one sample's bounds: verify one sample at a time") from None
         raise CertkdError(f"the model does not take one sample of shape {shape} "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass lower/upper of one "
                           "sample's shape, without a batch dimension") from None
@@ -91,6 +94,15 @@ def _module_network(model: nn.Module, lo: np.ndarray, input_shape: Optional[Sequ
         raise CertkdError(f"the model maps one sample of shape {shape} to outputs of shape {tuple(out.shape[1:])}: "
                           f"lower/upper look like a batch of {shape[0]}; verify one sample at a time")
     return from_module(private), private, shape
+
+
+def _runs(model: nn.Module, shape: Tuple[int, ...], dtype: torch.dtype) -> bool:
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1,) + tuple(shape), dtype=dtype))
+        return True
+    except Exception:
+        return False
 
 
 def _property(spec, lo: np.ndarray, hi: np.ndarray, k: int, given_box: bool) -> Property:
