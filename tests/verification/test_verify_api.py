@@ -91,3 +91,21 @@ def test_float64_module_is_verified_in_float64():
     assert res.status == "sat" and res.y.dtype == np.float64 and float(res.y[0]) < 0
     res = certkd.verify_model(nn.Sequential(lin), x, x, np.array([[-1.0]]), timeout=20)
     assert res.status == "unsat" and res.float_proof
+
+
+def test_twenty_thousand_way_or_is_decided_within_its_time_limit(tmp_path):
+    """An `or` of 20,000 disjuncts used to spend 30 s in the bounds' (m x m) label matrix and PGD's per-disjunct
+    loop; the rows now go to the engines as one (m x K) specification, so it is decided well inside 20 s."""
+    import random
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 10))
+    rng = random.Random(0)
+    lines = [f"(declare-const X_{i} Real)" for i in range(5)] + [f"(declare-const Y_{j} Real)" for j in range(10)]
+    lines += [f"(assert (>= X_{i} 0.0))\n(assert (<= X_{i} 0.01))" for i in range(5)]
+    lines.append("(assert (or " + " ".join(f"(and (>= Y_{rng.randrange(1, 10)} {rng.uniform(5, 9)!r}))"
+                                           for _ in range(20000)) + "))")
+    path = tmp_path / "or.vnnlib"
+    path.write_text("\n".join(lines) + "\n")
+    res = certkd.verify_model(net, spec=str(path), timeout=20)
+    assert res.status == "unsat" and res.stage == "ibp" and res.time_s < 20
