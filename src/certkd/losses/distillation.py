@@ -17,6 +17,12 @@ sum or a mean over the feature dimension (the last dimension) and ``phi`` is
 * ``"l2"``:   ``s**2``, then ``sqrt`` of the reduced value (``l2 = sqrt(l2sq)``,
   so with ``reduction="mean"`` it is the root-mean-square difference).
 
+``"cosine"`` is not of that form: ``D(v, t) = 1 - cos(v, t)`` per sample (:mod:`certkd.losses.cosine`),
+scale-free, with reduction ``"sum"`` only; its box version is a sound upper bound rather than the
+exact maximum, and CC-Dist combines it with the box only (combination ``"box"``). The config's
+``"standardized"`` distance is ``"l2sq"`` on features divided by the teacher's per-feature std, a
+scaling the training method applies before calling these functions (docs/method.md §7.4).
+
 Per-sample functions return shape ``(N,)`` (more generally ``(*batch,)`` for inputs
 of shape ``(*batch, m)``); reducing over the batch is the caller's job, except for
 :func:`exp_dist_distance` and :func:`logit_distillation_loss`, which are defined on
@@ -44,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from certkd.choices import DIST_COMBINATIONS, DIST_DISTANCES, DIST_REDUCTIONS
+from certkd.losses.cosine import cosine_distance, cosine_distance_bound
 from certkd.distributed import LOCAL, Shard
 from certkd.errors import CertkdError
 
@@ -63,7 +70,8 @@ __all__ = [
 ]
 
 # The valid setting names: certkd.choices owns them (the CLI reads them there without torch).
-DISTANCES = DIST_DISTANCES
+# "standardized" is l2sq after a scaling the method applies (it needs the teacher's statistics): not a formula here.
+DISTANCES = tuple(d for d in DIST_DISTANCES if d != "standardized")
 REDUCTIONS = DIST_REDUCTIONS
 COMBINATIONS = DIST_COMBINATIONS
 
@@ -103,6 +111,9 @@ def _check_names(distance: str, reduction: str) -> None:
         raise DistillationError(
             f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}"
         )
+    if distance == "cosine" and reduction != "sum":
+        raise DistillationError("the cosine distance is one number per sample, reduced over no feature: "
+                                "use reduction 'sum' (the default) with it")
 
 
 def _check_combination(combination: str) -> None:
@@ -187,6 +198,8 @@ def feature_distance(
     """
     _check_names(distance, reduction)
     _check_teacher(v, t)
+    if distance == "cosine":
+        return cosine_distance(v, t)
     return _reduce((v - t).abs(), distance, reduction)
 
 
@@ -220,7 +233,8 @@ def worst_case_feature_distance(
 
     Equals ``R_k phi(|c_k - t_k| + r_k)`` = ``D(ĥ, t)``; since every ``phi`` is
     non-decreasing in ``|v_k - t_k|`` and the problem is separable, this is the exact
-    maximum over the box for all :data:`DISTANCES` and :data:`REDUCTIONS`.
+    maximum over the box for l2sq, l1 and l2 and both :data:`REDUCTIONS`. For ``"cosine"``
+    it is the sound upper bound :func:`certkd.losses.cosine.cosine_distance_bound`.
 
     Args:
         lower, upper: IBP feature box, shape ``(N, m)``, ``lower <= upper``.
@@ -233,6 +247,8 @@ def worst_case_feature_distance(
     _check_names(distance, reduction)
     _check_teacher(lower, target, "student feature bounds")
     _check_box(lower, upper, target, "teacher features")
+    if distance == "cosine":
+        return cosine_distance_bound(lower, upper, target)
     return _reduce(_worst_gap(lower, upper, target), distance, reduction)
 
 
@@ -259,7 +275,8 @@ def cc_dist_distance(
 
     All three equal ``feature_distance(a, t)`` at ``alpha == 0`` and
     ``worst_case_feature_distance(l, u, t)`` at ``alpha == 1`` exactly; for ``a`` in the
-    box, D^A <= D^B <= D^C.
+    box, D^A <= D^B <= D^C. The ``"cosine"`` distance takes the ``"box"`` combination only
+    (its bound over ``B_alpha``); the other two are refused.
 
     Args:
         adv_features: student features ``a`` at the adversarial point, shape ``(N, m)``.
@@ -275,6 +292,9 @@ def cc_dist_distance(
     a_ = _check_alpha(alpha)
     _check_combination(combination)
     _check_names(distance, reduction)
+    if distance == "cosine" and combination != "box":
+        raise DistillationError(f"the cosine distance has no {combination!r} combination (it has no worst-case "
+                                "point per coordinate): use combination 'box'")
     _check_teacher(adv_features, target)
     _check_box(lower, upper, adv_features, "student features")
     if a_ == 0.0:
@@ -289,6 +309,8 @@ def cc_dist_distance(
         base = b_ * adv_features
         # Endpoints of B_alpha = (1-alpha) a + alpha [l, u]; the farther one from t gives
         # |(1-alpha) a + alpha c - t| + alpha r.
+        if distance == "cosine":
+            return cosine_distance_bound(base + a_ * lower, base + a_ * upper, target)
         delta = _worst_gap(base + a_ * lower, base + a_ * upper, target)
     else:  # "distance"
         delta = a_ * _worst_gap(lower, upper, target) + b_ * (adv_features - target).abs()
