@@ -14,9 +14,13 @@ DATASETS: Tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "ima
 MODELS: Tuple[str, ...] = ("cnn-small", "cnn7", "cnn7-imagenet", "cnn7-w16", "cnn7-w32", "mlp")  # built-in, sorted
 ENGINES: Tuple[str, ...] = ("bab", "milp", "none")  # complete stage of ``certkd verify``
 DIST_COMBINATIONS: Tuple[str, ...] = ("literal", "box", "distance")
-DIST_DISTANCES: Tuple[str, ...] = ("l2sq", "l1", "l2")
+# l2sq/l1/l2/cosine are formulas of certkd.losses.distillation; standardized is l2sq on features divided by the
+# teacher's per-feature std (the method applies the scaling: certkd.methods._certified)
+DIST_DISTANCES: Tuple[str, ...] = ("l2sq", "l1", "l2", "cosine", "standardized")
 DIST_REDUCTIONS: Tuple[str, ...] = ("sum", "mean")
-DIST_TARGETS: Tuple[str, ...] = ("teacher", "zero")  # what the distillation term pulls the student's features to
+# what the distillation term pulls the student's features to: the teacher's features of the sample, 0 (no teacher),
+# or the mean teacher feature of the sample's class over the training set (labels only)
+DIST_TARGETS: Tuple[str, ...] = ("teacher", "zero", "class-mean")
 FEATURE_ADAPTERS: Tuple[str, ...] = ("none", "linear")
 OPTIMIZERS: Tuple[str, ...] = ("adam", "sgd")
 

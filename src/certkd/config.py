@@ -15,7 +15,7 @@ import yaml
 
 from certkd.choices import eps_error
 from certkd.errors import CertkdError
-from certkd.methods import method_names
+from certkd.methods import method_class, method_names
 from certkd.options import OPTIONS, check_choice, did_you_mean
 from certkd.presets import (PRESET_MAX_BYTES, builtin_presets, config_dirs, list_presets,  # noqa: F401 (re-exported)
                             load_preset, parse_yaml_mapping, preset_description, read_yaml_mapping)
@@ -125,17 +125,13 @@ class TrainConfig:
             raise CertkdError("eps_start must be >= 1 and eps_length >= 0 (epochs)")
         if self.attack_steps < 0:
             raise CertkdError(f"attack_steps must be >= 0, got {self.attack_steps}")
-        if self.dist_target == "zero" and self.method == "cc-ibp-kd":
-            raise CertkdError("dist_target zero is for feature distillation; cc-ibp-kd distils a teacher's logits: "
-                              "use another distillation method or dist_target teacher")
+        if self.amp and self.method not in EMPIRICAL_METHODS:
+            raise CertkdError("AMP is off for certified losses: bounds in reduced precision are not sound; drop --amp")
         if self.dist_target == "zero" and self.feature_adapter != "none":
             raise CertkdError("dist_target zero with a feature adapter is trivial (the adapter maps everything to 0); "
                               "use --feature-adapter none")
-        if self.amp and self.method not in EMPIRICAL_METHODS:
-            raise CertkdError("AMP is off for certified losses: bounds in reduced precision are not sound; drop --amp")
-        if self.method in DISTILLATION_METHODS and self.dist_target == "teacher" and not self.teacher:
-            raise CertkdError(f"method '{self.method}' distils a teacher: pass --teacher RUN_DIR "
-                              "(train one with 'certkd teacher'), or --dist-target zero for the no-teacher control")
+        if self.method in DISTILLATION_METHODS:
+            self._check_distillation()
         if self.eval_limit is not None and self.eval_limit < 1:
             raise CertkdError(f"eval_limit must be >= 1, got {self.eval_limit}; pass a positive number of points or leave it unset for all")
         if self.train_limit is not None and self.train_limit < 1:
@@ -144,6 +140,44 @@ class TrainConfig:
         if bad:
             raise CertkdError(f"{bad[0]}; {bad[1]}")
         return self
+
+    def _check_distillation(self) -> None:
+        """The distillation settings that do not go together (docs/method.md §7.4, §7.9-§7.11), one line each."""
+        target, dist = self.dist_target, self.dist_distance
+        if not method_class(self.method).needs_teacher:  # cc-ibp-width: a penalty on the student's own box
+            if self.teacher:
+                raise CertkdError(f"method '{self.method}' penalises the student's feature box and uses no teacher; "
+                                  "drop --teacher (or use cc-dist to distil one)")
+            if target != "teacher":
+                raise CertkdError(f"method '{self.method}' has no distillation target; drop --dist-target {target}")
+            if dist in ("cosine", "standardized"):
+                raise CertkdError(f"method '{self.method}' measures its box with l2sq, l1 or l2, not {dist}; "
+                                  "pass --dist-distance l1 (summed widths) or l2sq")
+            return
+        if target != "teacher" and self.method == "cc-ibp-kd":
+            raise CertkdError(f"dist_target {target} is for feature distillation; cc-ibp-kd distils a teacher's "
+                              "logits: use another distillation method or dist_target teacher")
+        if target == "teacher" and not self.teacher:
+            raise CertkdError(f"method '{self.method}' distils a teacher: pass --teacher RUN_DIR "
+                              "(train one with 'certkd teacher'), or --dist-target zero for the no-teacher control")
+        if target == "class-mean" and not self.teacher:
+            raise CertkdError("dist_target class-mean targets a teacher's mean feature of each class: pass "
+                              "--teacher RUN_DIR (train one with 'certkd teacher')")
+        if self.method == "cc-ibp-kd":
+            return
+        if dist == "standardized" and target == "zero":
+            raise CertkdError("dist_distance standardized divides by the teacher's feature std and needs a teacher; "
+                              "use dist_target teacher or class-mean, or another distance")
+        if dist == "cosine":
+            if target == "zero":
+                raise CertkdError("the cosine distance to 0 is constant (1) and teaches nothing; use dist_target "
+                                  "teacher or class-mean, or another distance with dist_target zero")
+            if self.dist_reduction != "sum":
+                raise CertkdError("the cosine distance is one number per sample, reduced over no feature: use "
+                                  "dist_reduction sum (the default)")
+            if self.dist_combination != "box":
+                raise CertkdError(f"the cosine distance has no '{self.dist_combination}' combination (no worst-case "
+                                  "point per feature): use --dist-combination box (the default)")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -94,13 +94,16 @@ OPTIONS: Tuple[Option, ...] = (
     Option("beta", "Distillation weight β (0 turns distillation off).", "--beta", STUDENT),
     Option("dist_combination", "How CC-Dist combines the box and the adversarial point (docs/method.md §7.3).",
            "--dist-combination", STUDENT, choices=lambda: C.DIST_COMBINATIONS),
-    Option("dist_distance", "Distance of the distillation term (docs/method.md §7.4).", scope=STUDENT,
-           choices=lambda: C.DIST_DISTANCES),
-    Option("dist_reduction", "Reduction of that distance over the features.", scope=STUDENT,
-           choices=lambda: C.DIST_REDUCTIONS),
+    Option("dist_distance", "Distance of the distillation term (docs/method.md §7.4): l2sq, l1, l2; cosine "
+           "(1 - cos, scale-free); standardized (l2sq on features divided by the teacher's per-feature std).",
+           "--dist-distance", STUDENT, choices=lambda: C.DIST_DISTANCES),
+    Option("dist_reduction", "Reduction of that distance over the features: sum or mean (cosine: sum).",
+           "--dist-reduction", STUDENT, choices=lambda: C.DIST_REDUCTIONS),
     Option("dist_warmup", "Distil during the ε warm-up too (docs/method.md §7.7).", scope=STUDENT),
     Option("dist_target", "teacher: the teacher's clean features; zero: distil towards 0, no teacher needed (the "
-           "control of docs/method.md §7.9).", "--dist-target", STUDENT, choices=lambda: C.DIST_TARGETS),
+           "feature-norm control of docs/method.md §7.9); class-mean: the teacher's mean feature of the sample's "
+           "class over the training set (labels only, §7.10).", "--dist-target", STUDENT,
+           choices=lambda: C.DIST_TARGETS),
     Option("feature_adapter", "linear: a learned linear map on the student's side, from student to teacher "
            "features, trained with the student; IBP maps the box exactly.", "--feature-adapter", STUDENT,
            choices=lambda: C.FEATURE_ADAPTERS),

@@ -95,10 +95,12 @@ def _by_hand(parts, method):
         return L.adversarial_loss(d_adv) + beta * D.feature_distance(a, t, **dist).mean()
     lb, fb, d_adv = _bounds(m, lo, hi, y, x_adv)
     a = fb.point_output
-    if method in ("cc-ibp", "cc-ibp-kd"):
+    if method in ("cc-ibp", "cc-ibp-kd", "cc-ibp-width"):
         loss = L.cc_ibp_loss(lb, d_adv, alpha)
         if method == "cc-ibp-kd":
             loss = loss + beta * D.logit_distillation_loss(m.head(a), teacher.logits(x_adv), cfg.kd_temperature)
+        if method == "cc-ibp-width":  # docs/method.md §7.11: the distance between the feature box's corners
+            loss = loss + beta * D.feature_distance(fb.upper, fb.lower, **dist).mean()
         return loss
     if method in ("mtl-ibp", "mtl-dist"):
         loss = L.mtl_ibp_loss(lb, d_adv, alpha)
@@ -129,11 +131,12 @@ def test_config_lists_come_from_the_registry():
     assert EMPIRICAL_METHODS == ("standard", "pgd-at", "trades")
     assert CERTIFIED_METHODS == ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr")
     assert DISTILLATION_METHODS == ("cc-dist", "mtl-dist", "exp-dist", "sabr-dist", "adv-dist", "ibp-dist",
-                                    "cc-ibp-kd")
+                                    "cc-ibp-kd", "cc-ibp-width")
     assert METHODS == method_names()
     for name in METHODS:
         assert method_class(name).name == name
-        assert method_class(name).needs_teacher == (name in DISTILLATION_METHODS)
+        # every distillation method but the box-width penalty (docs/method.md §7.11) distils a teacher
+        assert method_class(name).needs_teacher == (name in DISTILLATION_METHODS and name != "cc-ibp-width")
 
 
 def test_report_family_and_effective_alpha_unchanged():

@@ -114,39 +114,74 @@ class CertifiedMethod(Method):
         return loss, reg
 
 
+def _stats(b: Batch):
+    """The teacher's feature statistics (:class:`certkd.training.teacher_stats.FeatureStats`)."""
+    if b.teacher.stats is None:
+        from certkd.errors import CertkdError
+        raise CertkdError("dist_target class-mean and dist_distance standardized need the teacher's feature statistics: "
+                          "set Teacher.stats = certkd.training.teacher_stats.teacher_feature_stats(...) "
+                          "(certkd train does it when it loads the teacher)")
+    return b.teacher.stats
+
+
 class FeatureDistillation(CertifiedMethod):
     """A certified loss plus β times a distance between student and teacher features (docs/method.md §7).
 
-    The target is the teacher's clean feature t = h_T(x), or 0 with ``dist_target: zero`` (the
-    no-teacher control, docs/method.md §7.9); a feature adapter maps the student's side.
+    The target is the teacher's clean feature t = h_T(x), 0 with ``dist_target: zero`` (the
+    no-teacher control, docs/method.md §7.9), or the teacher's mean feature of the sample's class
+    with ``dist_target: class-mean`` (§7.10); a feature adapter maps the student's side. With
+    ``dist_distance: standardized`` both sides are divided by the teacher's per-feature std
+    before the l2sq distance (§7.4).
     """
 
     category = "distillation"
     distils = True
     needs_teacher = True
 
+    @property
+    def metric(self) -> str:
+        """The distance the loss functions compute: ``standardized`` is l2sq on rescaled features."""
+        d = self.cfg.dist_distance
+        return "l2sq" if d == "standardized" else d
+
     def targets(self, b: Batch, ctx: dict) -> None:
-        zero = self.cfg.dist_target == "zero"
-        ctx["zero_target"] = zero
-        ctx["t"] = b.teacher.targets(b.x) if (not zero and b.teacher is not None) else None
+        target = self.cfg.dist_target
+        ctx["zero_target"] = target == "zero"
+        if target == "zero" or b.teacher is None:
+            ctx["t"] = None
+        elif target == "class-mean":
+            ctx["t"] = _stats(b).class_means[b.y]
+        else:
+            ctx["t"] = b.teacher.targets(b.x)
+
+    def space(self, b: Batch, ctx: dict, v, lower=None, upper=None):
+        """(v, lower, upper, target) where the distance is taken: the target's space (adapter), then,
+        for ``standardized``, every side times the teacher's 1/std (exact on boxes: the factors are >= 0)."""
+        P = parts()
+        v, lower, upper, t = P.target_space(b.teacher, ctx["zero_target"], ctx["t"], v, lower, upper)
+        if self.cfg.dist_distance == "standardized":
+            s = _stats(b).scale
+            v, t = v * s, t * s
+            if lower is not None:
+                lower, upper = lower * s, upper * s
+        return v, lower, upper, t
 
     def warmup_distance(self, b: Batch, feats, ctx: dict):
         cfg = self.cfg
         if not (cfg.dist_warmup and cfg.beta > 0 and (ctx["t"] is not None or ctx["zero_target"])):
             return None
         P = parts()
-        v, _, _, target = P.target_space(b.teacher, ctx["zero_target"], ctx["t"], feats)
-        return b.shard.mean(P.D.feature_distance(v, target, cfg.dist_distance, cfg.dist_reduction))
+        v, _, _, target = self.space(b, ctx, feats)
+        return b.shard.mean(P.D.feature_distance(v, target, self.metric, cfg.dist_reduction))
 
     def distance(self, b: Batch, ctx: dict):
-        P = parts()
         fb = ctx["fb"]
         # student features and box in the target's space (the adapter, if any, is the student's)
         box = (fb.lower, fb.upper) if fb is not None else (None, None)
-        a_t, l_t, u_t, t_t = P.target_space(b.teacher, ctx["zero_target"], ctx["t"], ctx["a_dist"], *box)
+        a_t, l_t, u_t, t_t = self.space(b, ctx, ctx["a_dist"], *box)
         return self.feature_distance(b, a_t, l_t, u_t, t_t, ctx["alpha"])
 
     def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
-        """The distance between the student's features (point a, box [lower, upper]) and the target,
-        a batch mean over ``b.shard``."""
+        """The distance (:attr:`metric`) between the student's features (point a, box [lower, upper]) and
+        the target, a batch mean over ``b.shard``."""
         raise NotImplementedError

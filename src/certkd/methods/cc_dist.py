@@ -14,5 +14,5 @@ class CCDist(FeatureDistillation, CCIBP):
         P, cfg = parts(), self.cfg
         if alpha > 0:
             return b.shard.mean(P.D.cc_dist_distance(a, lower, upper, target, alpha, cfg.dist_combination,
-                                                     cfg.dist_distance, cfg.dist_reduction))
-        return b.shard.mean(P.D.feature_distance(a, target, cfg.dist_distance, cfg.dist_reduction))
+                                                     self.metric, cfg.dist_reduction))
+        return b.shard.mean(P.D.feature_distance(a, target, self.metric, cfg.dist_reduction))

@@ -13,5 +13,5 @@ class ExpDist(FeatureDistillation, ExpIBP):
 
     def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
         cfg = self.cfg
-        return parts().D.exp_dist_distance(a, lower, upper, target, alpha, cfg.dist_distance, cfg.dist_reduction,
+        return parts().D.exp_dist_distance(a, lower, upper, target, alpha, self.metric, cfg.dist_reduction,
                                            shard=b.shard)

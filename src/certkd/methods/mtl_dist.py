@@ -13,5 +13,5 @@ class MTLDist(FeatureDistillation, MTLIBP):
 
     def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
         P, cfg = parts(), self.cfg
-        return b.shard.mean(P.D.mtl_dist_distance(a, lower, upper, target, alpha, cfg.dist_distance,
+        return b.shard.mean(P.D.mtl_dist_distance(a, lower, upper, target, alpha, self.metric,
                                                   cfg.dist_reduction))

@@ -13,5 +13,5 @@ class SABRDist(FeatureDistillation, SABR):
 
     def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
         P, cfg = parts(), self.cfg
-        return b.shard.mean(P.D.worst_case_feature_distance(lower, upper, target, cfg.dist_distance,
+        return b.shard.mean(P.D.worst_case_feature_distance(lower, upper, target, self.metric,
                                                             cfg.dist_reduction))

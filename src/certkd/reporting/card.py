@@ -116,9 +116,14 @@ def _training_section(rec) -> Tuple[List[str], Optional[str]]:
         md.append("- distillation target: 0 (no teacher; the control of docs/method.md §7.9)")
         md.append(f"- distillation: β = {cfg.beta:g}, combination `{cfg.dist_combination}`, distance "
                   f"`{cfg.dist_distance}`, reduction `{cfg.dist_reduction}`")
+    elif rec.family == "distillation" and not cfg.teacher:  # cc-ibp-width: a penalty with no teacher
+        md.append(f"- penalty on the student's feature box (no teacher; docs/method.md §7.11): β = {cfg.beta:g}, "
+                  f"distance `{cfg.dist_distance}`, reduction `{cfg.dist_reduction}`")
     elif cfg.teacher:
         teacher_method, desc = _teacher_info(cfg.teacher)
         md.append(f"- teacher: {desc}")
+        if cfg.dist_target == "class-mean":
+            md.append("- distillation target: the teacher's mean feature of each class (docs/method.md §7.10)")
         md.append(f"- distillation: β = {cfg.beta:g}, combination `{cfg.dist_combination}`, distance "
                   f"`{cfg.dist_distance}`, reduction `{cfg.dist_reduction}`, feature adapter `{cfg.feature_adapter}`")
     return md, teacher_method

@@ -38,6 +38,7 @@ from certkd.runs import (clear_run_dir, ensure_writable_dir, first_missing, lock
                          resolve_device, run_entries, write_config)
 from certkd.schedules import SmoothedEpsilonSchedule, multistep_lr
 from certkd.training.step import Teacher, training_loss
+from certkd.training.teacher_stats import teacher_feature_stats
 from certkd.verification import evaluate_accuracy
 
 
@@ -270,6 +271,10 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
     if teacher is not None and teacher.model.spec.input_size != info.input_size:
         raise CertkdError(f"teacher expects {teacher.model.spec.input_size}×{teacher.model.spec.input_size} inputs "
                           f"but {cfg.dataset} has {info.input_size}×{info.input_size}; use a teacher of this dataset")
+    if teacher is not None and (cfg.dist_distance == "standardized" or cfg.dist_target == "class-mean"):
+        with torch.random.fork_rng(devices=[]):  # docs/method.md §7.4, §7.10: once, over the training set
+            teacher.stats = teacher_feature_stats(teacher.model, train_set, info.num_classes, device,
+                                                  cfg.eval_batch_size)
     if not resume:  # everything loaded: only now may --force replace the old run
         distributed.on_main(dctx, lambda: _create_run_dir(out, force, {} if state is None else state, hints))
     params = list(model.parameters()) + (list(teacher.adapter.parameters()) if teacher and teacher.adapter else [])

@@ -14,7 +14,7 @@ rank's and are averaged by the training loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,7 @@ class Teacher:
 
     model: nn.Module
     adapter: Optional[nn.Linear] = None
+    stats: Optional[Any] = None  # certkd.training.teacher_stats.FeatureStats: standardized / class-mean
 
     def targets(self, x: Tensor) -> Tensor:
         """The fixed target t = h_T(x), (N, m_T): no gradient, no adapter."""
