@@ -79,10 +79,15 @@ def collect(root: Path, settings: List[Setting], args, log) -> Dict[str, Any]:
             "note": st.note, "selection": read_selection(root, st), "pilot": pilot,
             "timeout_s": None if pilot is None else pilot["chosen_s"],
             "pilot_line": "none" if pilot is None else f"{pilot['points']} points, timed-out fraction at each time "
-                                                       f"{pilot['fractions']}{'' if pilot['met'] else ' — no time met < 5%'}",
+                                                       f"{_fractions(pilot)}{'' if pilot['met'] else ' — no time met < 5%'}",
             "unavailable": [f"{a}: option missing in this certkd" for a in st.arms
                             if a not in [x.name for x in arms] and not ARM_BY_NAME[a].optional]}
     return out
+
+
+def _fractions(pilot: Dict[str, Any]) -> str:
+    """The pilot's timed-out fraction per candidate time, in time order: "1 s: 4.0%, 2 s: 1.0%"."""
+    return ", ".join(f"{k} s: {100 * v:.1f}%" for k, v in sorted(pilot["fractions"].items(), key=lambda kv: float(kv[0])))
 
 
 def records_of(root: Path, settings: List[Setting]) -> List[Dict[str, Any]]:

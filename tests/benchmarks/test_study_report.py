@@ -123,3 +123,17 @@ def test_check_refuses_a_run_that_does_not_exist(tmp_path, cli, capsys):
     assert cli.main(["--check", "digits", "0", "cc-ibp@0.5", "--out", str(tmp_path)]) == 2
     assert "has no checkpoint: train it before checking it" in capsys.readouterr().err
     assert cli.main(["--check", "digits", "0", "nope", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("same,code", [(True, 0), (False, 1)])
+def test_check_exit_code_says_whether_the_rerun_is_bit_exact(tmp_path, cli, capsys, monkeypatch, same, code):
+    from study import execute
+
+    def fake(path, cfg, tmp):
+        assert path == tmp_path / "digits" / "teachers" / "pgd-at-s3" and cfg.seed == 3 and cfg.method == "pgd-at"
+        return {"run": str(path), "weights_sha256": "a" * 64, "rerun_weights_sha256": ("a" if same else "b") * 64,
+                "config_sha256": "c", "stored_config_sha256": "c", "reproduces": same}
+    monkeypatch.setattr(execute, "reproduce", fake)
+    assert cli.main(["--check", "digits", "3", "teacher:pgd-at", "--out", str(tmp_path)]) == code
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"check digits seed 3 teacher:pgd-at: reproduces bit-exactly: {'yes' if same else 'NO'}")
