@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline-src", required=True, help="src folder of the other checkout")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--keys", default="ratio_of_medians,median_wall_s")
+    ap.add_argument("--keys", default="ratio_of_medians,median_wall_s,min_wall_s")
     ap.add_argument("script", help="a script in benchmarks/ that takes --out FILE.json")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
@@ -71,8 +71,14 @@ def main(argv=None) -> int:
         def one(name: str, src: Path, r: int) -> Dict[str, float]:
             out = Path(tmp) / f"{name}{r}.json"
             cmd = [sys.executable, str(HERE / args.script), *[a for a in args.args if a != "--"], "--out", str(out)]
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(src)}, stdout=subprocess.DEVNULL)
-            return figures(json.loads(out.read_text()), keys)
+            # the scripts put CERTKD_SRC first on sys.path (their own tree's src otherwise)
+            env = {**os.environ, "PYTHONPATH": str(src), "CERTKD_SRC": str(src)}
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            data = json.loads(out.read_text())
+            used = data.get("certkd_src")
+            if used is not None and Path(used).resolve() != src.resolve():
+                raise SystemExit(f"{args.script} imported certkd from {used}, not from {src}")
+            return figures(data, keys)
 
         runs = alternate(trees, args.rounds, one)
     common = sorted(set(runs["this"][0]) & set(runs["baseline"][0]))
