@@ -47,6 +47,12 @@ from _timing import default_threads, measure, pick_device, ratio, summary  # noq
 from certkd.config import TrainConfig  # noqa: E402
 from certkd.models import create_model, ibp_initialize  # noqa: E402
 from certkd.training.loop import _clip_gradients, _make_optimizer  # noqa: E402
+
+try:  # what certkd.training.loop.train sets up per process (trees before issue #20 have no such step)
+    from certkd.training.allocator import keep_freed_memory
+except ImportError:  # pragma: no cover - baseline trees
+    def keep_freed_memory() -> bool:
+        return False
 from certkd.training.step import Teacher, training_loss  # noqa: E402
 
 
@@ -93,6 +99,7 @@ def main(argv=None) -> dict:
     variants = [v.strip().lower() in ("true", "1", "yes") for v in args.variants.split(",") if v.strip()]
 
     torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory()  # as train() does
     device = pick_device(args.device)
     load0 = list(os.getloadavg())
     torch.manual_seed(0)
@@ -119,7 +126,7 @@ def main(argv=None) -> dict:
         "model": args.model, "input_shape": [batch, channels, size, size], "eps": eps,
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "certkd_src": str(Path(certkd.__file__).resolve().parents[1]),
+        "certkd_src": str(Path(certkd.__file__).resolve().parents[1]), "keep_freed_memory": allocator,
         "repeats": args.repeats, "warmup": args.warmup, "attack": repr(attack), "alpha": 0.5,
         "target_ratio": 1.2, "loadavg_start": load0, "variants": {},
     }
