@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-src", required=True, help="src folder of the other checkout")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--keys", default="ratio_of_medians,median_wall_s,min_wall_s")
+    ap.add_argument("--tag", default=None, help="results/compare_<script>_<tag>.{json,md} (default: no tag)")
     ap.add_argument("script", help="a script in benchmarks/ that takes --out FILE.json")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(SRC))
     from certkd.checkpoints import atomic_write_json, atomic_write_text
 
-    stem = Path(args.script).stem
+    stem = Path(args.script).stem + (f"_{args.tag}" if args.tag else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / f"compare_{stem}.md", "\n".join(lines) + "\n")
     atomic_write_json(RESULTS / f"compare_{stem}.json", {"script": args.script, "args": args.args,
