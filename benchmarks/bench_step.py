@@ -8,6 +8,9 @@ the same architecture. The methods' repetitions are interleaved (alternating ord
 machine drift cancels, and two variants are timed: ``reg_active`` False (after the ε ramp, the
 bulk of training) and True (during the ramp, warm-up regularisers on).
 
+Runs on 1 torch thread unless ``--threads`` says otherwise, and reports the median and the
+minimum of every timed thing and the load average at the start and end.
+
 Also timed in the same rounds: the teacher's feature forward alone (``Teacher.targets``), which
 is the part of CC-Dist that CC-IBP does not do, so the overhead can be attributed.
 

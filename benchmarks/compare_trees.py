@@ -1,8 +1,10 @@
 """Run one benchmark script under this tree and under another checkout, side by side.
 
 Issue #12 asks that the one-graph refactor leave ``bench_bounds.py`` and ``bench_step.py`` no
-slower. Those scripts did not change, so the same script runs with ``PYTHONPATH`` pointing at
-each tree's ``src`` in turn, ``--rounds`` times, alternating which goes first (drift cancels).
+slower; issue #20 measures its speed-ups this way. This tree's copy of the script runs with
+``CERTKD_SRC`` (and ``PYTHONPATH``) pointing at each tree's ``src`` in turn, ``--rounds`` times,
+alternating which goes first (drift cancels); the scripts put ``CERTKD_SRC`` first on
+``sys.path`` and report the ``certkd_src`` they imported, which is checked here.
 Every numeric figure of the script's JSON whose key is one of ``--keys`` (default: the
 ratios of medians and the median wall times) is collected; the table gives the median over
 rounds per tree and this/baseline::
