@@ -5,8 +5,9 @@ defaults, blocks above the mmap threshold (dynamic, at most 32 MiB: CNN7 activat
 are larger) are mapped and unmapped on every allocation, and the heap top is trimmed when more
 than 128 KiB is free, so the next step page-faults its memory in again. Serving every block from
 the heap and not trimming it makes the step reuse its own pages: the same arithmetic (the numbers
-do not change), less kernel time; the price is that the process keeps its peak memory. Measured with ``benchmarks/bench_step.py`` (``benchmarks/README.md``).
-Does nothing where the C library is not glibc.
+do not change), less kernel time; the price is that the process keeps its peak memory. Measured
+with ``benchmarks/bench_step.py`` (``benchmarks/README.md``, issue #20 section). Does nothing
+where the C library is not glibc.
 """
 from __future__ import annotations
 
