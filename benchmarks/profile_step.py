@@ -227,7 +227,8 @@ def profile_config(model_name: str, channels: int, size: int, batch: int, thread
 
 
 def _table(key: str, res: dict) -> List[str]:
-    lines = [f"#### {key}", "", "| phase | cc-ibp ms | cc-ibp % | cc-dist ms | cc-dist % |", "|---|---:|---:|---:|---:|"]
+    lines = [f"#### {key}", "", "| phase | cc-ibp ms | cc-ibp % | cc-dist ms | cc-dist % |",
+             "|---|---:|---:|---:|---:|"]
     a, b = res["cc-ibp"], res["cc-dist"]
     for k in PHASES:
         va, vb = a["phases_ms_median"].get(k, 0.0), b["phases_ms_median"].get(k, 0.0)
