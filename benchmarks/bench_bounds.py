@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+# compare_trees.py points CERTKD_SRC at the tree under test (PYTHONPATH alone would lose to this insert)
+sys.path.insert(0, os.environ.get("CERTKD_SRC") or str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import certkd  # noqa: E402
 from certkd.attacks import linf_box  # noqa: E402
 from certkd.bounds import elided_lower_bounds, ibp_logit_difference_bounds, interval_bounds  # noqa: E402
 from certkd.checkpoints import atomic_write_json  # noqa: E402
@@ -97,6 +99,7 @@ def main(argv=None) -> dict:
         "model": args.model, "input_shape": [args.batch, args.channels, args.size, args.size],
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "certkd_src": str(Path(certkd.__file__).resolve().parents[1]),
         "repeats": args.repeats, "warmup": args.warmup, "eps": args.eps,
         "eval": {"forward": summary(times["forward"]), "ibp": summary(times["ibp"]),
                  "ibp/forward": ratio(times, "ibp", "forward")},

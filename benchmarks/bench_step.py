@@ -8,6 +8,9 @@ the same architecture. The methods' repetitions are interleaved (alternating ord
 machine drift cancels, and two variants are timed: ``reg_active`` False (after the ε ramp, the
 bulk of training) and True (during the ramp, warm-up regularisers on).
 
+Runs on 1 torch thread unless ``--threads`` says otherwise, and reports the median and the
+minimum of every timed thing and the load average at the start and end.
+
 Also timed in the same rounds: the teacher's feature forward alone (``Teacher.targets``), which
 is the part of CC-Dist that CC-IBP does not do, so the overhead can be attributed.
 
@@ -36,28 +39,36 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+# compare_trees.py points CERTKD_SRC at the tree under test (PYTHONPATH alone would lose to this insert)
+sys.path.insert(0, os.environ.get("CERTKD_SRC") or str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import certkd  # noqa: E402
 from certkd.attacks import PGD  # noqa: E402
 from certkd.checkpoints import atomic_write_json  # noqa: E402
 from _timing import default_threads, measure, pick_device, ratio, summary  # noqa: E402
 from certkd.config import TrainConfig  # noqa: E402
 from certkd.models import create_model, ibp_initialize  # noqa: E402
+from certkd.training.loop import _clip_gradients, _make_optimizer  # noqa: E402
+
+try:  # what certkd.training.loop.train sets up per process (trees before issue #20 have no such step)
+    from certkd.training.allocator import keep_freed_memory
+except ImportError:  # pragma: no cover - baseline trees
+    def keep_freed_memory() -> bool:
+        return False
 from certkd.training.step import Teacher, training_loss  # noqa: E402
 
 
 def make_step(model, cfg: TrainConfig, x, y, eps_sched: float, reg_active: bool, attack: PGD, teacher) -> Callable[[], float]:
-    """One training step as in ``certkd.training.loop.train``."""
+    """One training step as in ``certkd.training.loop.train`` (its optimiser and gradient clipping)."""
     params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = _make_optimizer(cfg, params)
 
     def step() -> float:
         loss, _ = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        _clip_gradients(params, cfg.grad_clip)
         opt.step()
         return loss.item()
 
@@ -76,7 +87,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variants", default="false,true", help="reg_active values to time: false,true")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    ap.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: core count)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: steadier on a shared machine; the core count here is "
+                         f"{default_threads()})")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step_<model>.json)")
     args = ap.parse_args(argv)
     if args.repeats < 5:
@@ -89,6 +102,7 @@ def main(argv=None) -> dict:
     variants = [v.strip().lower() in ("true", "1", "yes") for v in args.variants.split(",") if v.strip()]
 
     torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory()  # as train() does
     device = pick_device(args.device)
     load0 = list(os.getloadavg())
     torch.manual_seed(0)
@@ -115,6 +129,7 @@ def main(argv=None) -> dict:
         "model": args.model, "input_shape": [batch, channels, size, size], "eps": eps,
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "certkd_src": str(Path(certkd.__file__).resolve().parents[1]), "keep_freed_memory": allocator,
         "repeats": args.repeats, "warmup": args.warmup, "attack": repr(attack), "alpha": 0.5,
         "target_ratio": 1.2, "loadavg_start": load0, "variants": {},
     }
@@ -142,8 +157,10 @@ def main(argv=None) -> dict:
             "teacher_forward/cc-ibp_cpu_time": cpu["teacher_forward"] / cpu["cc-ibp"],
             "other_overhead/cc-ibp": residual,
         }
-        print(f"[{key}] cc-ibp {med['cc-ibp'] * 1e3:.0f} ms, cc-dist {med['cc-dist'] * 1e3:.0f} ms, teacher forward "
-              f"{med['teacher_forward'] * 1e3:.0f} ms (medians, for context)")
+        mins = {k: min(v["wall"]) for k, v in times.items()}
+        print(f"[{key}] median (min) ms: cc-ibp {med['cc-ibp'] * 1e3:.0f} ({mins['cc-ibp'] * 1e3:.0f}), cc-dist "
+              f"{med['cc-dist'] * 1e3:.0f} ({mins['cc-dist'] * 1e3:.0f}), teacher forward "
+              f"{med['teacher_forward'] * 1e3:.0f} ({mins['teacher_forward'] * 1e3:.0f})")
         print(f"[{key}] cc-dist/cc-ibp {r['ratio_of_medians']:.2f} (median of per-round ratios "
               f"{r['median_of_round_ratios']:.2f}, CPU-time ratio {r['cpu_time_ratio']:.2f}); overhead = teacher "
               f"forward {teacher_share:+.2f} (CPU {cpu['teacher_forward'] / cpu['cc-ibp']:+.2f}) + rest {residual:+.2f} "
@@ -157,6 +174,7 @@ def main(argv=None) -> dict:
     result["loadavg_end"] = list(os.getloadavg())
     atomic_write_json(out, result)
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(f"load average start {load0[0]:.2f}, end {result['loadavg_end'][0]:.2f}")
     print(f"cc-dist/cc-ibp step ratio: {headline:.2f}")
     return result
 

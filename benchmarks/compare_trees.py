@@ -1,8 +1,10 @@
 """Run one benchmark script under this tree and under another checkout, side by side.
 
 Issue #12 asks that the one-graph refactor leave ``bench_bounds.py`` and ``bench_step.py`` no
-slower. Those scripts did not change, so the same script runs with ``PYTHONPATH`` pointing at
-each tree's ``src`` in turn, ``--rounds`` times, alternating which goes first (drift cancels).
+slower; issue #20 measures its speed-ups this way. This tree's copy of the script runs with
+``CERTKD_SRC`` (and ``PYTHONPATH``) pointing at each tree's ``src`` in turn, ``--rounds`` times,
+alternating which goes first (drift cancels); the scripts put ``CERTKD_SRC`` first on
+``sys.path`` and report the ``certkd_src`` they imported, which is checked here.
 Every numeric figure of the script's JSON whose key is one of ``--keys`` (default: the
 ratios of medians and the median wall times) is collected; the table gives the median over
 rounds per tree and this/baseline::
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline-src", required=True, help="src folder of the other checkout")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--keys", default="ratio_of_medians,median_wall_s")
+    ap.add_argument("--keys", default="ratio_of_medians,median_wall_s,min_wall_s")
+    ap.add_argument("--tag", default=None, help="results/compare_<script>_<tag>.{json,md} (default: no tag)")
     ap.add_argument("script", help="a script in benchmarks/ that takes --out FILE.json")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
@@ -71,8 +74,14 @@ def main(argv=None) -> int:
         def one(name: str, src: Path, r: int) -> Dict[str, float]:
             out = Path(tmp) / f"{name}{r}.json"
             cmd = [sys.executable, str(HERE / args.script), *[a for a in args.args if a != "--"], "--out", str(out)]
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(src)}, stdout=subprocess.DEVNULL)
-            return figures(json.loads(out.read_text()), keys)
+            # the scripts put CERTKD_SRC first on sys.path (their own tree's src otherwise)
+            env = {**os.environ, "PYTHONPATH": str(src), "CERTKD_SRC": str(src)}
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            data = json.loads(out.read_text())
+            used = data.get("certkd_src")
+            if used is not None and Path(used).resolve() != src.resolve():
+                raise SystemExit(f"{args.script} imported certkd from {used}, not from {src}")
+            return figures(data, keys)
 
         runs = alternate(trees, args.rounds, one)
     common = sorted(set(runs["this"][0]) & set(runs["baseline"][0]))
@@ -87,7 +96,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(SRC))
     from certkd.checkpoints import atomic_write_json, atomic_write_text
 
-    stem = Path(args.script).stem
+    stem = Path(args.script).stem + (f"_{args.tag}" if args.tag else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / f"compare_{stem}.md", "\n".join(lines) + "\n")
     atomic_write_json(RESULTS / f"compare_{stem}.json", {"script": args.script, "args": args.args,

@@ -35,8 +35,9 @@ def warmup_regularizer(preactivations: Sequence[Tuple[Tensor, Tensor]], input_ra
     balance: List[Tensor] = []
     for c, delta in preactivations:
         tightness.append(torch.relu(tol - input_radius / torch.clamp(shard.mean(delta), min=1e-12)) / tol)
-        lower, upper = c - delta, c + delta
-        active, inactive = (lower > 0).to(c.dtype), (upper < 0).to(c.dtype)
+        # c − δ > 0 ⇔ c > δ and c + δ < 0 ⇔ c < −δ hold exactly in IEEE arithmetic (a rounded difference
+        # is 0 only for equal operands and keeps the sign): the same masks without two full-size temporaries
+        active, inactive = (c > delta).to(c.dtype), (c < -delta).to(c.dtype)
         r1 = _symmetrize(shard.mean(c * active) / -shard.mean(c * inactive))
         centered = (c - shard.mean(c)) ** 2
         r2 = _symmetrize(shard.sum(centered * active) / shard.sum(centered * inactive))

@@ -84,7 +84,8 @@ class CertifiedMethod(Method):
         P = parts()
         cfg, model, x, y, alpha = self.cfg, b.model, b.x, b.y, ctx["alpha"]
         lo_tr, hi_tr = P.linf_box(x, b.eps_tr)
-        logits = model(x)  # clean forward: running BN statistics and clean accuracy
+        with P.torch.no_grad():  # clean forward: BN running statistics and logged accuracy only, no graph
+            logits = model(x)
         b.logs.update(ce_clean=P.F.cross_entropy(logits, y).item(), acc_clean=P.accuracy(logits, y))
         lo_att, hi_att = P.linf_box(x, b.eps_att)
         x_adv = b.attack(model, x, y, lo_att, hi_att, shard=b.shard)

@@ -15,6 +15,7 @@ See ``docs/adding_a_layer.md``. Conventions (shapes are per sample, without the 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
@@ -115,9 +116,32 @@ def detached(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return None if t is None else t.detach().to(device=like.device, dtype=like.dtype)
 
 
+# id(weight) -> (weakref to it, its version, its data pointer, |weight|); an entry goes with its weight
+_ABS: Dict[int, tuple] = {}
+
+
+def abs_weight(w: Tensor) -> Tensor:
+    """``w.abs()`` (same shape), computed once per version of ``w`` when no gradient is recorded.
+
+    Evaluation and verification propagate many batches through the same weights; the |W| of a
+    big Linear (CNN7: 32768×512) then costs as much as the radius product itself (issue #20,
+    ``benchmarks/README.md``). Any in-place change of ``w`` bumps its version and recomputes; with
+    autograd recording, |W| is always fresh so that its gradient flows.
+    """
+    if torch.is_grad_enabled() and w.requires_grad:
+        return w.abs()
+    key, version, ptr = id(w), w._version, w.data_ptr()
+    hit = _ABS.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == version and hit[2] == ptr:
+        return hit[3]
+    out = w.detach().abs()
+    _ABS[key] = (weakref.ref(w, lambda _, k=key: _ABS.pop(k, None)), version, ptr, out)
+    return out
+
+
 def to_numpy(t: Optional[Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().double().cpu().numpy()
 
 
 __all__ = ["Layer", "Shape", "UnsupportedLayerError", "register", "rule_class", "supported_names",
-           "identity_matrix", "numel", "detached", "to_numpy", "Callable"]
+           "identity_matrix", "numel", "detached", "to_numpy", "abs_weight", "Callable"]

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkd.graph.layers.base import Layer, Shape, detached, numel, register, to_numpy
+from certkd.graph.layers.base import Layer, Shape, abs_weight, detached, numel, register, to_numpy
 
 
 @register
@@ -20,7 +20,7 @@ class Linear(Layer):
 
     def interval(self, c: Tensor, r: Tensor, p: Optional[Tensor] = None):
         m = self.module
-        return m(c), F.linear(r, m.weight.abs()), self.point(p)
+        return m(c), F.linear(r, abs_weight(m.weight)), self.point(p)
 
     def backward(self, A: Tensor, bias: Tensor, in_shapes: Sequence[Shape], out_shape: Shape):
         w, b = detached(self.module.weight, A), detached(self.module.bias, A)

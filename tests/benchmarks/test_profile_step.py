@@ -1,0 +1,47 @@
+"""benchmarks/profile_step.py: exclusive phase times sum to the step, the wrappers come off, and one
+tiny profile runs (issue #20)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    name = "_certkd_bench_profile_step"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "profile_step.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return sys.modules[name]
+
+
+def test_nested_phases_are_exclusive():
+    ph = _load().Phases()
+    t0 = time.perf_counter()
+    with ph.timed("outer"):
+        time.sleep(0.01)
+        with ph.timed("inner"):
+            time.sleep(0.02)
+    total = time.perf_counter() - t0
+    got = ph.take()
+    assert 0.018 < got["inner"] and 0.008 < got["outer"] < 0.018
+    assert abs(got["outer"] + got["inner"] - total) < 0.005
+    assert ph.take() == {}
+
+
+def test_tiny_profile_and_wrappers_removed():
+    mod = _load()
+    before = (mod._parts.adversarial_pass, mod._bn.batch_stats, mod.Teacher.__dict__["targets"])
+    res = mod.profile_config("cnn7-w16", 1, 8, 4, 1, repeats=1, warmup=0, variants=[True])
+    after = (mod._parts.adversarial_pass, mod._bn.batch_stats, mod.Teacher.__dict__["targets"])
+    assert before == after
+    step = res["reg_active=true"]["cc-dist"]
+    phases = step["phases_ms_median"]
+    for k in ("attack", "clean forward", "teacher forward", "IBP pass", "BN statistics", "regulariser", "backward"):
+        assert phases[k] > 0, k
+    assert sum(phases.values()) <= step["step_ms_median"] * 1.01
