@@ -13,6 +13,8 @@
   range as float32, so no gradient scaler is needed). Certified and distillation methods
   refuse it (:class:`TrainConfig` validation): bounds in reduced precision are not sound. On
   CPU ``amp`` has no effect.
+* **A network's own precision** (:func:`network_dtype`): verification runs a float64 network in
+  float64 and refuses half precision (``docs/verify_onnx.md`` §5).
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import contextlib
 from typing import Iterator, Tuple
 
 import torch
+from torch import nn
+
+from certkd.errors import CertkdError
 
 
 def tf32_flags() -> Tuple[bool, bool]:
@@ -48,3 +53,24 @@ def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextM
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def network_dtype(net: nn.Module) -> torch.dtype:
+    """The floating-point type ``net`` computes in: its parameters' and buffers', else float32.
+
+    Raises CertkdError for mixed or unsupported (half-precision) types.
+    """
+    kinds = {t.dtype for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()}
+    declared = getattr(net, "onnx_dtype", None)
+    if declared is not None:
+        kinds.add(declared)
+    if not kinds:
+        return torch.float32
+    if len(kinds) > 1:
+        raise CertkdError(f"the network mixes {', '.join(sorted(str(k).replace('torch.', '') for k in kinds))} "
+                          "tensors; convert it to one precision (model.float() or model.double())")
+    kind = kinds.pop()
+    if kind not in (torch.float32, torch.float64):
+        raise CertkdError(f"{str(kind).replace('torch.', '')} networks are not supported: bounds in half "
+                          "precision are not sound; convert the model with model.float() (or to float32 ONNX)")
+    return kind

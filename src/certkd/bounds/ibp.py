@@ -181,6 +181,25 @@ def elided_lower_bounds(head: nn.Linear, lower: Tensor, upper: Tensor, labels: T
     return drop_label_column(lb, labels)
 
 
+def ibp_spec_lower_bounds(model: nn.Module, lower: Tensor, upper: Tensor, C: Tensor) -> Tensor:
+    """IBP lower bounds of ``C z`` for a general specification C (m, K), one box (1, *in) -> (1, m).
+
+    A final Linear layer is merged into C, as :func:`ibp_logit_difference_bounds` merges it into
+    C(y), so m rows cost one (m, hidden) product (a VNN-LIB property's rows, ``docs/verify_onnx.md``).
+    """
+    net = from_module(model)
+    last = net.nodes[net.output]
+    if type(last.rule) is Linear and net.output > 1:
+        feats = _bounds(net, lower, upper, None, stop=last.inputs[0])
+        w = last.rule.module.weight.detach().to(C.dtype)
+        A = C @ w
+        bias = C @ last.rule.module.bias.detach().to(C.dtype) if last.rule.module.bias is not None else 0
+    else:
+        feats, A, bias = _bounds(net, lower, upper, None), C, 0
+    c, r = feats.center.reshape(1, -1), feats.radius.reshape(1, -1)
+    return c @ A.T - r @ A.abs().T + bias
+
+
 def ibp_logit_difference_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Tensor,
                                 point: Optional[Tensor] = None) -> Tuple[Tensor, IntervalBounds]:
     """IBP lower bounds on z_y − z_j for a :class:`~certkd.models.CertifiableNet` or any network

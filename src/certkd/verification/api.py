@@ -21,7 +21,8 @@ from torch import nn
 
 from certkd.errors import CertkdError
 from certkd.graph.network import Network
-from certkd.verification.onnx_verify import VerifyResult, network_dtype, verify_network
+from certkd.precision import network_dtype
+from certkd.verification.onnx_verify import VerifyResult, verify_network
 from certkd.verification.vnnlib import (ParseTimeout, Property, matrix_property, read_property,
                                         robustness_property)
 

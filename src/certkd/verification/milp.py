@@ -76,6 +76,7 @@ import torch
 from torch import Tensor, nn
 
 from certkd.attacks.pgd import eval_mode, linf_box, margin_loss
+from certkd.precision import network_dtype
 from certkd.verification.highs import _absorb_banner, _highs_lp, _highspy, _run_highs  # noqa: F401
 from certkd.verification.milp_encoding import (  # noqa: F401  (private names re-exported for callers/tests)
     _PAD_ABS, _PAD_REL, EmptyDomainError, _Affine, _Encoding, _encode, _identity, _interval, _lp_tighten,
@@ -123,14 +124,6 @@ def _forward(model: nn.Module, point: Tensor) -> Tensor:
         return model(point.unsqueeze(0).to(_device(model)))[0].cpu()
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating-point type the network computes in (its first floating parameter's; float32 if none)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
-
-
 def float32_margin(model: nn.Module, x: Tensor, label: int, lower: Optional[Tensor] = None,
                    upper: Optional[Tensor] = None) -> float:
     """z_y − max_{j≠y} z_j of one concrete point, by a forward of the network as deployed, in its own
@@ -149,7 +142,7 @@ def float32_margin(model: nn.Module, x: Tensor, label: int, lower: Optional[Tens
     Returns:
         The margin as a Python float.
     """
-    x = x.to(model_dtype(model))
+    x = x.to(network_dtype(model))
     if lower is not None and upper is not None:
         x = torch.max(torch.min(x, upper), lower)
     x = x.to(_device(model))
@@ -193,7 +186,7 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
     highspy = _highspy()
     start = time.perf_counter()
     deadline = start + float(timeout)
-    dtype = model_dtype(model)
+    dtype = network_dtype(model)
     x, label, lower, upper = _check_inputs(x, label, eps, lower, upper, tighten, margin_tol, dtype)
 
     def elapsed() -> float:

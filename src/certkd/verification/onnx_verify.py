@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from certkd.errors import CertkdError
+from certkd.precision import network_dtype
 from certkd.graph.network import Network, Node
 from certkd.verification.vnnlib import Property
 
@@ -73,27 +74,6 @@ class VerifyResult:
 
 
 # --------------------------------------------------------------------------------------- helpers
-
-def network_dtype(net: nn.Module) -> torch.dtype:
-    """The floating-point type ``net`` computes in: its parameters' and buffers', else float32.
-
-    Raises CertkdError for mixed or unsupported (half-precision) types.
-    """
-    kinds = {t.dtype for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()}
-    declared = getattr(net, "onnx_dtype", None)
-    if declared is not None:
-        kinds.add(declared)
-    if not kinds:
-        return torch.float32
-    if len(kinds) > 1:
-        raise CertkdError(f"the network mixes {', '.join(sorted(str(k).replace('torch.', '') for k in kinds))} "
-                          "tensors; convert it to one precision (model.float() or model.double())")
-    kind = kinds.pop()
-    if kind not in (torch.float32, torch.float64):
-        raise CertkdError(f"{str(kind).replace('torch.', '')} networks are not supported: bounds in half "
-                          "precision are not sound; convert the model with model.float() (or to float32 ONNX)")
-    return kind
-
 
 def _box(prop: Property, shape: Sequence[int], dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(outer lo, outer hi, inner lo, inner hi), each (1, *shape) in ``dtype``: the outer box contains
@@ -363,36 +343,20 @@ def _branch_and_bound(net: Network, rows: np.ndarray, offsets: np.ndarray, shape
     return "unknown", res.note, None  # undecided with time left: a tie within tolerances, a domain limit
 
 
-def _ibp_margins(net: Network, lo: Tensor, hi: Tensor, rows: Tensor) -> Tensor:
-    """IBP lower bounds of ``rows · y`` (1, m), with a final Linear merged into the rows (as CROWN does)."""
-    from certkd.bounds.ibp import interval_bounds
-
-    last = net.nodes[net.output]
-    with torch.no_grad():
-        if isinstance(last.rule.module, nn.Linear) and last.inputs == (net.output - 1,) and net.output > 1:
-            b = interval_bounds(Network(net.nodes[:-1]), lo, hi)
-            w = last.rule.module.weight.detach().to(rows.dtype)
-            A = rows @ w                                                         # (m, h)
-            bias = rows @ last.rule.module.bias.detach().to(rows.dtype) if last.rule.module.bias is not None else 0
-            c, r = b.center.reshape(1, -1), b.radius.reshape(1, -1)
-            return c @ A.T - r @ A.abs().T + bias
-        b = interval_bounds(net, lo, hi)
-        c, r = b.center.reshape(1, -1), b.radius.reshape(1, -1)
-        return c @ rows.T - r @ rows.abs().T
-
-
 def _bounds(net: Network, lo: Tensor, hi: Tensor, rows: np.ndarray, offsets: np.ndarray, alpha_iterations: int,
             deadline: float, enough: float = 0.0):
     """[(stage, lower bounds of the margins rows·y − offsets (m,))] for IBP, CROWN, α-CROWN (each ∩ the
     previous; α-CROWN only while some bound is at most ``enough``). The rows are the engines'
     specification matrix C, so m rows cost an (m, K) matrix, not an (m, m) one."""
     from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
+    from certkd.bounds.ibp import ibp_spec_lower_bounds
 
     C = torch.tensor(rows, dtype=lo.dtype)
     off = offsets.astype(np.float64)
     finite = lambda t, fallback: torch.where(torch.isfinite(t), t, fallback)
     out = []
-    best = _ibp_margins(net, lo, hi, C)[0]
+    with torch.no_grad():
+        best = ibp_spec_lower_bounds(net, lo, hi, C)[0]
     best = finite(best, torch.full_like(best, -np.inf))
     out.append(("ibp", best.numpy().astype(np.float64) - off))
     if time.perf_counter() > deadline:
@@ -408,4 +372,4 @@ def _bounds(net: Network, lo: Tensor, hi: Tensor, rows: np.ndarray, offsets: np.
     return out
 
 
-__all__ = ["RESULTS", "VerifyResult", "network_dtype", "spec_network", "verify_network"]
+__all__ = ["RESULTS", "VerifyResult", "spec_network", "verify_network"]
