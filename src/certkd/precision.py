@@ -56,16 +56,14 @@ def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextM
 
 
 def network_dtype(net: nn.Module) -> torch.dtype:
-    """The floating-point type ``net`` computes in: its parameters' and buffers', else float32.
+    """The floating-point type ``net`` computes in: its parameters' and buffers' (they win over an ONNX
+    model's declared ``onnx_dtype``, which goes stale after ``net.float()``), else that, else float32.
 
     Raises CertkdError for mixed or unsupported (half-precision) types.
     """
     kinds = {t.dtype for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()}
-    declared = getattr(net, "onnx_dtype", None)
-    if declared is not None:
-        kinds.add(declared)
-    if not kinds:
-        return torch.float32
+    if not kinds:  # no floating tensors (a ReLU/reshape graph): the ONNX input's declared type, if any
+        return getattr(net, "onnx_dtype", None) or torch.float32
     if len(kinds) > 1:
         raise CertkdError(f"the network mixes {', '.join(sorted(str(k).replace('torch.', '') for k in kinds))} "
                           "tensors; convert it to one precision (model.float() or model.double())")
