@@ -390,15 +390,16 @@ def average_gradients(ctx: Optional[DistContext], params: Iterable[nn.Parameter]
             offset += g.numel()
 
 
-def reduce_logs(ctx: Optional[DistContext], logs: Dict[str, float], local_n: int, global_n: int) -> Dict[str, float]:
+def reduce_logs(ctx: Optional[DistContext], logs: Dict[str, Any], local_n: int, global_n: int) -> Dict[str, Any]:
     """Per-step log values as for the global batch: this rank's values weighted by its share."""
     if ctx is None:
         return logs
     keys = sorted(logs)
     w = local_n / global_n
-    vals = torch.tensor([logs[k] * w if local_n else 0.0 for k in keys], dtype=torch.float64, device=ctx.device)
+    vals = torch.stack([torch.as_tensor(logs[k], dtype=torch.float64, device=ctx.device).reshape(()) * w
+                        if local_n else torch.zeros((), dtype=torch.float64, device=ctx.device) for k in keys])
     dist.all_reduce(vals)
-    return dict(zip(keys, vals.tolist()))
+    return dict(zip(keys, vals.unbind()))  # still on the device: read back by the loop's StepMonitor
 
 
 # ------------------------------------------------------------------------------ sync BatchNorm

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,17 +22,25 @@ def _load():
     return sys.modules[name]
 
 
-def test_nested_phases_are_exclusive():
-    ph = _load().Phases()
-    t0 = time.perf_counter()
+def test_nested_phases_are_exclusive(monkeypatch):
+    mod = _load()
+    clock = {"t": 100.0}  # a fake clock: exact times, whatever the machine's load
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: clock["t"])
+
+    def sleep(s):
+        clock["t"] += s
+
+    ph = mod.Phases()
+    t0 = clock["t"]
     with ph.timed("outer"):
-        time.sleep(0.01)
+        sleep(0.01)
         with ph.timed("inner"):
-            time.sleep(0.02)
-    total = time.perf_counter() - t0
+            sleep(0.02)
+        sleep(0.005)
+    total = clock["t"] - t0
     got = ph.take()
-    assert 0.018 < got["inner"] and 0.008 < got["outer"] < 0.018
-    assert abs(got["outer"] + got["inner"] - total) < 0.005
+    assert got["inner"] == pytest.approx(0.02, abs=1e-12) and got["outer"] == pytest.approx(0.015, abs=1e-12)
+    assert got["outer"] + got["inner"] == pytest.approx(total, abs=1e-12)
     assert ph.take() == {}
 
 

@@ -55,7 +55,7 @@ class CertifiedMethod(Method):
         if ctx["use_reg"]:
             scale = cfg.reg_lambda * (1.0 - b.eps_sched / cfg.eps)
             loss = loss + scale * reg
-            b.logs["reg"] = reg.item()
+            b.logs["reg"] = reg.detach()
         if self.uses_l1 and cfg.l1 > 0:
             loss = loss + cfg.l1 * P.L.l1_penalty(b.model)
         return loss
@@ -73,11 +73,11 @@ class CertifiedMethod(Method):
             feats = model.features(x)
         logits = model.head(feats)
         loss = P.ce(logits, y, shard=b.shard)
-        b.logs.update(ce_clean=loss.item(), acc_clean=P.accuracy(logits, y))
+        b.logs.update(ce_clean=loss.detach(), acc_clean=P.accuracy(logits, y))
         dist = self.warmup_distance(b, feats, ctx)
         if dist is not None:
             loss = loss + self.cfg.beta * dist
-            b.logs["dist"] = dist.item()
+            b.logs["dist"] = dist.detach()
         return loss, reg
 
     def bounded_loss(self, b: Batch, ctx: dict, reg):
@@ -86,7 +86,7 @@ class CertifiedMethod(Method):
         lo_tr, hi_tr = P.linf_box(x, b.eps_tr)
         with P.torch.no_grad():  # clean forward: BN running statistics and logged accuracy only, no graph
             logits = model(x)
-        b.logs.update(ce_clean=P.F.cross_entropy(logits, y).item(), acc_clean=P.accuracy(logits, y))
+        b.logs.update(ce_clean=P.F.cross_entropy(logits, y).detach(), acc_clean=P.accuracy(logits, y))
         lo_att, hi_att = P.linf_box(x, b.eps_att)
         x_adv = b.attack(model, x, y, lo_att, hi_att, shard=b.shard)
         lo_b, hi_b = self.bound_box(b, x_adv, lo_att, hi_att, lo_tr, hi_tr)
@@ -101,14 +101,14 @@ class CertifiedMethod(Method):
         d_adv = P.logit_differences(adv_logits, y)
         b.logs.update(acc_adv=P.accuracy(adv_logits, y))
         if lb is not None:
-            b.logs["acc_ibp"] = (lb.min(1).values > 0).float().mean().item()
+            b.logs["acc_ibp"] = (lb.min(1).values > 0).float().mean().detach()
         loss = self.robust_loss(b, lb, d_adv, alpha)
-        b.logs["robust_loss"] = loss.item()
+        b.logs["robust_loss"] = loss.detach()
         if self.distils and cfg.beta > 0:
             ctx.update(x_adv=x_adv, adv_logits=adv_logits, a_dist=a_dist, fb=fb)
             dist = self.distance(b, ctx)
             loss = loss + cfg.beta * dist
-            b.logs["dist"] = dist.item()
+            b.logs["dist"] = dist.detach()
         if ctx["use_reg"]:
             reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo_b, hi_b, shard=b.shard),
                                        cfg.reg_tol, shard=b.shard)

@@ -14,7 +14,7 @@ class EmpiricalMethod(Method):
         P = parts()
         logits = b.model(b.x)
         ce_clean = P.ce(logits, b.y, shard=b.shard)
-        b.logs.update(ce_clean=ce_clean.item(), acc_clean=P.accuracy(logits, b.y))
+        b.logs.update(ce_clean=ce_clean.detach(), acc_clean=P.accuracy(logits, b.y))
         if b.warmup:
             return ce_clean
         lo, hi = P.linf_box(b.x, b.eps_att)

@@ -42,8 +42,9 @@ def ce(logits: Tensor, y: Tensor, *, shard: Shard) -> Tensor:
     return F.cross_entropy(logits, y)
 
 
-def accuracy(logits: Tensor, y: Tensor) -> float:
-    return (logits.argmax(1) == y).float().mean().item()
+def accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    """Fraction of correct predictions, a 0-dim tensor left on the device (no read-back in the step)."""
+    return (logits.argmax(1) == y).float().mean()
 
 
 def adversarial_pass(model, x_adv, y, lower, upper, project: bool):

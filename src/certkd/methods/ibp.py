@@ -18,8 +18,8 @@ class IBP(CertifiedMethod):
         lb, fb = P.ibp_logit_difference_bounds(model, lo_tr, hi_tr, y, point=x)
         logits = model.head(fb.point_output)
         loss = P.L.ibp_loss(lb, b.shard)
-        b.logs.update(acc_clean=P.accuracy(logits, y), ibp_loss=loss.item(),
-                      acc_ibp=(lb.min(1).values > 0).float().mean().item())
+        b.logs.update(acc_clean=P.accuracy(logits, y), ibp_loss=loss.detach(),
+                      acc_ibp=(lb.min(1).values > 0).float().mean().detach())
         if ctx["use_reg"]:
             reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo_tr, hi_tr, shard=b.shard),
                                        self.cfg.reg_tol, shard=b.shard)

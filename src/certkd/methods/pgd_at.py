@@ -14,5 +14,5 @@ class PGDAT(EmpiricalMethod):
         x_adv = b.attack(b.model, b.x, b.y, lo, hi, shard=b.shard)
         adv_logits = b.model(x_adv)
         loss = P.ce(adv_logits, b.y, shard=b.shard)
-        b.logs.update(ce_adv=loss.item(), acc_adv=P.accuracy(adv_logits, b.y))
+        b.logs.update(ce_adv=loss.detach(), acc_adv=P.accuracy(adv_logits, b.y))
         return loss

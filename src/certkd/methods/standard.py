@@ -13,5 +13,5 @@ class Standard(Method):
         P = parts()
         logits = b.model(b.x)
         loss = P.ce(logits, b.y, shard=b.shard)
-        b.logs.update(ce_clean=loss.item(), acc_clean=P.accuracy(logits, b.y))
+        b.logs.update(ce_clean=loss.detach(), acc_clean=P.accuracy(logits, b.y))
         return loss

@@ -15,5 +15,5 @@ class TRADES(EmpiricalMethod):
         kl_attack = P.PGD(b.attack.steps, b.attack.step_size, loss_fn=lambda z, t: P.L.trades_kl(z, t))
         x_adv = kl_attack(b.model, b.x, target, lo, hi, shard=b.shard)
         kl = b.shard.mean(P.L.trades_kl(b.model(x_adv), logits))
-        b.logs.update(kl=kl.item())
+        b.logs.update(kl=kl.detach())
         return ce_clean + self.cfg.trades_beta * kl

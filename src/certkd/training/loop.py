@@ -20,7 +20,7 @@ import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,13 +38,10 @@ from certkd.runs import (clear_run_dir, ensure_writable_dir, first_missing, lock
                          resolve_device, run_entries, write_config)
 from certkd.schedules import SmoothedEpsilonSchedule, multistep_lr
 from certkd.training.allocator import keep_freed_memory
+from certkd.training.monitor import NonFiniteError, StepMonitor, gradient_norms
 from certkd.training.step import Teacher, training_loss
 from certkd.training.teacher_stats import teacher_feature_stats
 from certkd.verification import evaluate_accuracy
-
-
-class NonFiniteError(CertkdError):
-    """A loss or gradient became NaN/Inf; the last good checkpoint is left intact."""
 
 
 #: How the run-directory errors name the options: as flags of ``certkd train`` or as arguments of ``train()``.
@@ -141,23 +138,15 @@ def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _clip_gradients(params, max_norm: float) -> torch.Tensor:
-    """Total gradient norm, checked on every step; clips to ``max_norm`` when > 0 and the norm is finite.
-
-    The same arithmetic as ``clip_grad_norm_``, but a non-finite norm leaves the gradients untouched
-    (clip_grad_norm_ would multiply them all by NaN), so the caller can name the offending parameter.
+def _clip_gradients(params, max_norm: float) -> Tuple[torch.Tensor, List[int]]:
+    """Per-parameter gradient norms and the indices they belong to (:func:`gradient_norms`); clips to
+    ``max_norm`` when > 0, with ``clip_grad_norm_``'s arithmetic and no read-back to the host. A non-finite
+    norm scales the gradients by NaN; the :class:`StepMonitor` then stops the run before any checkpoint.
     """
-    utils = torch.nn.utils
-    if not hasattr(utils, "get_total_norm"):  # torch < 2.6: the culprit cannot be named, the check still holds
-        return utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    norm = utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if max_norm > 0 and torch.isfinite(norm):
-        utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
-
-
-def _mean_logs(acc: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float]:
-    return {k: acc[k] / counts[k] for k in acc}
+    norms, total, present = gradient_norms(params)
+    if max_norm > 0 and present:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return norms, present
 
 
 def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = False, progress: bool = True,
@@ -333,8 +322,9 @@ def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model
             group["lr"] = lr
         reg_active = epoch <= schedule.ramp_end_epoch()
         model.train()
-        sums: Dict[str, float] = {}
-        counts: Dict[str, int] = {}
+        names = {id(p): n for n, p in model.named_parameters()}
+        monitor = StepMonitor(epoch, [names.get(id(p), "the feature adapter") for p in params],
+                              lambda what, e=epoch: _nonfinite_fix(e, what))
         start = time.perf_counter()
         batches = iterate_batches(train_set, cfg.batch_size // world, shuffle=True, seed=cfg.seed * 1000 + epoch,
                                   augmentation=info.augmentation if cfg.augment else "none",
@@ -355,33 +345,18 @@ def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model
                     precision.autocast(cfg.amp, device):
                 loss, logs = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher, shard=shard)
             logs = distributed.reduce_logs(dctx, logs, x.shape[0], n_global)
-            if not torch.isfinite(loss):
-                bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]
-                terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
-                raise NonFiniteError(f"non-finite loss at epoch {epoch}, batch {i + 1} (step {q + 1}) in term "
-                                     f"{'/'.join(bad)} ({terms}); " + _nonfinite_fix(epoch, "lower --lr or check the data"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(dctx, params)
-            norm = _clip_gradients(params, cfg.grad_clip)
-            if not torch.isfinite(norm):
-                names = {id(p): n for n, p in model.named_parameters()}
-                bad = next((names.get(id(p), "the feature adapter") for p in params
-                            if p.grad is not None and not torch.isfinite(p.grad).all()), "the gradients")
-                raise NonFiniteError(f"non-finite gradient at epoch {epoch}, batch {i + 1} (step {q + 1}) in {bad} "
-                                     f"(loss {loss.item():.4g}); " + _nonfinite_fix(epoch, "lower --lr"))
+            norms = _clip_gradients(params, cfg.grad_clip)
             optimizer.step()
-            logs["loss"] = loss.item()
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
-            if bar is not None:
-                bar.set_postfix(loss=f"{logs['loss']:.3f}", eps=f"{logs.get('eps', 0.0):.4f}",
-                                acc=f"{logs.get('acc_clean', float('nan')):.2f}")
+            if monitor.record(i, q, loss, norms, logs) and bar is not None:
+                _show(bar, monitor.last)
+        monitor.flush()  # before anything of this epoch is written
         if bar is not None:
             bar.close()
         record: Dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(time.perf_counter() - start, 3),
-                                  "train": _mean_logs(sums, counts)}
+                                  "train": monitor.means()}
         if not main:  # rank 0 evaluates and writes; the others wait for it
             distributed.barrier(dctx)
             continue
@@ -420,6 +395,12 @@ def _load_adapter(adapter: nn.Module, extra: Dict[str, torch.Tensor], out: Path)
         raise CertkdError(f"--resume: cannot resume {out} with --feature-adapter linear: {why}; "
                           "start afresh with --force")
     adapter.load_state_dict(state)
+
+
+def _show(bar, last: Dict[str, float]) -> None:
+    """The progress bar's figures, refreshed at each read-back (never a read-back of its own)."""
+    bar.set_postfix(loss=f"{last['loss']:.3f}", eps=f"{last.get('eps', 0.0):.4f}",
+                    acc=f"{last.get('acc_clean', float('nan')):.2f}")
 
 
 def _nonfinite_fix(epoch: int, what: str) -> str:
