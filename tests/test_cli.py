@@ -22,7 +22,6 @@ BAD_INPUTS = [
     (["train", "--preset", "digits-small", "--method", "cc-dist", "--out", "{tmp}/a"], "--teacher"),
     (["train", "--preset", "digits-small", "--model", "resnet", "--out", "{tmp}/a"], "unknown model 'resnet'"),
     (["train", "--bogus"], "No such option"),
-    (["train", "--preset", "digits-small", "--amp", "--out", "{tmp}/a"], "AMP is off for certified losses"),
     (["evaluate", "{tmp}/nothing"], "no such run or checkpoint"),
     (["export", "{tmp}/nothing", "--onnx", "{tmp}/m.onnx", "--vnnlib-dir", "{tmp}/p"], "no such run or checkpoint"),
 ]

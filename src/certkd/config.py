@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 100
     device: str = "auto"
     allow_tf32: bool = False        # TF32 matmuls/convs in training (never in evaluation/verification)
-    amp: bool = False               # bfloat16 autocast on CUDA; empirical methods only (certkd.precision)
+    amp: bool = False               # bfloat16 autocast: the whole step of empirical methods, the attack only of certified ones
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`CertkdError` with a one-line message on the first invalid value.
@@ -125,8 +125,6 @@ class TrainConfig:
             raise CertkdError("eps_start must be >= 1 and eps_length >= 0 (epochs)")
         if self.attack_steps < 0:
             raise CertkdError(f"attack_steps must be >= 0, got {self.attack_steps}")
-        if self.amp and self.method not in EMPIRICAL_METHODS:
-            raise CertkdError("AMP is off for certified losses: bounds in reduced precision are not sound; drop --amp")
         if self.dist_target == "zero" and self.feature_adapter != "none":
             raise CertkdError("dist_target zero with a feature adapter is trivial (the adapter maps everything to 0); "
                               "use --feature-adapter none")

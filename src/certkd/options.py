@@ -139,7 +139,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("device", "auto (CUDA when present), cpu or cuda[:N]; under torchrun: cuda:LOCAL_RANK.", "--device"),
     Option("allow_tf32", "Allow TF32 matmuls/convolutions in training (off by default: bounds are not sound in "
            "TF32).", "--tf32"),
-    Option("amp", "bfloat16 autocast on CUDA; the empirical methods (certkd teacher's) only.", "--amp"),
+    Option("amp", "bfloat16 autocast (CUDA or CPU): the whole step of an empirical method; only the training "
+           "attack of a certified one, never a bound (docs/performance.md).", "--amp"),
 )
 
 _BY_KEY = {o.key: o for o in OPTIONS}

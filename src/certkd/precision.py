@@ -8,11 +8,13 @@
   ``certkd verify`` always run with TF32 off. :func:`tf32` sets both
   ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` and
   restores the previous values on exit (PyTorch's own default has cuDNN TF32 *on*).
-* **AMP only for empirical methods.** ``amp: true`` runs the forward passes of ``standard``,
-  ``pgd-at`` and ``trades`` under ``torch.autocast`` on CUDA in bfloat16 (the same exponent
-  range as float32, so no gradient scaler is needed). Certified and distillation methods
-  refuse it (:class:`TrainConfig` validation): bounds in reduced precision are not sound. On
-  CPU ``amp`` has no effect.
+* **AMP never touches a bound.** ``amp: true`` runs the forward passes of ``standard``,
+  ``pgd-at`` and ``trades`` under ``torch.autocast`` in bfloat16 (the same exponent range as
+  float32, so no gradient scaler is needed). For certified and distillation methods it covers the
+  training attack only (:class:`certkd.attacks.PGD` ``amp``), which just proposes a point in the
+  box; the IBP/CROWN pass, the loss and the teacher stay in float32, since bounds in reduced
+  precision are not sound (docs/performance.md states the measured change of the loss curve).
+  It applies on CUDA and on CPU (where bfloat16 is fast only on CPUs with native support).
 * **A network's own precision** (:func:`network_dtype`): verification runs a float64 network in
   float64 and refuses half precision (``docs/verify_onnx.md`` §5).
 """
@@ -49,9 +51,9 @@ def tf32(enabled: bool) -> Iterator[None]:
 
 
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA when ``enabled``; a no-op otherwise (CPU, or amp off)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast on ``device`` (CUDA or CPU) when ``enabled``; a no-op otherwise."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certkd.distributed import LOCAL, Shard
+from certkd.precision import autocast
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits (N,K), target) -> per-sample loss (N,)
 
@@ -54,6 +55,9 @@ class PGD:
         stop_on_success: evaluation mode of the attack. Once an iterate is misclassified, that
             point is kept for the sample (the strongest evidence an attack can give).
         eval_model: run the attack with the model in eval mode (docs/method.md §4), restoring it after.
+        amp: the attack's forward passes under bfloat16 autocast (``--amp``). The attack only proposes a
+            point inside the box, so its precision never touches a bound; the step and the projection
+            stay in the input's precision.
 
     Call: ``attack(model, x, y, lower, upper)`` with x, lower, upper (N, C, H, W) -> x_adv (N, C, H, W).
     In a multi-process training step pass ``shard=`` the step's :class:`certkd.distributed.Shard`:
@@ -62,11 +66,13 @@ class PGD:
     """
 
     def __init__(self, steps: int = 40, step_size: float = 0.1, restarts: int = 1, random_start: bool = True,
-                 loss_fn: Optional[LossFn] = None, stop_on_success: bool = False, eval_model: bool = True):
+                 loss_fn: Optional[LossFn] = None, stop_on_success: bool = False, eval_model: bool = True,
+                 amp: bool = False):
         if steps < 0 or restarts < 1:
             raise ValueError("PGD needs steps >= 0 and restarts >= 1")
         self.steps, self.step_size, self.restarts = steps, step_size, restarts
         self.random_start, self.stop_on_success, self.eval_model = random_start, stop_on_success, eval_model
+        self.amp = amp
         self.loss_fn = loss_fn or cross_entropy_per_sample
 
     def __repr__(self) -> str:
@@ -88,8 +94,10 @@ class PGD:
         return best_x.detach()
 
     def _score(self, model: nn.Module, xa: Tensor, y) -> tuple:
-        logits = model(xa)
-        loss = self.loss_fn(logits, y)
+        with autocast(self.amp, xa.device):
+            logits = model(xa)
+            loss = self.loss_fn(logits, y)
+        loss = loss.to(xa.dtype)
         if self.stop_on_success:
             # Misclassified points rank above every correctly classified one.
             wrong = logits.argmax(1) != y

@@ -29,7 +29,7 @@ from certkd import distributed, precision
 from certkd.attacks import PGD
 from certkd.checkpoints import (append_jsonl, atomic_write_text, disk_full, latest_checkpoint, load_model,
                                 load_weights, optimizer_from_tensors, read_meta, read_tensors, save_checkpoint)
-from certkd.config import TrainConfig
+from certkd.config import EMPIRICAL_METHODS, TrainConfig
 from certkd.data import iterate_batches, load_dataset, num_batches
 from certkd.errors import CertkdError
 from certkd.methods import method_class
@@ -273,7 +273,7 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
 
     steps_per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last)
     schedule = SmoothedEpsilonSchedule(cfg.eps, cfg.eps_start, cfg.eps_length, steps_per_epoch)
-    attack = PGD(cfg.attack_steps, cfg.attack_step_size, cfg.attack_restarts)
+    attack = PGD(cfg.attack_steps, cfg.attack_step_size, cfg.attack_restarts, amp=cfg.amp)
     model_meta = {"model": model.spec.to_dict(), "config": cfg.to_dict(), "dataset": info.name}
 
     start_epoch = 1
@@ -342,7 +342,7 @@ def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model
             n_global = min(cfg.batch_size, len(train_set) - i * cfg.batch_size)
             # the step's shard goes to the losses and attack; its sync BN modules hold it for the step
             with distributed.sharded_batch(dctx, x.shape[0], n_global, model) as shard, \
-                    precision.autocast(cfg.amp, device):
+                    precision.autocast(cfg.amp and cfg.method in EMPIRICAL_METHODS, device):  # bounds: never
                 loss, logs = training_loss(model, x, y, cfg, eps_sched, reg_active, attack, teacher, shard=shard)
             logs = distributed.reduce_logs(dctx, logs, x.shape[0], n_global)
             optimizer.zero_grad(set_to_none=True)
