@@ -91,6 +91,7 @@ class TrainConfig:
     device: str = "auto"
     allow_tf32: bool = False        # TF32 matmuls/convs in training (never in evaluation/verification)
     amp: bool = False               # bfloat16 autocast: the whole step of empirical methods, the attack only of certified ones
+    compile: bool = False           # torch.compile of the model's forward (attack, clean forward); not bit-identical
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`CertkdError` with a one-line message on the first invalid value.

@@ -141,6 +141,8 @@ OPTIONS: Tuple[Option, ...] = (
            "TF32).", "--tf32"),
     Option("amp", "bfloat16 autocast (CUDA or CPU): the whole step of an empirical method; only the training "
            "attack of a certified one, never a bound (docs/performance.md).", "--amp"),
+    Option("compile", "torch.compile the model's forward pass (the attack and the clean forward; bounds walk the "
+           "layers uncompiled). Off by default: on CPU it measured slower (docs/performance.md).", "--compile"),
 )
 
 _BY_KEY = {o.key: o for o in OPTIONS}

@@ -257,6 +257,8 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
     model.to(device)
     if dctx is not None:
         distributed.convert_batchnorm(model)  # batch statistics of the global batch
+    if cfg.compile:  # in place: the state dict and the checkpoints are those of the plain model
+        model.compile()
     with torch.random.fork_rng(devices=[]):  # loading a teacher must not change the student's random stream
         teacher = load_teacher(cfg, model, device)
     if teacher is not None and teacher.model.spec.input_size != info.input_size:
