@@ -7,7 +7,8 @@
 #       test_bad_input.py/test_sweep.py, which only check the "CUDA is not available" messages. No MILP tests
 #       (highspy is not needed).
 #   (b) training throughput, CNN7 on CIFAR shapes: images/s of forward, forward+IBP, a CC-IBP step, a CC-Dist
-#       step and a CC-IBP step with TF32 (benchmarks/gpu_throughput.py).
+#       step, and the CC-IBP step with each option: TF32 (--tf32), the attack in bf16 (--amp), torch.compile
+#       (--compile, its first step timed apart) (benchmarks/gpu_throughput.py).
 #   (c) a shortened MNIST comparison with CNN7 (ε = 0.1, presets mnist-0.1-*): a PGD-AT teacher, then CC-IBP,
 #       CC-Dist (from the teacher) and CC-Dist towards 0 (--dist-target zero, no teacher), each a few epochs on
 #       a fixed training subset; then `certkd evaluate` of all four on the first test points, as one table.
@@ -23,7 +24,7 @@
 #   DEVICE           auto, cuda or cpu                             [auto]
 #   GPU_CHECK_SMALL  1: tiny sizes, for a dry run on a CPU         [0]
 #   TRAIN_LIMIT, TEACHER_EPOCHS, STUDENT_EPOCHS, EVAL_LIMIT, BETA, BATCH: part (c)/(b) sizes (see below)
-#   LIMIT_A, LIMIT_B, LIMIT_C: time limits of the parts in seconds [110, 80, 260]
+#   LIMIT_A, LIMIT_B, LIMIT_C: time limits of the parts in seconds [110, 170, 230]
 #
 # Run:  OUT=/some/dir MNIST_DIR=data_cache/mnist bash benchmarks/gpu_check.sh
 set -u
@@ -38,14 +39,14 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 LIMIT_A=${LIMIT_A:-110}
-LIMIT_B=${LIMIT_B:-80}
-LIMIT_C=${LIMIT_C:-260}
+LIMIT_B=${LIMIT_B:-170}
+LIMIT_C=${LIMIT_C:-230}
 
 if [ "$SMALL" = 1 ]; then   # dry run on a CPU: same logic, tiny sizes
     TRAIN_LIMIT=${TRAIN_LIMIT:-256}; TEACHER_EPOCHS=${TEACHER_EPOCHS:-1}; STUDENT_EPOCHS=${STUDENT_EPOCHS:-2}
     EVAL_LIMIT=${EVAL_LIMIT:-50}; BATCH=${BATCH:-8}
     MODEL_SET=(--set "model_kwargs={width: 4, linear: 16}")
-    THROUGHPUT_ARGS=(--width 8 --linear 32 --batch "$BATCH" --repeats 2 --warmup 1)
+    THROUGHPUT_ARGS=(--width 8 --linear 32 --batch "$BATCH" --repeats 2 --warmup 1 --no-compile)
 else
     TRAIN_LIMIT=${TRAIN_LIMIT:-10000}; TEACHER_EPOCHS=${TEACHER_EPOCHS:-3}; STUDENT_EPOCHS=${STUDENT_EPOCHS:-6}
     EVAL_LIMIT=${EVAL_LIMIT:-1000}; BATCH=${BATCH:-128}

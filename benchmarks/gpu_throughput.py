@@ -6,7 +6,9 @@ Every step is what ``certkd.training.loop`` does per batch (``training_loss`` + 
 in the robust phase after the ε ramp (ε_s = ε, warm-up regularisers off), with the settings of the presets
 ``cifar10-2_255-ccibp`` / ``-ccdist`` (α = 0.01, 8-step PGD at attack_eps_factor 2.1, so CC-Dist also
 carries the projected point through IBP) and β = 0.003. The CC-Dist teacher is a frozen CNN7 of the same
-shape. TF32 is off (the training default) except in the row marked ``tf32`` (``--tf32``).
+shape. TF32 is off (the training default) except in the row marked ``tf32`` (``--tf32``). The rows
+``amp`` (``--amp``: the attack under bfloat16 autocast) and ``compile`` (``--compile``) give each option's
+step time beside the plain CC-IBP step; the compiled row's first step (the compilation) is printed apart.
 forward+IBP: eval mode, no_grad, ``interval_bounds`` of the features + the elided last layer.
 
 Usage::
@@ -22,6 +24,7 @@ import datetime as _dt
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +67,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="JSON file to write")
+    ap.add_argument("--no-compile", action="store_true", help="skip the --compile row (it compiles for a minute)")
     args = ap.parse_args(argv)
     device = pick_device(args.device)
     precision.set_tf32_flags(False, False)
@@ -82,6 +86,7 @@ def main(argv=None) -> dict:
     cfg_ibp = resolve_config("cifar10-2_255-ccibp", common)
     cfg_dist = resolve_config("cifar10-2_255-ccdist", dict(common, teacher="benchmark-teacher", beta=0.003))
     attack = PGD(cfg_ibp.attack_steps, cfg_ibp.attack_step_size, cfg_ibp.attack_restarts)
+    amp_attack = PGD(cfg_ibp.attack_steps, cfg_ibp.attack_step_size, cfg_ibp.attack_restarts, amp=True)
     teacher = Teacher(model=teacher_net)
     eval_model = copy.deepcopy(student).eval()
     lo, hi = linf_box(x, cfg_ibp.eps)
@@ -100,7 +105,19 @@ def main(argv=None) -> dict:
         "CC-IBP step": make_step(copy.deepcopy(student).train(), cfg_ibp, x, y, attack, None, False),
         "CC-Dist step": make_step(copy.deepcopy(student).train(), cfg_dist, x, y, attack, teacher, False),
         "CC-IBP step, tf32": make_step(copy.deepcopy(student).train(), cfg_ibp, x, y, attack, None, True),
+        "CC-IBP step, amp (attack in bf16)": make_step(copy.deepcopy(student).train(), cfg_ibp, x, y, amp_attack, None,
+                                                       False),
     }
+    compile_s = None
+    if not args.no_compile:  # --compile: the model's forward compiled in place, as certkd.training.loop does
+        compiled = copy.deepcopy(student).train()
+        compiled.compile()
+        fns["CC-IBP step, compile"] = make_step(compiled, cfg_ibp, x, y, attack, None, False)
+        t0 = time.perf_counter()
+        fns["CC-IBP step, compile"]()  # the first step compiles: reported on its own, not in the median
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compile_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"gpu_throughput: cnn7 width {args.width} linear {args.linear}, input {b}x3x32x32, device {device} "
           f"({name}), torch {torch.__version__}, attack {cfg_ibp.attack_steps} steps, "
@@ -116,9 +133,16 @@ def main(argv=None) -> dict:
         print(f"{k.ljust(width)}  {1e3 * r['median_s']:9.1f}  {r['images_per_s']:9.0f}")
     ratio = rows["CC-Dist step"]["median_s"] / rows["CC-IBP step"]["median_s"]
     print(f"cc-dist/cc-ibp step time: {ratio:.2f}")
+    base = rows["CC-IBP step"]["median_s"]
+    for k in rows:
+        if k.startswith("CC-IBP step, "):
+            print(f"{k} / CC-IBP step: {rows[k]['median_s'] / base:.2f}")
+    if compile_s is not None:
+        print(f"first compiled step (compilation included): {compile_s:.1f} s")
     result = {"benchmark": "gpu_throughput", "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "device": str(device), "device_name": name, "torch": torch.__version__, "batch": b,
-              "width": args.width, "linear": args.linear, "rows": rows, "cc-dist/cc-ibp": ratio}
+              "width": args.width, "linear": args.linear, "rows": rows, "cc-dist/cc-ibp": ratio,
+              "first_compiled_step_s": compile_s}
     if device.type == "cuda":
         result["max_memory_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         print(f"peak GPU memory allocated: {result['max_memory_allocated_GiB']:.2f} GiB")
