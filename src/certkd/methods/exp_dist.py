@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from certkd.methods._certified import FeatureDistillation
-from certkd.methods.base import Batch, parts, register_method
+from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 from certkd.methods.exp_ibp import ExpIBP
 
 
@@ -15,3 +15,11 @@ class ExpDist(FeatureDistillation, ExpIBP):
         cfg = self.cfg
         return parts().D.exp_dist_distance(a, lower, upper, target, alpha, self.metric, cfg.dist_reduction,
                                            shard=b.shard)
+
+    @classmethod
+    def reference_loss(cls, case: ReferenceCase):
+        P, cfg = parts(), case.cfg
+        _, lb, fb, d_adv, _ = case.certified()
+        dist = P.D.exp_dist_distance(fb.point_output, fb.lower, fb.upper, case.teacher.targets(case.x), cfg.alpha,
+                                     **case.distance)
+        return P.L.exp_ibp_loss(lb, d_adv, cfg.alpha) + cfg.beta * dist

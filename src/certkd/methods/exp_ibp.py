@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from certkd.methods._certified import CertifiedMethod
-from certkd.methods.base import Batch, parts, register_method
+from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 
 
 @register_method("exp-ibp")
@@ -11,3 +11,8 @@ class ExpIBP(CertifiedMethod):
 
     def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
         return parts().L.exp_ibp_loss(lb, d_adv, alpha, b.shard)
+
+    @classmethod
+    def reference_loss(cls, case: ReferenceCase):
+        _, lb, _, d_adv, _ = case.certified()
+        return parts().L.exp_ibp_loss(lb, d_adv, case.cfg.alpha)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from certkd.methods._certified import CertifiedMethod
-from certkd.methods.base import Batch, parts, register_method
+from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 
 
 @register_method("ibp")
@@ -24,3 +24,8 @@ class IBP(CertifiedMethod):
             reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo_tr, hi_tr, shard=b.shard),
                                        self.cfg.reg_tol, shard=b.shard)
         return loss, reg
+
+    @classmethod
+    def reference_loss(cls, case: ReferenceCase):
+        lo, hi = case.box()
+        return parts().L.ibp_loss(case.bounds(case.fresh(), lo, hi, case.x)[0])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from certkd.methods._certified import CertifiedMethod
-from certkd.methods.base import Batch, parts, register_method
+from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 
 
 @register_method("sabr")
@@ -15,3 +15,10 @@ class SABR(CertifiedMethod):
 
     def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
         return parts().L.ibp_loss(lb, b.shard)  # the small-box bound alone
+
+    @classmethod
+    def reference_loss(cls, case: ReferenceCase):
+        L, m = parts().L, case.fresh()
+        _, lo, hi, x_adv = case.attacked(m)
+        slo, shi = L.sabr_box(x_adv, lo, hi, case.cfg.alpha, case.eps)
+        return L.ibp_loss(case.bounds(m, slo, shi, x_adv)[0])

@@ -1,7 +1,7 @@
 """Standard training: the clean cross-entropy."""
 from __future__ import annotations
 
-from certkd.methods.base import Batch, Method, parts, register_method
+from certkd.methods.base import Batch, Method, ReferenceCase, parts, register_method
 
 
 @register_method("standard")
@@ -15,3 +15,7 @@ class Standard(Method):
         loss = P.ce(logits, b.y, shard=b.shard)
         b.logs.update(ce_clean=loss.item(), acc_clean=P.accuracy(logits, b.y))
         return loss
+
+    @classmethod
+    def reference_loss(cls, case: ReferenceCase):
+        return parts().F.cross_entropy(case.fresh()(case.x), case.y)
