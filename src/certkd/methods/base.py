@@ -108,6 +108,8 @@ class Method:
     Class attributes:
         name: the ``--method`` value (set by :func:`register_method`).
         category: "empirical" (teachers), "certified" or "distillation".
+        summary: the loss in one line, citing docs/method.md: the README's method table is made of
+            these (``python scripts/generated_docs.py``).
         order: position within its category in listings (help, config.METHODS).
         needs_bounds / needs_attack / needs_teacher: which parts the loss uses (the teacher is
             not loaded for ``dist_target: zero``).
@@ -115,6 +117,7 @@ class Method:
 
     name: str = ""
     category: str = ""
+    summary: str = ""
     order: int = 100
     needs_bounds: bool = False
     needs_attack: bool = False

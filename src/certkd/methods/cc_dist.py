@@ -9,6 +9,8 @@ from certkd.methods.cc_ibp import CCIBP
 @register_method("cc-dist")
 class CCDist(FeatureDistillation, CCIBP):
     order = 0
+    summary = ("CC-IBP + β · the feature distance to the teacher over the combined box (default "
+               "combination `box`; docs/method.md §7)")
 
     def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):
         P, cfg = parts(), self.cfg

@@ -8,6 +8,7 @@ from certkd.methods.cc_dist import CCDist, cc_dist_reference
 @register_method("adv-dist")
 class AdvDist(CCDist):
     order = 4
+    summary = "CC-Dist with α = 0: adversarial feature matching (docs/method.md §7.5)"
 
     def alpha(self) -> float:
         return 0.0
@@ -25,6 +26,7 @@ class AdvDist(CCDist):
 @register_method("ibp-dist")
 class IBPDist(CCDist):
     order = 5
+    summary = "CC-Dist with α = 1: the certified bound only (docs/method.md §7.5)"
 
     def alpha(self) -> float:
         return 1.0

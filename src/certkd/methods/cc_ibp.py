@@ -8,6 +8,7 @@ from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 @register_method("cc-ibp")
 class CCIBP(CertifiedMethod):
     order = 1
+    summary = "the loss of α·IBP bound + (1−α)·adversarial logit differences (docs/method.md §5.2)"
 
     def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
         L = parts().L

@@ -9,6 +9,7 @@ from certkd.methods.cc_ibp import CCIBP
 class CCIBPKD(CCIBP):
     category = "distillation"
     order = 6
+    summary = "CC-IBP + β · logit-space KD at the PGD point, a baseline (docs/method.md §7.5)"
     distils = True
     needs_teacher = True
 

@@ -14,6 +14,7 @@ from certkd.methods.cc_ibp import CCIBP
 class CCIBPWidth(CCIBP):
     category = "distillation"
     order = 7
+    summary = "CC-IBP + β · the size of the student's IBP feature box, no teacher (docs/method.md §7.11)"
     distils = True
     always_bounds = True   # the penalty needs the box at α = 0 too
     project_adv = False    # it does not use the adversarial point

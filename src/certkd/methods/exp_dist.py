@@ -9,6 +9,7 @@ from certkd.methods.exp_ibp import ExpIBP
 @register_method("exp-dist")
 class ExpDist(FeatureDistillation, ExpIBP):
     order = 2
+    summary = "Exp-IBP + β · the Exp-combined feature distance to the teacher (docs/method.md §7.5)"
     always_bounds = True
 
     def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):

@@ -8,6 +8,7 @@ from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 @register_method("exp-ibp")
 class ExpIBP(CertifiedMethod):
     order = 3
+    summary = "IBP loss^α · adversarial loss^(1−α) (docs/method.md §5.4)"
 
     def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
         return parts().L.exp_ibp_loss(lb, d_adv, alpha, b.shard)

@@ -8,6 +8,7 @@ from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 @register_method("ibp")
 class IBP(CertifiedMethod):
     order = 0
+    summary = "the IBP bound of the full ε box, Gowal et al. (docs/method.md §5.1)"
     needs_attack = False
     uses_l1 = False
 

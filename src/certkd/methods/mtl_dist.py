@@ -9,6 +9,7 @@ from certkd.methods.mtl_ibp import MTLIBP
 @register_method("mtl-dist")
 class MTLDist(FeatureDistillation, MTLIBP):
     order = 1
+    summary = "MTL-IBP + β · the MTL-combined feature distance to the teacher (docs/method.md §7.5)"
     always_bounds = True
 
     def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):

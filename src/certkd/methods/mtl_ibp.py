@@ -8,6 +8,7 @@ from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 @register_method("mtl-ibp")
 class MTLIBP(CertifiedMethod):
     order = 2
+    summary = "α·IBP loss + (1−α)·adversarial loss (docs/method.md §5.3)"
 
     def robust_loss(self, b: Batch, lb, d_adv, alpha: float):
         return parts().L.mtl_ibp_loss(lb, d_adv, alpha, b.shard)

@@ -8,6 +8,7 @@ from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 @register_method("pgd-at")
 class PGDAT(EmpiricalMethod):
     order = 1
+    summary = "CE at the PGD point of the ε box, Madry et al. (docs/method.md §5.7)"
 
     def robust(self, b: Batch, logits, ce_clean, lo, hi):
         P = parts()

@@ -8,6 +8,7 @@ from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 @register_method("sabr")
 class SABR(CertifiedMethod):
     order = 4
+    summary = "the IBP bound of a small box around the PGD point, Müller et al. 2023 (docs/method.md §5.5)"
     always_bounds = True
 
     def bound_box(self, b: Batch, x_adv, lo_att, hi_att, lo_tr, hi_tr):

@@ -9,6 +9,7 @@ from certkd.methods.sabr import SABR
 @register_method("sabr-dist")
 class SABRDist(FeatureDistillation, SABR):
     order = 3
+    summary = "SABR + β · the worst-case feature distance over the small box (docs/method.md §7.5)"
     project_adv = False   # the small box already contains x_adv
 
     def feature_distance(self, b: Batch, a, lower, upper, target, alpha: float):

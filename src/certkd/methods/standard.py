@@ -8,6 +8,7 @@ from certkd.methods.base import Batch, Method, ReferenceCase, parts, register_me
 class Standard(Method):
     category = "empirical"
     order = 0
+    summary = "CE(f(x), y): clean training, no attack (docs/method.md §5.7)"
 
     def loss(self, b: Batch):
         P = parts()

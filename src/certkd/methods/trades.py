@@ -8,6 +8,7 @@ from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 @register_method("trades")
 class TRADES(EmpiricalMethod):
     order = 2
+    summary = "CE(f(x), y) + β_T · KL(clean ‖ adversarial), Zhang et al. 2019 (docs/method.md §5.7)"
 
     def robust(self, b: Batch, logits, ce_clean, lo, hi):
         P = parts()
