@@ -8,7 +8,8 @@ bodies of the methods do not import torch (see :mod:`certkd.methods`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
 
 # Listing order of the categories: config.METHODS is EMPIRICAL + CERTIFIED + DISTILLATION.
@@ -113,6 +114,9 @@ class Method:
         order: position within its category in listings (help, config.METHODS).
         needs_bounds / needs_attack / needs_teacher: which parts the loss uses (the teacher is
             not loaded for ``dist_target: zero``).
+        attack: the training attack an empirical method brings to ``certkd teacher``, as config keys
+            (``attack_steps``, ``attack_step_size``, ``attack_eps_factor``); empty for a method without an attack, whose
+            teacher then records the config's own attack keys, untouched (:func:`certkd.config.resolve_config`).
     """
 
     name: str = ""
@@ -122,6 +126,7 @@ class Method:
     needs_bounds: bool = False
     needs_attack: bool = False
     needs_teacher: bool = False
+    attack: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, cfg: Any):  # a certkd.config.TrainConfig (not imported: config reads this registry)
         self.cfg = cfg

@@ -118,7 +118,7 @@ def train_command(cfg: TrainConfig, out, preset: Optional[str] = None, infer_pre
         candidates: List[TrainRequest] = []
         for name in names:
             try:
-                base = base_config(name, teacher=teacher)
+                base = base_config(name, teacher=teacher, method=cfg.method)
             except CertkdError:
                 continue
             # exact but misleading: another dataset's or another architecture's preset
@@ -127,7 +127,7 @@ def train_command(cfg: TrainConfig, out, preset: Optional[str] = None, infer_pre
             request = _train_request(cfg, base, command, str(name))
             if request is not None:
                 candidates.append(request)
-        plain = _train_request(cfg, base_config(None, teacher=teacher), command)
+        plain = _train_request(cfg, base_config(None, teacher=teacher, method=cfg.method), command)
         if plain is not None:
             candidates.append(plain)
         candidates.sort(key=lambda r: len(r.argv()))
