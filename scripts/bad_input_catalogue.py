@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from generated_docs import mark, method_list  # noqa: E402
 
 HEADER = """# Bad inputs and what certkd prints
 
@@ -34,7 +37,7 @@ untrained runs, fake MNIST files, a broken YAML file, malicious pickles, checkpo
 metadata or weights, a tiny ONNX network with VNN-LIB properties and instances CSVs). Commands longer
 than 160 characters are shortened in the middle (…).
 Regenerate this file with `python scripts/bad_input_catalogue.py > docs/bad_inputs.md` (two to three
-minutes on two CPU cores).
+minutes on two CPU cores); its list of training methods, with `python scripts/generated_docs.py` (seconds).
 """
 
 
@@ -81,7 +84,9 @@ def main() -> int:
     print("| case | command | exit code | stderr |")
     print("|---|---|---|---|")
     for name, cmd, code, err in rows:
-        print(f"| {_cell(name)} | `{_cell(cmd, 160)}` | {code} | {_cell(err)} |")
+        # the list of methods is a generated section: scripts/generated_docs.py keeps it current in seconds
+        err = _cell(err).replace(method_list(), mark("method-names", method_list()))
+        print(f"| {_cell(name)} | `{_cell(cmd, 160)}` | {code} | {err} |")
     api = _load_catalogue("verification/test_verify_api.py")
     print("\n## Python API: `certkd.verify_model`\n")
     print("Each raises `certkd.CertkdError` with this one line (`m` is a small MLP with 4 inputs and 3 outputs;")

@@ -83,9 +83,36 @@ def test_teacher_defaults_validate():
 
 def test_teacher_defaults_win_over_a_student_preset_but_not_over_flags():
     cfg = resolve_config("digits-small", teacher=True)
-    assert cfg.method == "pgd-at" and cfg.attack_steps == TEACHER_DEFAULTS["attack_steps"]
+    assert cfg.method == "pgd-at" and (cfg.attack_steps, cfg.attack_step_size) == (10, 0.25)
     assert cfg.eps == 0.05 and cfg.model == "cnn-small"  # the student's task is kept
     assert resolve_config("digits-small", {"method": "trades", "attack_steps": 3}, teacher=True).attack_steps == 3
+
+
+def test_a_teachers_attack_is_its_methods_own(tmp_path):
+    """PGD-AT and TRADES bring Madry's attack (10 steps of 0.25); a standard teacher, which attacks
+    nothing, records the attack keys it would have without certkd teacher; an old config.yaml of a
+    standard teacher, with the attack the teacher defaults used to add, still loads and is reproduced."""
+    from certkd.methods import method_class
+    from certkd.reporting import train_command
+    from certkd.runs import read_config, write_config
+
+    assert not any(k.startswith("attack") for k in TEACHER_DEFAULTS)
+    plain = TrainConfig()
+    for method in ("pgd-at", "trades"):
+        cfg = resolve_config(None, {"method": method}, teacher=True)
+        assert dict(method_class(method).attack) == {"attack_steps": 10, "attack_step_size": 0.25,
+                                                     "attack_eps_factor": 1.0}
+        assert (cfg.attack_steps, cfg.attack_step_size) == (10, 0.25)
+    std = resolve_config(None, {"method": "standard"}, teacher=True)
+    assert (std.attack_steps, std.attack_step_size) == (plain.attack_steps, plain.attack_step_size)
+    assert resolve_config("digits-small", {"method": "standard"}, teacher=True).attack_steps == \
+        resolve_config("digits-small").attack_steps  # the preset's own keys, untouched
+    assert train_command(std, "runs/t") == "certkd teacher --method standard --out runs/t"
+    old = apply_overrides(std, {"attack_steps": 10, "attack_step_size": 0.25})
+    write_config(tmp_path, old)
+    assert read_config(tmp_path) == old
+    assert train_command(old, "runs/t") == ("certkd teacher --method standard --set attack_steps=10 "
+                                            "--set attack_step_size=0.25 --out runs/t")
 
 
 # --------------------------------------------------------------------------- overrides

@@ -13,11 +13,11 @@ import pytest
 
 from certkd import choices
 from certkd.cli import cli, main
-from certkd.cli_train import _overrides
 from certkd.config import TrainConfig, resolve_config
 from certkd.errors import CertkdError
 from certkd.methods import method_names
 from certkd.options import OPTIONS, command_options, option
+from certkd.run_plan import TrainRequest
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -218,6 +218,6 @@ def test_a_reproduced_command_parses_back_to_the_same_config(preset, values, tea
     assert argv[:2] in (["certkd", "train"], ["certkd", "teacher"]), line
     command = argv[1]
     ctx = cli.commands[command].make_context(command, argv[2:])
-    assert resolve_config(ctx.params.get("preset"), _overrides(ctx.params), teacher=command == "teacher") == cfg
+    assert TrainRequest.from_params(command, ctx.params).config() == cfg
     if command == "teacher":  # alpha is no option of certkd teacher: it goes through --set
         assert "--alpha" not in argv and "--amp" in argv and "alpha=0.2" in argv

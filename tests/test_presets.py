@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from certkd.config import (DISTILLATION_METHODS, EMPIRICAL_METHODS, TEACHER_DEFAULTS, TrainConfig, list_presets,
-                           load_preset, resolve_config)
+from certkd.config import (DISTILLATION_METHODS, EMPIRICAL_METHODS, TrainConfig, list_presets, load_preset,
+                           resolve_config)
+from certkd.methods import method_class
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "src" / "certkd" / "presets"
@@ -193,8 +194,8 @@ def test_teacher_is_pgd_at_at_the_students_eps(setting, as_teacher_command):
     t = resolve_config(f"{setting}-teacher", teacher=as_teacher_command)
     s = resolve(f"{setting}-ccibp")
     assert t.method == "pgd-at" and t.method in EMPIRICAL_METHODS
-    assert (t.attack_steps, t.attack_step_size) == (TEACHER_DEFAULTS["attack_steps"],
-                                                    approx(TEACHER_DEFAULTS["attack_step_size"]))
+    attack = method_class("pgd-at").attack  # the teacher command's attack is the method's own
+    assert (t.attack_steps, t.attack_step_size) == (attack["attack_steps"], approx(attack["attack_step_size"]))
     assert (t.attack_steps, t.attack_step_size) == (10, approx(0.25))
     assert t.train_eps_mul == 1.0 and t.attack_eps_factor == 1.0
     assert t.ibp_init is False and t.l1 == 0.0 and t.reg_lambda == 0.0

@@ -79,3 +79,16 @@ def test_using_it_runs_top_to_bottom(tmp_path):
     assert (work / "report" / "report.md").exists() and (work / "release" / "cc" / "MODEL_CARD.md").exists()
     assert (work / "runs" / "student" / "verification.json").exists() and (work / "props").is_dir()
     assert (work / "runs" / "cc-py" / "evaluation.json").exists()
+
+
+def test_the_layout_names_the_package_as_it_is():
+    """Every module and subpackage of src/certkd is named in the "## Layout" block, and every
+    ``name.py`` / ``name/`` the block names under src/certkd/ exists."""
+    block = README.read_text().split("## Layout", 1)[1].split("```", 2)[1]
+    package_part = block.split("tests/", 1)[0]
+    named = set(re.findall(r"\b([a-z_]+(?:\.py|/))", package_part)) - {"certkd/", "src/"}
+    pkg = README.parent / "src" / "certkd"
+    present = {p.name + "/" for p in pkg.iterdir() if (p / "__init__.py").is_file()}
+    present |= {p.name for p in pkg.glob("*.py") if p.name not in ("__init__.py", "__main__.py", "_version.py")}
+    assert present - named == set(), f"not named in the README's layout: {sorted(present - named)}"
+    assert named - present == set(), f"named in the README's layout but not in src/certkd: {sorted(named - present)}"

@@ -373,8 +373,8 @@ def test_commands_use_relative_data_dirs_and_certkd_teacher(tmp_path, monkeypatc
     assert line.startswith("certkd teacher --preset digits-small") and "--epochs 3" in line
     assert "--set" not in line  # the rescaled schedule needs no --set: --epochs implies it
     ctx = cli.commands["teacher"].make_context("teacher", shlex.split(line)[2:])
-    from certkd.cli import _overrides
-    assert certkd.resolve_config(ctx.params["preset"], _overrides(ctx.params), teacher=True) == teacher
+    from certkd.run_plan import TrainRequest
+    assert TrainRequest.from_params("teacher", ctx.params).config() == teacher
 
 
 def test_card_states_lr_decay_and_an_unfinished_ramp(runs, tmp_path):

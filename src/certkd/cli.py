@@ -11,9 +11,9 @@ from typing import Any, Dict, Optional, Sequence
 
 import click
 
-# train, teacher and sweep (and the options they share) live in cli_train, which reporting also reads
+# train, teacher and sweep (and the options they share) live in cli_train
 from certkd.cli_train import (ENGINE, EPS, THREADS_OPTION, EpsType, _apply_threads, _Interrupted,  # noqa: F401
-                              _is_main_process, _overrides, _parse_sets, _run_training, _show_progress,
+                              _is_main_process, _parse_sets, _run_training, _show_progress,
                               _train_options, sweep, teacher, train)
 from certkd.errors import CertkdError
 

@@ -1,8 +1,7 @@
 """The command-line options of training and the ``train``, ``teacher`` and ``sweep`` commands.
 
-Kept apart from :mod:`certkd.cli` (which adds these commands to the ``certkd`` group) so that
-:mod:`certkd.reporting` can parse a reconstructed command with the real options without importing
-the CLI module that imports reporting.
+Kept apart from :mod:`certkd.cli`, which adds these commands to the ``certkd`` group. What a
+parsed command line asks for is planned below, in :mod:`certkd.run_plan`, which the reports use too.
 """
 from __future__ import annotations
 
@@ -13,9 +12,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union, get_arg
 import click
 
 from certkd.choices import ENGINES
-from certkd.config import TrainConfig, parse_number, parse_sets, resolve_config
+from certkd.config import TrainConfig, parse_number, parse_sets
 from certkd.errors import CertkdError
 from certkd.options import Option, check_choice, command_options, unknown_name
+from certkd.run_plan import TrainRequest
 
 
 class EpsType(click.ParamType):
@@ -157,13 +157,6 @@ def _parse_sets(sets: Sequence[str]) -> Dict[str, Any]:
     return parse_sets(sets)  # the one --set parser, shared with `certkd sweep`
 
 
-def _overrides(kw: Dict[str, Any]) -> Dict[str, Any]:
-    """The config values given on the command line: the flags of the option table, then --set."""
-    values = {opt.key: kw[opt.key] for opt in command_options("train", flagged=True) if kw.get(opt.key) is not None}
-    values.update(_parse_sets(kw.get("sets") or ()))
-    return values
-
-
 class _Interrupted(Exception):
     """Ctrl-C during train/verify, carrying the hint to print. Not a KeyboardInterrupt, so that click
     does not turn it into a bare Abort ("aborted") before :func:`main` can say how to continue."""
@@ -198,7 +191,7 @@ def _run_training_inner(kw: Dict[str, Any], teacher: bool = False) -> Path:
     if kw["resume"]:
         cfg = TrainConfig()  # the stored config of the run is used
     else:
-        cfg = resolve_config(kw.get("preset"), _overrides(kw), teacher=teacher)
+        cfg = TrainRequest.from_params("teacher" if teacher else "train", kw).config()
     _apply_threads(kw.get("threads"))
     return train(cfg, kw["out"], resume=kw["resume"], force=kw["force"], progress=_show_progress(kw["quiet"]),
                  log=click.echo, tensorboard=kw.get("tensorboard", False), hints="cli")

@@ -378,35 +378,46 @@ def resolve_config(preset: Optional[str] = None, overrides: Optional[Mapping[str
     (:func:`rescale_schedule`): ``--epochs 5`` on a 70-epoch recipe still reaches the target ε and
     decays the learning rate; an explicit ``--set eps_length=...`` (or milestones, start) wins.
 
-    With ``teacher=True`` (the ``certkd teacher`` command) :data:`TEACHER_DEFAULTS` apply too:
+    With ``teacher=True`` (the ``certkd teacher`` command) :func:`teacher_defaults` apply too:
     below a teacher preset (method standard/pgd-at/trades), above a student preset, so that
     ``certkd teacher --preset mnist-0.1-cpu`` trains a PGD-AT teacher at the student's ε.
     """
     return _resolve(preset, overrides, teacher).validate()
 
 
-def base_config(preset: Optional[str] = None, teacher: bool = False) -> TrainConfig:
-    """defaults ← preset (← teacher defaults), unvalidated: what ``resolve_config`` starts from before
-    the overrides (and what ``--epochs`` rescales the schedule against)."""
-    return _resolve(preset, None, teacher)
+def base_config(preset: Optional[str] = None, teacher: bool = False, method: Optional[str] = None) -> TrainConfig:
+    """defaults ← preset (← teacher defaults, with the attack of ``method``, the one the overrides will
+    set, if any), unvalidated: what ``resolve_config`` starts from before the overrides (and what
+    ``--epochs`` rescales the schedule against)."""
+    return _resolve(preset, None, teacher, method)
 
 
-def _resolve(preset: Optional[str], overrides: Optional[Mapping[str, Any]], teacher: bool) -> TrainConfig:
+def _resolve(preset: Optional[str], overrides: Optional[Mapping[str, Any]], teacher: bool,
+             method: Optional[str] = None) -> TrainConfig:
     cfg = TrainConfig()
     values = load_preset(preset) if preset else {}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if teacher:
+        defaults = teacher_defaults(method or overrides.get("method") or values.get("method"))
         if values.get("method", "pgd-at") in EMPIRICAL_METHODS:
-            cfg = _apply_layer(_apply_layer(cfg, TEACHER_DEFAULTS), values)
+            cfg = _apply_layer(_apply_layer(cfg, defaults), values)
         else:
-            cfg = _apply_layer(_apply_layer(cfg, values), TEACHER_DEFAULTS)
+            cfg = _apply_layer(_apply_layer(cfg, values), defaults)
     else:
         cfg = _apply_layer(cfg, values)
     if overrides:
-        cfg = _apply_layer(cfg, {k: v for k, v in overrides.items() if v is not None})
+        cfg = _apply_layer(cfg, overrides)
     return cfg
 
 
-# Defaults of ``certkd teacher``: Madry PGD-AT at the target ε (docs/method.md §5.7).
-TEACHER_DEFAULTS: Dict[str, Any] = {"method": "pgd-at", "attack_steps": 10, "attack_step_size": 0.25,
-                                    "train_eps_mul": 1.0, "attack_eps_factor": 1.0, "ibp_init": False,
-                                    "l1": 0.0, "reg_lambda": 0.0, "eps_length": 0}
+# Defaults of ``certkd teacher`` (docs/method.md §5.7): PGD-AT at the target ε; the attack is the method's own.
+TEACHER_DEFAULTS: Dict[str, Any] = {"method": "pgd-at", "train_eps_mul": 1.0, "ibp_init": False, "l1": 0.0,
+                                    "reg_lambda": 0.0, "eps_length": 0}
+
+
+def teacher_defaults(method: Optional[str]) -> Dict[str, Any]:
+    """:data:`TEACHER_DEFAULTS` with the attack that the teacher's method declares
+    (:attr:`certkd.methods.Method.attack`; none for ``standard``, so its config keeps the attack keys
+    it would have without ``certkd teacher``). ``method``: the one asked for, else a teacher preset's, else pgd-at."""
+    method = method if method in EMPIRICAL_METHODS else TEACHER_DEFAULTS["method"]
+    return dict(TEACHER_DEFAULTS, **method_class(method).attack)

@@ -1,21 +1,18 @@
 """The registry of training methods (certkd.methods): each method's loss is the one it documents.
 
 For a fixed batch, every registered method's loss (through ``training_loss``) is compared with
-the loss computed by hand from the parts of certkd.losses, certkd.bounds and certkd.attacks on
-a copy of the same model with the same random seed.
+the loss its class computes by hand (:meth:`Method.reference_loss`, from the parts of
+certkd.losses, certkd.bounds and certkd.attacks) on a copy of the same model with the same random
+seed. The methods are the registry's: a new method class is tested as soon as it is registered.
 """
 import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from certkd.attacks import PGD, linf_box
-from certkd.bounds import ibp_logit_difference_bounds, logit_differences
+from certkd.attacks import PGD
 from certkd.config import (CERTIFIED_METHODS, DISTILLATION_METHODS, EMPIRICAL_METHODS, METHODS, TrainConfig)
-from certkd.losses import certified as L
-from certkd.losses import distillation as D
-from certkd.methods import Method, base, method_class, method_names, register_method
+from certkd.methods import Method, ReferenceCase, base, method_class, method_names, register_method
 from certkd.models import create_model
 from certkd.reporting import method_family
 from certkd.training import Teacher, effective_alpha, training_loss
@@ -39,92 +36,35 @@ def _cfg(method):
                        attack_steps=2, attack_step_size=0.5)
 
 
-def _applied(parts, method):
+def _applied(parts, method, seed):
     model, teacher, x, y = parts
     cfg = _cfg(method)
     m = copy.deepcopy(model)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     loss, _ = training_loss(m, x, y, cfg, EPS, False, PGD(cfg.attack_steps, cfg.attack_step_size), teacher)
     return loss
 
 
-def _adversarial(model, cfg, x, y):
-    """Clean forward (BN statistics), then the training attack, as the procedure does."""
-    torch.manual_seed(1)
-    logits = model(x)
-    lo, hi = linf_box(x, EPS)
-    x_adv = PGD(cfg.attack_steps, cfg.attack_step_size)(model, x, y, lo, hi)
-    return logits, lo, hi, x_adv
-
-
-def _bounds(model, lo, hi, y, point):
-    lb, fb = ibp_logit_difference_bounds(model, lo, hi, y, point=point)
-    return lb, fb, logit_differences(model.head(fb.point_output), y)
-
-
-def _by_hand(parts, method):
-    model, teacher, x, y = parts
-    cfg, m = _cfg(method), copy.deepcopy(parts[0])
-    alpha, beta, t = cfg.alpha, cfg.beta, teacher.targets(x)
-    dist = dict(distance=cfg.dist_distance, reduction=cfg.dist_reduction)
-    if method == "standard":
-        return F.cross_entropy(m(x), y)
-    if method == "ibp":
-        lo, hi = linf_box(x, EPS)
-        return L.ibp_loss(_bounds(m, lo, hi, y, x)[0])
-    logits, lo, hi, x_adv = _adversarial(m, cfg, x, y)
-    if method == "pgd-at":
-        return F.cross_entropy(m(x_adv), y)
-    if method == "trades":
-        torch.manual_seed(1)
-        m = copy.deepcopy(parts[0])
-        logits = m(x)
-        kl_attack = PGD(cfg.attack_steps, cfg.attack_step_size, loss_fn=L.trades_kl)
-        x_adv = kl_attack(m, x, logits.detach(), lo, hi)
-        return F.cross_entropy(logits, y) + cfg.trades_beta * L.trades_kl(m(x_adv), logits).mean()
-    if method in ("sabr", "sabr-dist"):
-        slo, shi = L.sabr_box(x_adv, lo, hi, alpha, EPS)
-        lb, fb, _ = _bounds(m, slo, shi, y, x_adv)
-        loss = L.ibp_loss(lb)
-        if method == "sabr-dist":
-            loss = loss + beta * D.worst_case_feature_distance(fb.lower, fb.upper, t, **dist).mean()
-        return loss
-    if method == "adv-dist":  # α = 0: no IBP pass, adversarial loss plus the plain feature distance
-        a = m.features(x_adv)
-        d_adv = logit_differences(m.head(a), y)
-        return L.adversarial_loss(d_adv) + beta * D.feature_distance(a, t, **dist).mean()
-    lb, fb, d_adv = _bounds(m, lo, hi, y, x_adv)
-    a = fb.point_output
-    if method in ("cc-ibp", "cc-ibp-kd", "cc-ibp-width"):
-        loss = L.cc_ibp_loss(lb, d_adv, alpha)
-        if method == "cc-ibp-kd":
-            loss = loss + beta * D.logit_distillation_loss(m.head(a), teacher.logits(x_adv), cfg.kd_temperature)
-        if method == "cc-ibp-width":  # docs/method.md §7.11: the distance between the feature box's corners
-            loss = loss + beta * D.feature_distance(fb.upper, fb.lower, **dist).mean()
-        return loss
-    if method in ("mtl-ibp", "mtl-dist"):
-        loss = L.mtl_ibp_loss(lb, d_adv, alpha)
-        if method == "mtl-dist":
-            loss = loss + beta * D.mtl_dist_distance(a, fb.lower, fb.upper, t, alpha, **dist).mean()
-        return loss
-    if method in ("exp-ibp", "exp-dist"):
-        loss = L.exp_ibp_loss(lb, d_adv, alpha)
-        if method == "exp-dist":
-            loss = loss + beta * D.exp_dist_distance(a, fb.lower, fb.upper, t, alpha, **dist)
-        return loss
-    if method in ("cc-dist", "ibp-dist"):
-        alpha = 1.0 if method == "ibp-dist" else alpha
-        return L.cc_ibp_loss(lb, d_adv, alpha) + beta * D.cc_dist_distance(
-            a, fb.lower, fb.upper, t, alpha, cfg.dist_combination, **dist).mean()
-    raise AssertionError(f"no hand-computed loss for method '{method}'")
-
-
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_method_loss_is_the_documented_one(parts, method):
-    expected = _by_hand(parts, method)
-    applied = _applied(parts, method)
+    cls = method_class(method)
+    assert "reference_loss" in vars(cls), (f"training method '{method}' ({cls.__module__}.{cls.__name__}) defines "
+                                           "no reference_loss of its own: write its loss by hand there")
+    model, teacher, x, y = parts
+    case = ReferenceCase(model, teacher, x, y, _cfg(method), EPS)
+    expected = cls.reference_loss(case)
+    applied = _applied(parts, method, case.seed)
     assert torch.isfinite(applied)
     assert torch.allclose(applied, expected, rtol=1e-6, atol=1e-7), (method, applied.item(), expected.item())
+
+
+def test_a_reference_loss_tells_the_methods_apart(parts):
+    """The comparison above can fail: the reference of one method is not another's loss."""
+    model, teacher, x, y = parts
+    case = ReferenceCase(model, teacher, x, y, _cfg("cc-dist"), EPS)
+    assert not torch.allclose(method_class("cc-ibp").reference_loss(case), _applied(parts, "cc-dist", case.seed))
+    with pytest.raises(NotImplementedError, match="'x' defines no reference_loss"):
+        type("X", (Method,), {"name": "x"}).reference_loss(case)
 
 
 def test_config_lists_come_from_the_registry():

@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from certkd.methods.base import (CATEGORIES, Batch, Method, method_category, method_class, method_names,
-                                 register_method)
+from certkd.methods.base import (CATEGORIES, Batch, Method, ReferenceCase, method_category, method_class,
+                                 method_names, register_method)
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
     if not _info.name.startswith("_") and _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["CATEGORIES", "Batch", "Method", "method_category", "method_class", "method_names", "register_method"]
+__all__ = ["CATEGORIES", "Batch", "Method", "ReferenceCase", "method_category", "method_class", "method_names",
+           "register_method"]

@@ -1,6 +1,8 @@
 """Base of the empirical (teacher) methods: a clean forward, then the method's adversarial term."""
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from certkd.methods.base import Batch, Method, parts
 
 
@@ -9,6 +11,8 @@ class EmpiricalMethod(Method):
 
     category = "empirical"
     needs_attack = True
+    # Madry PGD in the target ε box (docs/method.md §5.7): 10 steps of 0.25 × its half-width, total travel 2.5·ε
+    attack = MappingProxyType({"attack_steps": 10, "attack_step_size": 0.25, "attack_eps_factor": 1.0})
 
     def loss(self, b: Batch):
         P = parts()

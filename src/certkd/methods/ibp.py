@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from certkd.methods._certified import CertifiedMethod
-from certkd.methods.base import Batch, parts, register_method
+from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 
 
 @register_method("ibp")
 class IBP(CertifiedMethod):
     order = 0
+    summary = "the IBP bound of the full ε box, Gowal et al. (docs/method.md §5.1)"
     needs_attack = False
     uses_l1 = False
 
@@ -24,3 +25,8 @@ class IBP(CertifiedMethod):
             reg = P.warmup_regularizer(fb.preactivations, P.input_radius(model, lo_tr, hi_tr, shard=b.shard),
                                        self.cfg.reg_tol, shard=b.shard)
         return loss, reg
+
+    @classmethod
+    def reference_loss(cls, case: ReferenceCase):
+        lo, hi = case.box()
+        return parts().L.ibp_loss(case.bounds(case.fresh(), lo, hi, case.x)[0])

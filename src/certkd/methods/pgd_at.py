@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from certkd.methods._empirical import EmpiricalMethod
-from certkd.methods.base import Batch, parts, register_method
+from certkd.methods.base import Batch, ReferenceCase, parts, register_method
 
 
 @register_method("pgd-at")
 class PGDAT(EmpiricalMethod):
     order = 1
+    summary = "CE at the PGD point of the ε box, Madry et al. (docs/method.md §5.7)"
 
     def robust(self, b: Batch, logits, ce_clean, lo, hi):
         P = parts()
@@ -16,3 +17,9 @@ class PGDAT(EmpiricalMethod):
         loss = P.ce(adv_logits, b.y, shard=b.shard)
         b.logs.update(ce_adv=loss.detach(), acc_adv=P.accuracy(adv_logits, b.y))
         return loss
+
+    @classmethod
+    def reference_loss(cls, case: ReferenceCase):
+        m = case.fresh()
+        x_adv = case.attacked(m)[3]
+        return parts().F.cross_entropy(m(x_adv), case.y)

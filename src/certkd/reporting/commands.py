@@ -1,7 +1,7 @@
 """Reconstructed commands: the ``certkd train`` / ``teacher`` / ``sweep`` / ``evaluate`` / ``verify``
 lines that reproduce a run, written with the flags of the option table (:mod:`certkd.options`)
-and each parsed back through the real command-line options (:mod:`certkd.cli_train`) before it
-is written into a report.
+and each checked with the planning of :mod:`certkd.run_plan`, the one the command line resolves
+its arguments with, before it is written into a report.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import yaml
 
 from certkd.config import TrainConfig, base_config, rescale_schedule
 from certkd.errors import CertkdError
-from certkd.options import Option, command_options, option
+from certkd.options import command_options, option
 from certkd.reporting.groups import Group
 from certkd.reporting.records import RunRecord
+from certkd.run_plan import SET, TrainRequest, parse_sweep_command
 from certkd.runs import SWEEP_FILE
 
 
@@ -43,20 +44,20 @@ def _set_value(value: Any) -> str:
     return str(value)
 
 
-def _flag_args(opt: Option, value: Any, command: str) -> Optional[List[str]]:
-    """``value`` written with the key's own flag in ``certkd COMMAND``, or None where only --set can say it
-    (a boolean flag only turns a key on; a flag with choices takes only those)."""
+def _flag_says(key: str, value: Any, command: str) -> bool:
+    """Whether the key's own flag in ``certkd COMMAND`` can say ``value`` (a boolean flag only turns a key
+    on; a flag with choices takes only those)."""
     if isinstance(value, bool):
-        return [opt.flag] if value else None
-    if opt.allowed(command) and value not in opt.allowed(command):
-        return None
-    return [opt.flag, repr(value) if isinstance(value, float) else str(value)]
+        return value
+    allowed = option(key).allowed(command)
+    return not allowed or value in allowed
 
 
-def _train_args(cfg: TrainConfig, base: TrainConfig, command: str = "train") -> Optional[List[str]]:
-    """Arguments of ``certkd COMMAND`` (train or teacher) turning ``base`` into ``cfg`` (None when a key
-    cannot be expressed, e.g. a value back to None): the command's flags of the option table
-    (:mod:`certkd.options`) where they can say the value, ``--set key=value`` otherwise.
+def _train_request(cfg: TrainConfig, base: TrainConfig, command: str = "train",
+                   preset: Optional[str] = None) -> Optional[TrainRequest]:
+    """The ``certkd COMMAND`` request (train or teacher) turning ``base`` (``preset`` resolved) into ``cfg``
+    (None when a key cannot be expressed, e.g. a value back to None): the command's flags of the option
+    table (:mod:`certkd.options`) where they can say the value, ``--set key=value`` otherwise.
 
     A different ``--epochs`` rescales the base's schedule (:func:`certkd.config.rescale_schedule`), so
     schedule keys are compared with the rescaled base: only those that differ from it need a ``--set``.
@@ -64,29 +65,23 @@ def _train_args(cfg: TrainConfig, base: TrainConfig, command: str = "train") -> 
     if cfg.epochs != base.epochs:
         base = dataclasses.replace(rescale_schedule(base, cfg.epochs), epochs=base.epochs)
     target, ref = cfg.to_dict(), base.to_dict()
-    flags = {opt.key: opt for opt in command_options(command, flagged=True)}
-    args: List[str] = []
+    flagged = {opt.key for opt in command_options(command, flagged=True)}
+    given: List[Tuple[str, Any]] = []
     for f in dataclasses.fields(TrainConfig):
         key, v = f.name, target[f.name]
         if v == ref[key] and type(v) is type(ref[key]):
             continue
         if v is None:  # resolve_config ignores None overrides
             return None
-        flagged = _flag_args(flags[key], v, command) if key in flags else None
-        args += flagged if flagged is not None else ["--set", f"{key}={_set_value(v)}"]
-    return args
+        given.append((key, v) if key in flagged and _flag_says(key, v, command) else (SET, f"{key}={_set_value(v)}"))
+    return TrainRequest(command, preset, tuple(given))
 
 
-def _resolves_to(args: Sequence[str], cfg: TrainConfig, command: str = "train") -> bool:
-    """Whether ``certkd COMMAND ARGS`` (parsed by the real CLI; COMMAND train or teacher) resolves to ``cfg``."""
+def _resolves_to(request: TrainRequest, cfg: TrainConfig) -> bool:
+    """Whether ``request`` resolves to ``cfg`` as the command line would resolve it (:meth:`TrainRequest.config`)."""
     try:
-        from certkd.cli_train import _overrides, teacher, train
-        from certkd.config import resolve_config
-
-        ctx = {"train": train, "teacher": teacher}[command].make_context(command, list(args), resilient_parsing=False)
-        got = resolve_config(ctx.params.get("preset"), _overrides(ctx.params), teacher=command == "teacher")
-        return got.to_dict() == cfg.to_dict()
-    except Exception:  # a preset that no longer loads, a flag the CLI lacks, ...
+        return request.config().to_dict() == cfg.to_dict()
+    except Exception:  # a preset that no longer loads, a value the config refuses, ...
         return False
 
 
@@ -120,27 +115,28 @@ def train_command(cfg: TrainConfig, out, preset: Optional[str] = None, infer_pre
     commands = (["teacher"] if cfg.method in option("method").allowed("teacher") else []) + ["train"]
     for command in commands:
         teacher = command == "teacher"
-        candidates: List[List[str]] = []
+        candidates: List[TrainRequest] = []
         for name in names:
             try:
-                base = base_config(name, teacher=teacher)
+                base = base_config(name, teacher=teacher, method=cfg.method)
             except CertkdError:
                 continue
             # exact but misleading: another dataset's or another architecture's preset
             if not preset and (base.dataset != cfg.dataset or base.model != cfg.model):
                 continue
-            args = _train_args(cfg, base, command)
-            if args is not None:
-                candidates.append(["--preset", str(name)] + args)
-        plain = _train_args(cfg, base_config(None, teacher=teacher), command)
+            request = _train_request(cfg, base, command, str(name))
+            if request is not None:
+                candidates.append(request)
+        plain = _train_request(cfg, base_config(None, teacher=teacher, method=cfg.method), command)
         if plain is not None:
             candidates.append(plain)
-        candidates.sort(key=len)
-        chosen = next((c for c in candidates if _resolves_to(c + tail, cfg, command)), None)
+        candidates.sort(key=lambda r: len(r.argv()))
+        chosen = next((r for r in candidates if _resolves_to(r, cfg)), None)
         if chosen is not None:
-            return " ".join(shlex.quote(a) for a in ["certkd", command] + chosen + tail)
+            return chosen.line(tail)
     # cannot happen for a valid config; keep the explicit form
-    return " ".join(shlex.quote(a) for a in ["certkd", "train"] + (_train_args(cfg, TrainConfig()) or []) + tail)
+    explicit = _train_request(cfg, TrainConfig()) or TrainRequest()
+    return explicit.line(tail)
 
 
 def _evaluate_flags(run: RunRecord) -> Optional[Tuple[str, ...]]:
@@ -199,15 +195,11 @@ def _planned_sweep(path: str, mtime_ns: int, size: int) -> Tuple[Optional[str], 
     from certkd.sweep import plan_sweep
 
     try:
-        from certkd.cli_train import sweep as sweep_command
-
         data = json.loads(Path(path).read_text())
         names = {r.get("name") for r in data.get("runs", [])}
         command = data.get("command")
-        # the command as the CLI parses it: grid values as typed, which is how the run folders were named
-        p = sweep_command.make_context("sweep", shlex.split(str(command))[2:], resilient_parsing=False).params
-        runs = plan_sweep(Path(path).parent, p.get("preset"), list(p.get("grid") or ()), p.get("seeds"),
-                          list(p.get("sets") or ()))
+        p = parse_sweep_command(str(command))  # grid values as typed, which is how the run folders were named
+        runs = plan_sweep(Path(path).parent, p["preset"], p["grid"], p["seeds"], p["sets"])
     except Exception:  # an unreadable or foreign sweep.json: each run gets its own command
         return None, {}
     planned = {r.name: {k: v for k, v in r.config.to_dict().items() if k not in ("device",)}
