@@ -116,7 +116,8 @@ def write_tune_report(tune_dir: Any, out_dir: Any) -> Dict[str, Any]:
             target: Optional[Callable] = (lambda t, i=i: t.values[i]) if multi else None
             _plot(lambda: ovm.plot_optimization_history(study, target=target, target_name=name),
                   out / f"history{suffix}.png", files, notes, f"history of {name}")
-            _plot(lambda: ovm.plot_param_importances(study, target=target, target_name=name),
+            _plot(lambda: ovm.plot_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(
+                      seed=0), target=target, target_name=name),
                   out / f"importances{suffix}.png", files, notes, f"parameter importances of {name}")
         if multi and len(names) in (2, 3):
             _plot(lambda: ovm.plot_pareto_front(study, target_names=names), out / "pareto.png", files, notes,

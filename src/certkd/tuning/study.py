@@ -216,7 +216,7 @@ def _run_tune(s: TuneSettings, log: Callable[[str], None]) -> Dict[str, Any]:
 
     if s.n_trials < 1:
         raise CertkdError(f"--trials must be >= 1, got {s.n_trials}")
-    ensure_writable_dir(s.out, create=True)
+    make_pruner(s.pruner, s.objective.multi, s.prune_warmup, s.prune_startup)  # its errors before any writing
     sets = dict(s.sets)
     base = resolve_config(s.preset, sets)
     if base.val_fraction == 0:  # the objective needs a validation split
@@ -224,6 +224,7 @@ def _run_tune(s: TuneSettings, log: Callable[[str], None]) -> Dict[str, Any]:
         base = resolve_config(s.preset, sets)
     s.sets = sets
     s.space.check(base)
+    ensure_writable_dir(s.out, create=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, not a traceback
     study = open_study(s)
     write_tune_file(s)
