@@ -25,8 +25,8 @@ import yaml
 from certkd.checkpoints import atomic_write_text
 from certkd.errors import CertkdError
 from certkd.reporting.plots import _pyplot, _save_png
+from certkd.tuning import TUNE_FILE
 
-TUNE_FILE = "tune.json"  # certkd.tuning.study.TUNE_FILE, without importing Optuna to recognise a folder
 
 
 def is_tune_dir(path: Any) -> bool:
@@ -94,6 +94,7 @@ def _plot(draw: Callable[[], Any], path: Path, files: List[Path], notes: List[st
 def write_tune_report(tune_dir: Any, out_dir: Any) -> Dict[str, Any]:
     """Write the plots, best preset(s), ``trials.csv`` and ``report.md`` of a tune folder into ``out_dir``."""
     from certkd.tuning import require_optuna
+    from certkd.tuning.study import trial_counts
 
     optuna = require_optuna()
     out = Path(out_dir)
@@ -136,9 +137,7 @@ def write_tune_report(tune_dir: Any, out_dir: Any) -> Dict[str, Any]:
     atomic_write_text(out / "trials.csv", _trials_csv(study, names))
     files += presets + [out / "trials.csv"]
 
-    counts: Dict[str, int] = {}
-    for t in study.trials:
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    counts = trial_counts(study)
     md = [f"# certkd tune: study '{study.study_name}'", "",
           f"Objective (maximised, on the validation split): {objective}. Trials: "
           + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", ""]

@@ -15,6 +15,8 @@ from typing import Any
 from certkd.errors import CertkdError
 
 INSTALL_HINT = "pip install 'certkd[tune]'"
+#: The file in a tune folder that names its study (``certkd report`` recognises the folder by it).
+TUNE_FILE = "tune.json"
 
 
 def require_optuna() -> Any:

@@ -24,12 +24,11 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 from certkd.config import resolve_config
 from certkd.errors import CertkdError
-from certkd.tuning import require_optuna
+from certkd.tuning import TUNE_FILE, require_optuna
 from certkd.tuning.objective import TRIALS_DIR, Objective, run_trial
 from certkd.tuning.space import SearchSpace
 
 STUDY_FILE = "study.db"
-TUNE_FILE = "tune.json"
 DEFAULT_STUDY_NAME = "certkd-tune"
 DEFAULT_VAL_FRACTION = 0.2
 MAX_FAILURES = 3  # failed trials in a row after which a process stops
@@ -66,15 +65,14 @@ def make_storage(url: str, heartbeat: Optional[int] = None) -> Any:
     optuna = require_optuna()
     storages = optuna.storages
     kwargs: Dict[str, Any] = {}
-    if heartbeat is not None:
-        key = ("heartbeat_stale_trial_callback" if hasattr(storages, "RetryHeartbeatStaleTrialCallback")
-               else "failed_trial_callback")  # before optuna 4.9: the old name
-        kwargs = {"heartbeat_interval": heartbeat, "grace_period": 2 * heartbeat}
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if heartbeat is not None:
-            kwargs[key] = retry_cls_or_old(storages)(max_retry=3)
+            retry = retry_cls_or_old(storages)
+            key = ("heartbeat_stale_trial_callback" if retry.__name__.startswith("RetryHeartbeat")
+                   else "failed_trial_callback")  # the name before optuna 4.9
+            kwargs = {"heartbeat_interval": heartbeat, "grace_period": 2 * heartbeat, key: retry(max_retry=3)}
         try:
             return storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
         except (ImportError, ValueError) as e:
@@ -163,7 +161,8 @@ def open_study(s: TuneSettings) -> Any:
     return study
 
 
-def _counts(study: Any) -> Dict[str, int]:
+def trial_counts(study: Any) -> Dict[str, int]:
+    """``{state: number of trials}`` of a study, states lower-case (complete, pruned, running, fail, waiting)."""
     counts: Dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
@@ -232,7 +231,7 @@ def _run_tune(s: TuneSettings, log: Callable[[str], None]) -> Dict[str, Any]:
     ran = failed = 0
     while True:
         optuna.storages.fail_stale_trials(study)
-        counts = _counts(study)
+        counts = trial_counts(study)
         done = counts.get("complete", 0) + counts.get("pruned", 0)
         if done >= s.n_trials:
             break
@@ -248,5 +247,5 @@ def _run_tune(s: TuneSettings, log: Callable[[str], None]) -> Dict[str, Any]:
             raise CertkdError(f"trial {mine[0].number} failed{' before any trial finished' if failed == 1 else ''} "
                               f"({failed} in a row here): {mine[0].user_attrs.get('error', 'see above')}; fix the "
                               "settings or the space and rerun the same command")
-    counts = _counts(study)
+    counts = trial_counts(study)
     return {"counts": counts, "ran": ran, "study": study, "done": sum(counts.get(k, 0) for k in ("complete", "pruned"))}
