@@ -20,7 +20,7 @@ from certkd.config import parse_sets
 @click.option("--trials", "n_trials", type=int, default=20, show_default=True,
               help="Complete or pruned trials the study should have (over all processes sharing it).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override for every trial (repeatable). val_fraction defaults to 0.2: the last 20%% of the "
+              help="Override for every trial (repeatable). val_fraction defaults to 0.2: the last 20 percent of the "
                    "training set is the validation split the objective is measured on.")
 @click.option("--out", required=True, type=click.Path(),
               help="Tune folder: study.db (the default storage), tune.json and trials/trial-NNNN run folders.")

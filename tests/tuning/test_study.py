@@ -52,6 +52,7 @@ def test_pruning_cuts_weak_trials_at_their_first_epoch(pruned_study):
     for t in by_lr[1e-9]:
         assert t.state == STATES.PRUNED and list(t.intermediate_values) == [1]
         assert t.intermediate_values[1] < 0.3
+        assert (out / t.user_attrs["run_dir"] / "checkpoints" / "epoch-0001").is_dir()  # kept when pruned
     for t in by_lr[0.05]:
         assert t.state == STATES.COMPLETE and list(t.intermediate_values) == [1, 2]
         assert t.value == t.intermediate_values[2] == t.user_attrs["val"]["clean"] >= 0.3
