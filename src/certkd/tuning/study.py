@@ -31,6 +31,7 @@ from certkd.tuning.space import SearchSpace
 STUDY_FILE = "study.db"
 DEFAULT_STUDY_NAME = "certkd-tune"
 DEFAULT_VAL_FRACTION = 0.2
+STORAGE_ATTEMPTS = 5  # tries to open a storage that another process may be creating
 MAX_FAILURES = 3  # failed trials in a row after which a process stops
 PRUNERS = ("median", "percentile:Q", "threshold:LOWER", "hyperband", "none")
 
@@ -73,14 +74,22 @@ def make_storage(url: str, heartbeat: Optional[int] = None) -> Any:
             key = ("heartbeat_stale_trial_callback" if retry.__name__.startswith("RetryHeartbeat")
                    else "failed_trial_callback")  # the name before optuna 4.9
             kwargs = {"heartbeat_interval": heartbeat, "grace_period": 2 * heartbeat, key: retry(max_retry=3)}
-        try:
-            return storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
-        except (ImportError, ValueError) as e:
-            raise CertkdError(f"--storage {url}: Optuna cannot open it ({str(e).splitlines()[0]}); pass a "
-                              "database URL such as sqlite:///study.db or postgresql://user@host/db") from None
-        except Exception as e:  # sqlalchemy's errors: an unreachable server, a bad path
-            raise CertkdError(f"--storage {url}: cannot connect ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); check the URL and that the database is up") from None
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                return storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+            except (ImportError, ValueError) as e:
+                raise CertkdError(f"--storage {url}: Optuna cannot open it ({str(e).splitlines()[0]}); pass a "
+                                  "database URL such as sqlite:///study.db or postgresql://user@host/db") from None
+            except Exception as e:  # sqlalchemy's errors: an unreachable server, a bad path, or a race
+                # two processes creating the tables at once: one wins (a unique-constraint error for the
+                # other), which then finds them on the next try
+                if attempt + 1 < STORAGE_ATTEMPTS and type(e).__name__ in ("IntegrityError", "OperationalError"):
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                raise CertkdError(f"--storage {url}: cannot connect ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); check the URL and that the database is up"
+                                  ) from None
+        raise AssertionError("unreachable")
 
 
 def retry_cls_or_old(storages: Any) -> Any:
