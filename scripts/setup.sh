@@ -68,8 +68,8 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     exit 1
   fi
 fi
-if ! "$VPY" -c "import certkd, pytest, xdist, sklearn, safetensors, highspy, onnx, matplotlib, tensorboard" >/dev/null 2>&1; then
-  "$VPY" -m pip install -q -e ".[test,report,verify,tensorboard]"
+if ! "$VPY" -c "import certkd, pytest, xdist, sklearn, safetensors, highspy, onnx, matplotlib, tensorboard, optuna" >/dev/null 2>&1; then
+  "$VPY" -m pip install -q -e ".[test,report,verify,tensorboard,tune]"
   "$VPY" -c "import certkd"
   "$VPY" -c "import torch; print(f'setup.sh: torch {torch.__version__} (CUDA: {torch.version.cuda or \"none, a CPU build\"})')" >&2
 fi

@@ -50,8 +50,8 @@ def test_existing_output_dir_needs_resume_or_force(tmp_path, capsys):
 
 
 def test_help_on_every_command(capsys):
-    for cmd in ["train", "teacher", "evaluate", "verify", "export", "report", "card", "sweep", "demo", "presets",
-                "models"]:
+    for cmd in ["train", "teacher", "evaluate", "verify", "export", "report", "card", "sweep", "tune", "demo",
+                "presets", "models"]:
         main([cmd, "--help"])  # returns normally (exit code 0)
         assert "Usage" in capsys.readouterr().out
 

@@ -15,6 +15,7 @@ import click
 from certkd.cli_train import (ENGINE, EPS, THREADS_OPTION, EpsType, _apply_threads, _Interrupted,  # noqa: F401
                               _is_main_process, _parse_sets, _run_training, _show_progress,
                               _train_options, sweep, teacher, train)
+from certkd.cli_tune import tune
 from certkd.errors import CertkdError
 
 
@@ -24,7 +25,7 @@ def cli() -> None:
     """certkd: certified training, CC-Dist distillation and verification."""
 
 
-for _command in (train, teacher, sweep):
+for _command in (train, teacher, sweep, tune):
     cli.add_command(_command)
 
 
@@ -217,10 +218,19 @@ def export_cmd(run: str, onnx_path: str, vnnlib_dir: str, eps: Optional[float], 
               help="Folder for report.md, results.csv, runs.csv, pareto.png and curves/.")
 def report(runs: Sequence[str], out_dir: str) -> None:
     """One-page report of runs (or folders of runs): accuracy table (mean ± std over seeds), Pareto plot,
-    training curves and the exact commands. Does not evaluate: runs without evaluation.json are listed."""
+    training curves and the exact commands. Does not evaluate: runs without evaluation.json are listed.
+    Of a certkd tune folder: Optuna's history and importance plots and the best configuration as a preset."""
     import shlex
 
     from certkd.reporting import write_report
+    from certkd.reporting.tune import is_tune_dir, write_tune_report
+
+    if len(runs) == 1 and is_tune_dir(runs[0]):  # a certkd tune folder: its study's report
+        t = write_tune_report(runs[0], out_dir)
+        click.echo(f"tune report: {t['report']}; best configuration: {', '.join(t['best'])}")
+        for note in t["notes"]:
+            click.echo(f"  note: {note}")
+        return
 
     command = " ".join(["certkd", "report"] + [shlex.quote(r) for r in runs] + ["--out", shlex.quote(out_dir)])
     s = write_report(runs, out_dir, command=command)

@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int = 256
     augment: bool = True
     train_limit: Optional[int] = None   # train on N points: a fixed-seed (0) random subset, same for every run
+    val_fraction: float = 0.0       # hold out the last fraction of the training set for validation (method.md §9)
     # model
     model: str = "cnn7"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -133,6 +134,9 @@ class TrainConfig:
             self._check_distillation()
         if self.eval_limit is not None and self.eval_limit < 1:
             raise CertkdError(f"eval_limit must be >= 1, got {self.eval_limit}; pass a positive number of points or leave it unset for all")
+        if not (0.0 <= self.val_fraction < 1.0):
+            raise CertkdError(f"val_fraction must be in [0, 1), got {self.val_fraction}; pass e.g. --set val_fraction=0.2 "
+                              "(the last 20% of the training set validates, 0: no validation split)")
         if self.train_limit is not None and self.train_limit < 1:
             raise CertkdError(f"train_limit must be >= 1, got {self.train_limit}; pass a positive number of points or leave it unset for all")
         bad = model_kwargs_problem(self.model, self.model_kwargs)

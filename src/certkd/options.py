@@ -77,6 +77,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("batch_size", "Training batch size (global: split across torchrun processes).", "--batch-size"),
     Option("augment", "Random crop/flip of the training images, where the dataset defines it."),
     Option("train_limit", "Train on N points: a fixed-seed random subset, the same for every run (null: all)."),
+    Option("val_fraction", "Hold out the last fraction of the (unshuffled) training set as a validation split, never "
+           "trained on and evaluated every epoch as 'val' in metrics.jsonl (docs/method.md §9; 0.2: 80/20; 0: none); "
+           "train_limit then samples the rest."),
     # model
     Option("model", "Architecture ('certkd models' describes them).", "--model", choices=_models),
     Option("model_kwargs", "Architecture arguments, e.g. {hidden: [32, 32]} for mlp, {width: 16} for cnn7."),

@@ -98,6 +98,20 @@ class ImageDataset:
         80/20 train/validation split of docs/method.md §9 is ``take(0, k)`` / ``take(k)``."""
         return ImageDataset(self.images[start:stop], self.labels[start:stop])
 
+    def split_validation(self, fraction: float) -> "tuple[ImageDataset, ImageDataset]":
+        """``(train, val)``: the first and the last points in stored order, the last ``fraction`` of them
+        (rounded, at least 1) validating: docs/method.md §9's split (``fraction`` 0.2: 80/20). No copy.
+
+        Raises:
+            ValueError: ``fraction`` outside (0, 1), or a split that leaves either side empty.
+        """
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        n_val = max(1, round(len(self) * fraction))
+        if n_val >= len(self):
+            raise ValueError(f"a validation fraction of {fraction} leaves no training point of {len(self)}")
+        return self.take(0, len(self) - n_val), self.take(len(self) - n_val)
+
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float32 /255; float input is returned as float32 unchanged. Any shape."""

@@ -150,7 +150,8 @@ def _clip_gradients(params, max_norm: float) -> Tuple[torch.Tensor, List[int]]:
 
 
 def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, tensorboard: bool = False, hints: str = "python") -> Path:
+          log: Callable[[str], None] = print, tensorboard: bool = False, hints: str = "python",
+          on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None) -> Path:
     """Train a model as ``cfg`` says and write the run to ``out_dir``; returns the run directory.
 
     Args:
@@ -160,6 +161,9 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
         tensorboard: also write the metrics.jsonl scalars to ``out_dir/tensorboard`` (needs the
             ``tensorboard`` extra: :mod:`certkd.training.tblog`).
         hints: how errors name the fixes: "python" (``resume=True``) or "cli" (``--resume``).
+        on_epoch: called by the writing process with each epoch's metrics record once its checkpoint is
+            saved (``certkd tune`` reports the validation metrics to its pruner there); what it raises
+            ends training with that checkpoint kept.
 
     Under torchrun every process calls this (see :mod:`certkd.distributed`). The TF32 flags
     are set from ``cfg.allow_tf32`` for the run and restored on return.
@@ -176,7 +180,7 @@ def train(cfg: TrainConfig, out_dir, *, resume: bool = False, force: bool = Fals
                     hints, _HINTS["cli"])["out"]))
             try:
                 return _train(cfg, out_dir, resume=resume, force=force, progress=progress, log=log, state=state,
-                              tensorboard=tensorboard, hints=hints)
+                              tensorboard=tensorboard, hints=hints, on_epoch=on_epoch)
             except BaseException as e:
                 out = Path(out_dir)
                 ckpt = _discard_unsaved_run(out, state)
@@ -217,7 +221,7 @@ def _discard_unsaved_run(out: Path, state: Dict[str, Any]) -> Optional[Path]:
 
 def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bool,
            log: Callable[[str], None], state: Optional[Dict[str, Any]] = None, tensorboard: bool = False,
-           hints: str = "python") -> Path:
+           hints: str = "python", on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None) -> Path:
     cfg.validate()
     out = Path(out_dir)
     if tensorboard:
@@ -247,6 +251,12 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
     keep_freed_memory()  # steps reuse their pages (same numbers, less page faulting: allocator.py)
 
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_dir)
+    val_set = None
+    if cfg.val_fraction > 0:  # held out before train_limit samples, so it is never trained on
+        try:
+            train_set, val_set = train_set.split_validation(cfg.val_fraction)
+        except ValueError as e:
+            raise CertkdError(f"val_fraction: {e}; choose a fraction that leaves points on both sides") from None
     if cfg.train_limit is not None:  # fixed seed 0, not cfg.seed: every run/seed sees the same points
         train_set = train_set.sample(cfg.train_limit, seed=0)
     model = create_model(cfg.model, info.in_channels, info.input_size, info.num_classes, info.mean, info.std,
@@ -308,7 +318,8 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
         tb = TensorBoardLog(out, purge_step=start_epoch if resume else None)
     try:
         _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model_meta, train_set, test_set, info,
-                drop_last, steps_per_epoch, start_epoch, device, dctx, world, rank, main, progress, log, tb)
+                drop_last, steps_per_epoch, start_epoch, device, dctx, world, rank, main, progress, log, tb,
+                val_set=val_set, on_epoch=on_epoch)
     finally:
         if tb is not None:
             tb.close()
@@ -316,8 +327,10 @@ def _train(cfg: TrainConfig, out_dir, *, resume: bool, force: bool, progress: bo
 
 
 def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model_meta, train_set, test_set, info,
-            drop_last, steps_per_epoch, start_epoch, device, dctx, world, rank, main, progress, log, tb) -> None:
-    """The epochs start_epoch..cfg.epochs of :func:`_train` (one record, checkpoint and log line each)."""
+            drop_last, steps_per_epoch, start_epoch, device, dctx, world, rank, main, progress, log, tb,
+            val_set=None, on_epoch=None) -> None:
+    """The epochs start_epoch..cfg.epochs of :func:`_train` (one record, checkpoint and log line each;
+    the validation split, when there is one, is evaluated every epoch)."""
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = multistep_lr(cfg.lr, epoch, cfg.lr_milestones, cfg.lr_gamma)
         for group in optimizer.param_groups:
@@ -369,6 +382,12 @@ def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model
                                                    attack_steps=cfg.test_attack_steps,
                                                    attack_step_size=cfg.test_attack_step_size, device=device,
                                                    seed=cfg.seed)
+        if val_set is not None:
+            with precision.tf32(False):
+                record["val"] = evaluate_accuracy(model, val_set, cfg.eps, limit=cfg.eval_limit,
+                                                  batch_size=cfg.eval_batch_size, attack_steps=cfg.test_attack_steps,
+                                                  attack_step_size=cfg.test_attack_step_size, device=device,
+                                                  seed=cfg.seed)
         extra = {"rng_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             extra["rng_cuda"] = torch.cuda.get_rng_state()
@@ -381,6 +400,8 @@ def _epochs(cfg, out, model, teacher, optimizer, params, schedule, attack, model
             tb.write(record)
         log(_epoch_line(record))
         distributed.barrier(dctx)
+        if on_epoch is not None:
+            on_epoch(record)
 
 
 # Checkpoint key prefix of the student-side feature adapter (student → teacher features). Older runs stored
@@ -433,8 +454,9 @@ def _epoch_line(record: Dict[str, Any]) -> str:
     tr = record["train"]
     line = f"epoch {record['epoch']}: loss {tr.get('loss', float('nan')):.4f} eps {tr.get('eps', 0.0):.4f} " \
            f"({record['time_s']:.1f}s)"
-    if "test" in record:
-        t = record["test"]
-        line += (f" | test clean {t['clean_accuracy']:.3f} pgd {t['pgd_accuracy']:.3f} "
-                 f"ibp-verified {t['ibp_verified_accuracy']:.3f}")
+    for split in ("val", "test"):
+        if split in record:
+            t = record[split]
+            line += (f" | {split} clean {t['clean_accuracy']:.3f} pgd {t['pgd_accuracy']:.3f} "
+                     f"ibp-verified {t['ibp_verified_accuracy']:.3f}")
     return line
