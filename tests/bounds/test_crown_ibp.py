@@ -111,3 +111,26 @@ def test_verification_still_reads_parameters_detached():
     x = torch.rand(2, 1, 8, 8)
     lb = crown_bounds(model, x - 0.01, x + 0.01, torch.tensor([1, 2]), intermediate="ibp")
     assert not lb.requires_grad
+
+
+@pytest.mark.parametrize("eps_sched,start,end,margin", [(0.5, 1.0, 0.0, -0.75), (1.0, 1.0, 0.0, -1.0),
+                                                         (0.25, 1.0, 1.0, 0.25), (0.5, 0.0, 1.0, -0.75)])
+def test_crown_ibp_method_loss_by_hand(eps_sched, start, end, margin):
+    """The tiny network above as a CertifiableNet; box [0, 1]^2 for every ε_s >= 0.5 (clipped).
+
+    β = start + (end - start)·ε_s/ε; the bound β·(-0.5) + (1 - β)·(-1) enters log(1 + e^{-bound}).
+    ε_s = 0.25 gives the box [0.25, 0.75]^2: z2 in [-0.5, 0.5], chord h2 <= 0.5 z2 + 0.25, so CROWN-IBP
+    z1 - 0.5 z2 - 0.25 = 0.5 x1 + 1.5 x2 - 0.25 >= 0.125 + 0.375 - 0.25 = 0.25.
+    """
+    from certkd.attacks import PGD
+    from certkd.config import TrainConfig
+    from certkd.models import CertifiableNet, ModelSpec, Normalize
+    from certkd.training import training_loss
+
+    net = _tiny()
+    model = CertifiableNet(nn.Sequential(Normalize([0.0], [1.0]), net[0], net[1]), net[2], ModelSpec("tiny", 1, 2, 2))
+    cfg = TrainConfig(method="crown-ibp", eps=1.0, reg_lambda=0.0, crown_ibp_beta_start=start, crown_ibp_beta_end=end)
+    loss, logs = training_loss(model.train(), torch.tensor([[0.5, 0.5]]), torch.tensor([0]), cfg, eps_sched, False,
+                               PGD(1, 10.0))
+    assert loss.item() == pytest.approx(torch.log1p(torch.exp(torch.tensor(-margin))).item(), rel=1e-6)
+    assert logs["crown_weight"] == pytest.approx(start + (end - start) * eps_sched)

@@ -101,3 +101,41 @@ def test_scale_grad():
     assert out.item() == 12.0
     out.backward()
     assert t.grad.item() == 5.0 * 3.0 * 2 * 2.0
+
+
+def _taps_loss(model, cfg, eps_sched):
+    from certkd.attacks import PGD
+    from certkd.training import training_loss
+
+    x, y = torch.tensor([[0.5, 0.5]]), torch.tensor([0])
+    return training_loss(model, x, y, cfg, eps_sched, False, PGD(1, 10.0))
+
+
+def test_taps_method_loss_by_hand():
+    from certkd.config import TrainConfig
+
+    # box [0, 1]^2 (x = (0.5, 0.5), ε = 0.5): the TAPS margin is 0 (test above), the IBP bound -1, so
+    # L = L_TAPS · L_IBP = log(1 + e^0) · log(1 + e^1).
+    cfg = TrainConfig(method="taps", eps=1.0, reg_lambda=0.0, l1=0.0, taps_steps=2, taps_step_size=2.0)
+    torch.manual_seed(0)
+    loss, logs = _taps_loss(tiny_taps_net().train(), cfg, 0.5)
+    expected = torch.log(torch.tensor(2.0)) * torch.log1p(torch.exp(torch.tensor(1.0)))
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert logs["taps_loss"] == pytest.approx(0.6931472) and logs["ibp_loss"] == pytest.approx(1.3132616)
+
+
+def test_taps_gradient_expanding_factor_scales_the_taps_term_only():
+    from certkd.config import TrainConfig
+
+    grads = {}
+    for w in (1.0, 2.0, 5.0):
+        model = tiny_taps_net().train()
+        cfg = TrainConfig(method="taps", eps=1.0, reg_lambda=0.0, l1=0.0, taps_steps=2, taps_step_size=2.0,
+                          taps_grad_scale=w)
+        torch.manual_seed(0)
+        loss, _ = _taps_loss(model, cfg, 0.5)
+        loss.backward()
+        grads[w] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # ∇L = w · L_IBP · ∇L_TAPS + L_TAPS · ∇L_IBP: linear in w, and the TAPS part is not zero
+    assert not torch.allclose(grads[5.0], grads[1.0])
+    assert torch.allclose(grads[5.0] - grads[1.0], 4 * (grads[2.0] - grads[1.0]), atol=1e-6)

@@ -62,6 +62,17 @@ def _bounds(model, lo, hi, y, point):
     return lb, fb, logit_differences(model.head(fb.point_output), y)
 
 
+def _taps(m, cfg, lo, hi, point, y):
+    """L_TAPS · L_IBP on the box (docs/method.md §5.8); the gradient connector changes no value."""
+    from certkd.bounds import interval_bounds
+    from certkd.losses import taps as T
+    ext, cls = T.split_network(m, cfg.taps_head_relus)
+    latent = interval_bounds(ext, lo, hi, point)
+    pts = T.pivotal_points(cls, latent.lower, latent.upper, y, cfg.taps_steps, cfg.taps_step_size)
+    lb, margins, _ = T.head_bounds(cls, latent, pts, y)
+    return L.ibp_loss(margins) * L.ibp_loss(lb)
+
+
 def _by_hand(parts, method):
     model, teacher, x, y = parts
     cfg, m = _cfg(method), copy.deepcopy(parts[0])
@@ -69,10 +80,17 @@ def _by_hand(parts, method):
     dist = dict(distance=cfg.dist_distance, reduction=cfg.dist_reduction)
     if method == "standard":
         return F.cross_entropy(m(x), y)
-    if method == "ibp":
+    if method in ("ibp", "crown-ibp"):  # crown-ibp at ε_s = ε: β = 0, IBP alone (β > 0: tests/bounds/test_crown_ibp.py)
         lo, hi = linf_box(x, EPS)
         return L.ibp_loss(_bounds(m, lo, hi, y, x)[0])
+    if method == "taps":
+        torch.manual_seed(1)
+        lo, hi = linf_box(x, EPS)
+        return _taps(m, cfg, lo, hi, x, y)
     logits, lo, hi, x_adv = _adversarial(m, cfg, x, y)
+    if method == "staps":
+        slo, shi = L.sabr_box(x_adv, lo, hi, alpha, EPS)
+        return _taps(m, cfg, slo, shi, x_adv, y)
     if method == "pgd-at":
         return F.cross_entropy(m(x_adv), y)
     if method == "trades":
@@ -129,7 +147,7 @@ def test_method_loss_is_the_documented_one(parts, method):
 
 def test_config_lists_come_from_the_registry():
     assert EMPIRICAL_METHODS == ("standard", "pgd-at", "trades")
-    assert CERTIFIED_METHODS == ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr")
+    assert CERTIFIED_METHODS == ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr", "crown-ibp", "taps", "staps")
     assert DISTILLATION_METHODS == ("cc-dist", "mtl-dist", "exp-dist", "sabr-dist", "adv-dist", "ibp-dist",
                                     "cc-ibp-kd", "cc-ibp-width")
     assert METHODS == method_names()

@@ -27,6 +27,12 @@ class TAPS(CertifiedMethod):
         lo, hi = parts().linf_box(b.x, b.eps_tr)
         return lo, hi, b.x
 
+    def loss(self, b: Batch):
+        from certkd.losses.taps import split_network
+
+        split_network(b.model, self.cfg.taps_head_relus)  # a bad split fails on the first batch, not after warm-up
+        return super().loss(b)
+
     def bounded_loss(self, b: Batch, ctx: dict, reg):
         from certkd.bounds import interval_bounds
         from certkd.losses import taps as T
