@@ -51,9 +51,9 @@ class TrainConfig:
     reg_lambda: float = 0.5         # warm-up regularisers λ (0 disables)
     reg_tol: float = 0.5            # τ
     trades_beta: float = 6.0
-    crown_ibp_beta_start: float = 1.0   # CROWN-IBP bound weight at ε = 0 (docs/method.md §5.7)
+    crown_ibp_beta_start: float = 1.0   # CROWN-IBP bound weight at ε = 0 (docs/method.md §5.8)
     crown_ibp_beta_end: float = 0.0     # ... once ε reaches its target
-    taps_head_relus: int = 1            # TAPS/STAPS split: top-level ReLU blocks in the classifier (§5.8)
+    taps_head_relus: int = 1            # TAPS/STAPS split: top-level ReLU blocks in the classifier (§5.9)
     taps_steps: int = 8                 # latent PGD steps per class
     taps_step_size: float = 0.4         # latent PGD step, relative to the latent box half-width
     taps_link_slack: float = 0.5        # gradient connector slack c
@@ -150,7 +150,7 @@ class TrainConfig:
         return self
 
     def _check_crown_ibp_taps(self) -> None:
-        """The CROWN-IBP and TAPS keys (docs/method.md §5.7, §5.8), one line each."""
+        """The CROWN-IBP and TAPS keys (docs/method.md §5.8, §5.9), one line each."""
         for name in ("crown_ibp_beta_start", "crown_ibp_beta_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CertkdError(f"{name} must be in [0, 1], got {getattr(self, name)}; it weighs the CROWN-IBP "

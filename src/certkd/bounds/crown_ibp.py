@@ -1,4 +1,4 @@
-"""CROWN-IBP bounds for training (Zhang et al., ICLR 2020; docs/method.md §5.7).
+"""CROWN-IBP bounds for training (Zhang et al., ICLR 2020; docs/method.md §5.8).
 
 One IBP pass gives every pre-activation box and the IBP bound of the logit differences; one
 CROWN backward pass from the specification C(y) (the final Linear merged into it) over those

@@ -1,5 +1,5 @@
 """TAPS (Mao et al., NeurIPS 2023): IBP through a feature extractor, PGD through the classifier head
-(docs/method.md §5.8).
+(docs/method.md §5.9).
 
 The network is split after its features' ``head_relus``-th last top-level ReLU block
 (:func:`split_network`): the extractor's latent box [l, u] comes from IBP; in it, one PGD per

@@ -1,4 +1,4 @@
-"""CROWN-IBP (Zhang et al., ICLR 2020; docs/method.md §5.7): the IBP loss of a convex combination
+"""CROWN-IBP (Zhang et al., ICLR 2020; docs/method.md §5.8): the IBP loss of a convex combination
 β·(CROWN-IBP bound) + (1 − β)·(IBP bound), with β going linearly from ``crown_ibp_beta_start`` at
 ε = 0 to ``crown_ibp_beta_end`` once the ε ramp reaches its target (the paper's "1 → 0" schedule by
 default: pure IBP after the ramp, and no CROWN pass then). Like ``ibp``: no attack, no L1 term and

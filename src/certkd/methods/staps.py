@@ -1,4 +1,4 @@
-"""STAPS (Mao et al., NeurIPS 2023; docs/method.md §5.8): TAPS on SABR's small box.
+"""STAPS (Mao et al., NeurIPS 2023; docs/method.md §5.9): TAPS on SABR's small box.
 
 The training attack finds x_adv in the attack box, SABR's box of radius λ·ε (λ = cfg.alpha,
 :func:`certkd.losses.certified.sabr_box`, as method ``sabr``) is placed around it, and the TAPS-IBP

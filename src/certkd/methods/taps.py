@@ -1,4 +1,4 @@
-"""TAPS (Mao et al., NeurIPS 2023; docs/method.md §5.8): IBP through the feature extractor, PGD through
+"""TAPS (Mao et al., NeurIPS 2023; docs/method.md §5.9): IBP through the feature extractor, PGD through
 the classifier head, joined by the gradient connector.
 
 The variant is the paper's TAPS-IBP loss: L = L_TAPS · L_IBP, where L_TAPS is the loss of the
