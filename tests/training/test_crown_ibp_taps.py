@@ -36,6 +36,16 @@ def test_trains_on_digits_small_from_the_cli(tmp_path, method):
     assert key in last["train"]
 
 
+def test_distillation_variants_train_from_the_cli(tmp_path):
+    for method in ("taps-dist", "staps-dist"):  # the no-teacher control target: no teacher run needed
+        out = tmp_path / method
+        main(["train", "--preset", "digits-small", "--method", method, "--dist-target", "zero", "--epochs", "2",
+              "--set", "train_limit=128", "--set", "eval_limit=20", "--set", "test_interval=2", "--quiet",
+              "--out", str(out)])
+        last = _records(out)[-1]["train"]
+        assert last["dist"] > 0 and "taps_loss" in last
+
+
 @pytest.mark.parametrize("method", NEW)
 def test_trains_on_mnist_from_the_cli(tmp_path, method):
     data = fake_mnist(tmp_path / "mnist", 28, n=32)

@@ -63,14 +63,14 @@ def _bounds(model, lo, hi, y, point):
 
 
 def _taps(m, cfg, lo, hi, point, y):
-    """L_TAPS · L_IBP on the box (docs/method.md §5.8); the gradient connector changes no value."""
+    """(L_TAPS · L_IBP on the box (docs/method.md §5.9), the features' box); the gradient connector changes no value."""
     from certkd.bounds import interval_bounds
     from certkd.losses import taps as T
     ext, cls = T.split_network(m, cfg.taps_head_relus)
     latent = interval_bounds(ext, lo, hi, point)
     pts = T.pivotal_points(cls, latent.lower, latent.upper, y, cfg.taps_steps, cfg.taps_step_size)
-    lb, margins, _ = T.head_bounds(cls, latent, pts, y)
-    return L.ibp_loss(margins) * L.ibp_loss(lb)
+    lb, margins, fb = T.head_bounds(cls, latent, pts, y)
+    return L.ibp_loss(margins) * L.ibp_loss(lb), fb
 
 
 def _by_hand(parts, method):
@@ -83,14 +83,17 @@ def _by_hand(parts, method):
     if method in ("ibp", "crown-ibp"):  # crown-ibp at ε_s = ε: β = 0, IBP alone (β > 0: tests/bounds/test_crown_ibp.py)
         lo, hi = linf_box(x, EPS)
         return L.ibp_loss(_bounds(m, lo, hi, y, x)[0])
-    if method == "taps":
-        torch.manual_seed(1)
-        lo, hi = linf_box(x, EPS)
-        return _taps(m, cfg, lo, hi, x, y)
+    if method in ("taps", "staps", "taps-dist", "staps-dist"):
+        if method.startswith("staps"):
+            _, lo, hi, x_adv = _adversarial(m, cfg, x, y)
+            loss, fb = _taps(m, cfg, *L.sabr_box(x_adv, lo, hi, alpha, EPS), x_adv, y)
+        else:
+            torch.manual_seed(1)
+            loss, fb = _taps(m, cfg, *linf_box(x, EPS), x, y)
+        if method.endswith("-dist"):  # as sabr-dist: the worst case over the features' IBP box
+            loss = loss + beta * D.worst_case_feature_distance(fb.lower, fb.upper, t, **dist).mean()
+        return loss
     logits, lo, hi, x_adv = _adversarial(m, cfg, x, y)
-    if method == "staps":
-        slo, shi = L.sabr_box(x_adv, lo, hi, alpha, EPS)
-        return _taps(m, cfg, slo, shi, x_adv, y)
     if method == "pgd-at":
         return F.cross_entropy(m(x_adv), y)
     if method == "trades":
@@ -149,7 +152,7 @@ def test_config_lists_come_from_the_registry():
     assert EMPIRICAL_METHODS == ("standard", "pgd-at", "trades")
     assert CERTIFIED_METHODS == ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr", "crown-ibp", "taps", "staps")
     assert DISTILLATION_METHODS == ("cc-dist", "mtl-dist", "exp-dist", "sabr-dist", "adv-dist", "ibp-dist",
-                                    "cc-ibp-kd", "cc-ibp-width")
+                                    "cc-ibp-kd", "cc-ibp-width", "taps-dist", "staps-dist")
     assert METHODS == method_names()
     for name in METHODS:
         assert method_class(name).name == name

@@ -50,6 +50,11 @@ class TAPS(CertifiedMethod):
         b.logs.update({key: P.accuracy(model.head(fb.point_output), y)}, ibp_loss=ibp_loss.item(),
                       taps_loss=taps_loss.item(), acc_ibp=(lb.min(1).values > 0).float().mean().item(),
                       acc_taps=(margins.min(1).values > 0).float().mean().item())
+        if self.distils and cfg.beta > 0:  # the distillation variants: the features' box is the head's IBP box
+            ctx.update(fb=fb, a_dist=fb.point_output)
+            dist = self.distance(b, ctx)
+            loss = loss + cfg.beta * dist
+            b.logs["dist"] = dist.item()
         if ctx["use_reg"]:
             reg = P.warmup_regularizer(latent.preactivations + fb.preactivations,
                                        P.input_radius(model, lo, hi, shard=b.shard), cfg.reg_tol, shard=b.shard)
