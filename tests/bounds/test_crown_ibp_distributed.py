@@ -1,14 +1,12 @@
 """CROWN-IBP with sync BatchNorm over two ranks (gloo) equals the full batch in one process: the
 backward pass uses the global batch statistics that the IBP pass used (certkd.bounds.crown_ibp)."""
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_distributed import run_two_ranks  # noqa: E402  (the torchrun launcher of the tests)
 
 WORKER = r'''
 import torch
@@ -58,20 +56,6 @@ open(f"rank{ctx.rank}.ok", "w").close()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~15 s: two torchrun processes
 def test_two_ranks_equal_one_batch(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(script)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
+    run_two_ranks(tmp_path, WORKER)
