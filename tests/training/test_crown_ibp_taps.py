@@ -70,8 +70,11 @@ def test_crown_weight_is_logged_along_the_ramp(tmp_path):
     ("crown_ibp_beta_start", -0.1, "crown_ibp_beta_start must be in [0, 1]"),
     ("taps_head_relus", 0, "taps_head_relus must be >= 1"),
     ("taps_steps", 0, "taps_steps must be >= 1"),
-    ("taps_step_size", 0.0, "taps_step_size and taps_grad_scale must be > 0"),
-    ("taps_grad_scale", -1.0, "taps_step_size and taps_grad_scale must be > 0"),
+    ("taps_step_size", 0.0, "taps_step_size and taps_grad_scale must be finite and > 0"),
+    ("taps_grad_scale", -1.0, "taps_step_size and taps_grad_scale must be finite and > 0"),
+    ("taps_grad_scale", float("inf"), "taps_step_size and taps_grad_scale must be finite and > 0"),
+    ("taps_step_size", float("nan"), "taps_step_size and taps_grad_scale must be finite and > 0"),
+    ("crown_ibp_beta_end", float("nan"), "crown_ibp_beta_end must be in [0, 1]"),
     ("taps_link_slack", 0.0, "taps_link_slack must be in (0, 1]"),
 ])
 def test_bad_values_are_one_line_errors(key, value, message):
