@@ -134,3 +134,26 @@ def test_crown_ibp_method_loss_by_hand(eps_sched, start, end, margin):
                                PGD(1, 10.0))
     assert loss.item() == pytest.approx(torch.log1p(torch.exp(torch.tensor(-margin))).item(), rel=1e-6)
     assert logs["crown_weight"] == pytest.approx(start + (end - start) * eps_sched)
+
+
+def test_gradient_through_train_mode_batchnorm_matches_finite_differences():
+    """With train-mode BN the bound depends on the weights also through the point's batch statistics."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 5),
+                        nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double().train()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 0])
+    lo, hi = x - 0.1, x + 0.1
+    w = net[0].weight
+    lb, lb_ibp, _ = crown_ibp_bounds(net, lo, hi, y, point=x)
+    assert (lb - lb_ibp).sum() > 1.0
+    (g,) = torch.autograd.grad(lb.sum(), w)
+    h = 1e-6
+    for idx in [(0, 0, 0, 0), (1, 0, 1, 2), (0, 0, 2, 1), (1, 0, 2, 2)]:
+        with torch.no_grad():
+            w[idx] += h
+            up = crown_ibp_bounds(net, lo, hi, y, point=x)[0].sum()
+            w[idx] -= 2 * h
+            down = crown_ibp_bounds(net, lo, hi, y, point=x)[0].sum()
+            w[idx] += h
+        assert abs((up - down).item() / (2 * h) - g[idx].item()) < 1e-6
