@@ -133,7 +133,8 @@ def main(argv=None) -> dict:
                     help="torch threads (default 1: steadier on a shared machine; the core count here is "
                          f"{default_threads()})")
     ap.add_argument("--compare", default=None,
-                    help="comma-separated methods timed against the first (the method table), e.g. ibp,crown-ibp,taps,staps")
+                    help="comma-separated methods timed against the first (the method table), "
+                         "e.g. ibp,crown-ibp,taps,staps")
     ap.add_argument("--eps-frac", type=float, default=1.0, help="steps at ε_s = frac·ε (default 1: after the ramp)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step_<model>.json)")
     args = ap.parse_args(argv)

@@ -159,8 +159,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise CertkdError(f"{name} must be >= 1, got {getattr(self, name)}; pass a positive integer")
         if not (0 < self.taps_step_size < math.inf and 0 < self.taps_grad_scale < math.inf):
-            raise CertkdError(f"taps_step_size and taps_grad_scale must be finite and > 0, got {self.taps_step_size} and "
-                              f"{self.taps_grad_scale}; e.g. --set taps_step_size=0.4 --set taps_grad_scale=5")
+            raise CertkdError(f"taps_step_size and taps_grad_scale must be finite and > 0, got "
+                              f"{self.taps_step_size} and {self.taps_grad_scale}; e.g. --set taps_step_size=0.4 "
+                              "--set taps_grad_scale=5")
         if not 0.0 < self.taps_link_slack <= 1.0:
             raise CertkdError(f"taps_link_slack must be in (0, 1], got {self.taps_link_slack}; e.g. "
                               "--set taps_link_slack=0.5")

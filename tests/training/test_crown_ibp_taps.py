@@ -85,7 +85,8 @@ def test_bad_values_are_one_line_errors(key, value, message):
 
 def test_a_split_past_the_features_is_a_cli_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--preset", "digits-small", "--method", "taps", "--epochs", "1", "--set", "taps_head_relus=9", "--set", "train_limit=32", "--quiet", "--out", str(tmp_path / "t")])
+        main(["train", "--preset", "digits-small", "--method", "taps", "--epochs", "1", "--set", "taps_head_relus=9",
+              "--set", "train_limit=32", "--quiet", "--out", str(tmp_path / "t")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "taps_head_relus=9" in err and "Traceback" not in err and len(err.splitlines()) == 1
