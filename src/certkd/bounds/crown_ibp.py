@@ -42,16 +42,6 @@ class _StatsAffine(ElementwiseAffine):
         return self._scale.reshape(view), self._shift.reshape(view)
 
 
-class _LivePlan(_Plan):
-    """The plan of :mod:`certkd.bounds.crown_backward` on an unfolded graph (train-mode BN allowed)."""
-
-    def __init__(self, net: Network, sample_shape: Sequence[int]):  # noqa: super().__init__ folds BN: not wanted
-        self.net, self.nodes = net, net.nodes
-        self.shapes = net.shapes(tuple(sample_shape))
-        self.relus = net.relu_nodes()
-        self.relu_index = {node: k for k, node in enumerate(self.relus)}
-
-
 @contextlib.contextmanager
 def _recording_bn_stats(model: nn.Module) -> Iterator[Dict[int, Tuple[Tensor, Tensor]]]:
     """Record (mean, var) of every train-mode BatchNorm in one IBP pass, keyed by id(module).
@@ -127,7 +117,7 @@ def crown_ibp_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Ten
     last = net.nodes[net.output]
     if type(last.rule) is not Linear:
         raise TypeError("crown_ibp_bounds needs a network whose last layer is a Linear")
-    plan = _LivePlan(net, lower.shape[1:])
+    plan = _Plan(net, lower.shape[1:])  # no BatchNorm node is left, so nothing is folded or refused
     if len(fb.preactivations) != len(plan.relus):
         raise ValueError(f"the IBP pass saw {len(fb.preactivations)} ReLUs, the graph has {len(plan.relus)}")
     relax = [_Relaxation.from_bounds(c - r, c + r) for c, r in fb.preactivations]
