@@ -16,7 +16,7 @@ Shapes: N = batch, K = classes; bounds are (N, K−1) with columns ordered as
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
