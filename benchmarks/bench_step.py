@@ -17,12 +17,20 @@ is the part of CC-Dist that CC-IBP does not do, so the overhead can be attribute
 The final line reports the ``reg_active=False`` variant:
 ``cc-dist/cc-ibp step ratio: X.XX``  (target <= 1.2).
 
+The method table (``--compare``) times the steps of several methods in the same interleaved rounds
+and reports each against the first, e.g. the cost of CROWN-IBP, TAPS and STAPS over IBP. With
+``--eps-frac`` below 1 the steps run at ε_s = frac·ε, inside the ramp: CROWN-IBP computes its
+CROWN pass only there (β = 1 − ε_s/ε by default; at ε_s = ε it is IBP).
+
 Usage::
 
     .venv/bin/python benchmarks/bench_step.py                          # cnn-small, 256 x 1x28x28
     .venv/bin/python benchmarks/bench_step.py --model cnn7 --channels 3 --size 32 --batch 32
+    .venv/bin/python benchmarks/bench_step.py --model cnn7-w16 --channels 1 --size 28 --batch 32 \
+        --compare ibp,crown-ibp,taps,staps --eps-frac 0.5 --variants false   # the method table
 
-Writes ``benchmarks/results/bench_step_<model>.json`` (atomically).
+Writes ``benchmarks/results/bench_step_<model>.json`` (``bench_step_<model>_methods.json`` for the
+method table), atomically.
 """
 from __future__ import annotations
 
@@ -75,6 +83,40 @@ def make_step(model, cfg: TrainConfig, x, y, eps_sched: float, reg_active: bool,
     return step
 
 
+def method_table(args, methods, base: dict, student, x, y, attack: PGD, variants, device, allocator, load0,
+                 shape) -> dict:
+    """Step times of ``methods`` in the same interleaved rounds, each against the first."""
+    cfgs = {m: TrainConfig(method=m, **base).validate() for m in methods}
+    eps_sched = base["eps"] * args.eps_frac
+    print(f"bench_step method table: model={args.model} input={'x'.join(map(str, shape))} eps={base['eps']:.4g} "
+          f"eps_sched={eps_sched:.4g} device={device} threads={torch.get_num_threads()} repeats={args.repeats} "
+          f"warmup={args.warmup} loadavg={load0[0]:.1f}")
+    result = {"benchmark": "bench_step_methods", "date": _dt.datetime.now().isoformat(timespec="seconds"),
+              "model": args.model, "input_shape": list(shape), "eps": base["eps"], "eps_sched": eps_sched,
+              "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+              "certkd_src": str(Path(certkd.__file__).resolve().parents[1]), "keep_freed_memory": allocator,
+              "repeats": args.repeats, "warmup": args.warmup, "attack": repr(attack), "baseline": methods[0],
+              "loadavg_start": load0, "variants": {}}
+    for reg_active in variants:
+        steps = {m: make_step(copy.deepcopy(student).train(), cfg, x, y, eps_sched, reg_active, attack, None)
+                 for m, cfg in cfgs.items()}
+        times = measure(steps, args.repeats, args.warmup, device)
+        key = f"reg_active={str(reg_active).lower()}"
+        rows = {m: {**summary(times[m]), "ratio": ratio(times, m, methods[0])} for m in methods}
+        result["variants"][key] = rows
+        print(f"[{key}] {'method':<10} {'median ms':>10} {'min ms':>8} {'/' + methods[0]:>8} {'CPU ratio':>10}")
+        for m, row in rows.items():
+            print(f"[{key}] {m:<10} {row['median_wall_s'] * 1e3:>10.0f} {row['min_wall_s'] * 1e3:>8.0f} "
+                  f"{row['ratio']['ratio_of_medians']:>8.2f} {row['ratio']['cpu_time_ratio']:>10.2f}")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_step_{args.model}_methods.json"
+    result["loadavg_end"] = list(os.getloadavg())
+    atomic_write_json(out, result)
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(f"load average start {load0[0]:.2f}, end {result['loadavg_end'][0]:.2f}")
+    return result
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cnn-small")
@@ -90,6 +132,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: steadier on a shared machine; the core count here is "
                          f"{default_threads()})")
+    ap.add_argument("--compare", default=None,
+                    help="comma-separated methods timed against the first (the method table), "
+                         "e.g. ibp,crown-ibp,taps,staps")
+    ap.add_argument("--eps-frac", type=float, default=1.0, help="steps at ε_s = frac·ε (default 1: after the ramp)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step_<model>.json)")
     args = ap.parse_args(argv)
     if args.repeats < 5:
@@ -119,6 +165,9 @@ def main(argv=None) -> dict:
     y = torch.randint(0, args.classes, (batch,), device=device)
     attack = PGD(1, 10.0)
     base = dict(model=args.model, alpha=0.5, eps=eps, batch_size=batch)
+    if args.compare:
+        return method_table(args, [m.strip() for m in args.compare.split(",") if m.strip()], base, student, x, y,
+                            attack, variants, device, allocator, load0, (batch, channels, size, size))
     cfgs = {"cc-ibp": TrainConfig(method="cc-ibp", **base).validate(),
             "cc-dist": TrainConfig(method="cc-dist", teacher="benchmark-teacher", **base).validate()}
 

@@ -190,11 +190,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_equal_one_batch(tmp_path):
-    """Sync BN (forward, IBP with a carried point, running statistics), global means and sums
-    with their gradients, attack noise and averaged gradients equal the full batch in one process."""
+def run_two_ranks(tmp_path: Path, source: str) -> None:
+    """Run the worker ``source`` under ``torchrun --nproc_per_node 2`` (gloo, one thread each) in tmp_path;
+    every rank must exit cleanly and write ``rank<r>.ok``."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(source)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -202,3 +202,9 @@ def test_two_ranks_equal_one_batch(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "terminate called" not in res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
+
+
+def test_two_ranks_equal_one_batch(tmp_path):
+    """Sync BN (forward, IBP with a carried point, running statistics), global means and sums
+    with their gradients, attack noise and averaged gradients equal the full batch in one process."""
+    run_two_ranks(tmp_path, WORKER)

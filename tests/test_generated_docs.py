@@ -48,7 +48,7 @@ def test_a_new_method_appears_in_both_sections():
     finally:
         base._REGISTRY.pop("test-new", None)
     assert "| `test-new` | distillation | a test method (docs/method.md §7) |" in filled
-    assert ", cc-ibp-width, test-new<!-- end generated: method-names -->." in filled and "old" not in filled
+    assert ", test-new<!-- end generated: method-names -->." in filled and "old" not in filled
     assert docs.fill(filled) != filled  # without the class, the sections change back
     with pytest.raises(SystemExit, match="unknown generated section 'nope'"):
         docs.fill(docs.mark("nope", ""))

@@ -52,6 +52,13 @@ class TrainConfig:
     reg_lambda: float = 0.5         # warm-up regularisers λ (0 disables)
     reg_tol: float = 0.5            # τ
     trades_beta: float = 6.0
+    crown_ibp_beta_start: float = 1.0   # CROWN-IBP bound weight at ε = 0 (docs/method.md §5.8)
+    crown_ibp_beta_end: float = 0.0     # ... once ε reaches its target
+    taps_head_relus: int = 1            # TAPS/STAPS split: top-level ReLU blocks in the classifier (§5.9)
+    taps_steps: int = 8                 # latent PGD steps per class
+    taps_step_size: float = 0.4         # latent PGD step, relative to the latent box half-width
+    taps_link_slack: float = 0.5        # gradient connector slack c
+    taps_grad_scale: float = 5.0        # gradient expanding factor w of the TAPS loss
     # distillation (docs/method.md §7)
     teacher: Optional[str] = None
     beta: float = 1.0
@@ -123,6 +130,7 @@ class TrainConfig:
         if not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
             raise CertkdError(f"seed must be an integer in [0, 2**32), got {self.seed}; pass e.g. --seed 0 "
                               "(torch and numpy both accept that range)")
+        self._check_crown_ibp_taps()
         if self.eps_start < 1 or self.eps_length < 0:
             raise CertkdError("eps_start must be >= 1 and eps_length >= 0 (epochs)")
         if self.attack_steps < 0:
@@ -143,6 +151,23 @@ class TrainConfig:
         if bad:
             raise CertkdError(f"{bad[0]}; {bad[1]}")
         return self
+
+    def _check_crown_ibp_taps(self) -> None:
+        """The CROWN-IBP and TAPS keys (docs/method.md §5.8, §5.9), one line each."""
+        for name in ("crown_ibp_beta_start", "crown_ibp_beta_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise CertkdError(f"{name} must be in [0, 1], got {getattr(self, name)}; it weighs the CROWN-IBP "
+                                  "bound against the IBP bound, e.g. --set crown_ibp_beta_end=0")
+        for name in ("taps_head_relus", "taps_steps"):
+            if getattr(self, name) < 1:
+                raise CertkdError(f"{name} must be >= 1, got {getattr(self, name)}; pass a positive integer")
+        if not (0 < self.taps_step_size < math.inf and 0 < self.taps_grad_scale < math.inf):
+            raise CertkdError(f"taps_step_size and taps_grad_scale must be finite and > 0, got "
+                              f"{self.taps_step_size} and {self.taps_grad_scale}; e.g. --set taps_step_size=0.4 "
+                              "--set taps_grad_scale=5")
+        if not 0.0 < self.taps_link_slack <= 1.0:
+            raise CertkdError(f"taps_link_slack must be in (0, 1], got {self.taps_link_slack}; e.g. "
+                              "--set taps_link_slack=0.5")
 
     def _check_distillation(self) -> None:
         """The distillation settings that do not go together (docs/method.md §7.4, §7.9-§7.11), one line each."""

@@ -92,6 +92,16 @@ OPTIONS: Tuple[Option, ...] = (
     Option("reg_lambda", "Weight λ of the warm-up regularisers (0 disables them)."),
     Option("reg_tol", "Tolerance τ of the warm-up regularisers."),
     Option("trades_beta", "β of TRADES (method trades)."),
+    Option("crown_ibp_beta_start", "crown-ibp: weight of the CROWN-IBP bound (against IBP's) at ε = 0; it moves "
+           "linearly with ε to crown_ibp_beta_end (docs/method.md §5.8).", scope=STUDENT),
+    Option("crown_ibp_beta_end", "crown-ibp: that weight once ε reaches its target (0: IBP alone after the ramp).",
+           scope=STUDENT),
+    Option("taps_head_relus", "taps/staps: top-level ReLU blocks of the features that go into the PGD-bounded "
+           "classifier head (the split point, docs/method.md §5.9).", scope=STUDENT),
+    Option("taps_steps", "taps/staps: PGD steps per class in the latent box.", scope=STUDENT),
+    Option("taps_step_size", "taps/staps: latent PGD step, relative to the latent box's half-width.", scope=STUDENT),
+    Option("taps_link_slack", "taps/staps: slack c of the gradient connector, in (0, 1].", scope=STUDENT),
+    Option("taps_grad_scale", "taps/staps: gradient expanding factor w of the TAPS loss.", scope=STUDENT),
     # distillation (docs/method.md §7)
     Option("teacher", "Teacher run directory (distillation methods).", "--teacher", STUDENT, kind="path"),
     Option("beta", "Distillation weight β (0 turns distillation off).", "--beta", STUDENT),

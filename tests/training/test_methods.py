@@ -69,9 +69,9 @@ def test_a_reference_loss_tells_the_methods_apart(parts):
 
 def test_config_lists_come_from_the_registry():
     assert EMPIRICAL_METHODS == ("standard", "pgd-at", "trades")
-    assert CERTIFIED_METHODS == ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr")
+    assert CERTIFIED_METHODS == ("ibp", "cc-ibp", "mtl-ibp", "exp-ibp", "sabr", "crown-ibp", "taps", "staps")
     assert DISTILLATION_METHODS == ("cc-dist", "mtl-dist", "exp-dist", "sabr-dist", "adv-dist", "ibp-dist",
-                                    "cc-ibp-kd", "cc-ibp-width")
+                                    "cc-ibp-kd", "cc-ibp-width", "taps-dist", "staps-dist")
     assert METHODS == method_names()
     for name in METHODS:
         assert method_class(name).name == name

@@ -12,11 +12,15 @@ class IBP(CertifiedMethod):
     needs_attack = False
     uses_l1 = False
 
+    def bounds(self, b: Batch, lower, upper):
+        """(lower bounds (N, K−1) that enter the loss, IBP feature bounds carrying the clean point)."""
+        return parts().ibp_logit_difference_bounds(b.model, lower, upper, b.y, point=b.x)
+
     def bounded_loss(self, b: Batch, ctx: dict, reg):
         P = parts()
         model, x, y = b.model, b.x, b.y
         lo_tr, hi_tr = P.linf_box(x, b.eps_tr)
-        lb, fb = P.ibp_logit_difference_bounds(model, lo_tr, hi_tr, y, point=x)
+        lb, fb = self.bounds(b, lo_tr, hi_tr)
         logits = model.head(fb.point_output)
         loss = P.L.ibp_loss(lb, b.shard)
         b.logs.update(acc_clean=P.accuracy(logits, y), ibp_loss=loss.detach(),

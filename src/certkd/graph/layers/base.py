@@ -6,7 +6,8 @@ See ``docs/adding_a_layer.md``. Conventions (shapes are per sample, without the 
   point carried through the same pass (the training path; train-mode BatchNorm needs it).
 * ``backward(A, bias, in_shapes, out_shape)``: CROWN, coefficients A (N, S, *out) of a linear
   bound on the output -> one A (N, S, *in_i) per input (None: the input does not matter), and
-  the bias (N, S). Parameters are read detached.
+  the bias (N, S). Parameters are read detached, except inside :func:`live_parameters` (training
+  through CROWN bounds, ``bounds/crown_ibp.py``).
 * ``window(w, in_shape, out_shape)``: the receptive-field ("patches") version of ``backward``
   on a :class:`~certkd.graph.windows.Window`, or None when the layer has none.
 * ``affine(in_shapes, out_shape)``: the layer as float64 sparse matrices on C-order flattened
@@ -15,6 +16,8 @@ See ``docs/adding_a_layer.md``. Conventions (shapes are per sample, without the 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -111,9 +114,25 @@ def numel(shape: Shape) -> int:
     return int(np.prod(shape)) if len(shape) else 1
 
 
+_LIVE = contextvars.ContextVar("certkd_live_parameters", default=False)
+
+
+@contextlib.contextmanager
+def live_parameters():
+    """Within this context :func:`detached` keeps autograd: the same backward rules give a bound that
+    training can differentiate (CROWN-IBP); verification reads parameters detached."""
+    token = _LIVE.set(True)
+    try:
+        yield
+    finally:
+        _LIVE.reset(token)
+
+
 def detached(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    """A parameter, detached, in the dtype/device of ``like``."""
-    return None if t is None else t.detach().to(device=like.device, dtype=like.dtype)
+    """A parameter, detached (live inside :func:`live_parameters`), in the dtype/device of ``like``."""
+    if t is None:
+        return None
+    return (t if _LIVE.get() else t.detach()).to(device=like.device, dtype=like.dtype)
 
 
 # id(weight) -> (weakref to it, its version, its data pointer, |weight|); an entry goes with its weight
@@ -144,4 +163,4 @@ def to_numpy(t: Optional[Tensor]) -> Optional[np.ndarray]:
 
 
 __all__ = ["Layer", "Shape", "UnsupportedLayerError", "register", "rule_class", "supported_names",
-           "identity_matrix", "numel", "detached", "to_numpy", "abs_weight", "Callable"]
+           "identity_matrix", "numel", "detached", "live_parameters", "to_numpy", "abs_weight", "Callable"]
