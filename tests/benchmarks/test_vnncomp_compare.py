@@ -35,11 +35,12 @@ def _files(tmp_path: Path):
                     "mnistfc,net.onnx,p6.vnnlib,0.1,unknown,1.0\n")
     # the external tool, with the competition's paths and words; no row for p5
     theirs = tmp_path / "tool.csv"
-    theirs.write_text("mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/p1.vnnlib,.01,holds,3.0\n"
-                      "mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/p2.vnnlib,.01,violated,13.0\n"
-                      "mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/p3.vnnlib,.01,unsat,2.0\n"
-                      "mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/p4.vnnlib,.01,sat,1.0\n"
-                      "mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/p6.vnnlib,.01,run_instance_timeout,12.5\n")
+    where = "mnistfc,./benchmarks/mnistfc/net.onnx,./benchmarks/mnistfc/"
+    theirs.write_text(f"{where}p1.vnnlib,.01,holds,3.0\n"
+                      f"{where}p2.vnnlib,.01,violated,13.0\n"
+                      f"{where}p3.vnnlib,.01,unsat,2.0\n"
+                      f"{where}p4.vnnlib,.01,sat,1.0\n"
+                      f"{where}p6.vnnlib,.01,run_instance_timeout,12.5\n")
     return data, ours, theirs
 
 

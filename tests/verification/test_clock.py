@@ -116,3 +116,51 @@ def test_verify_network_keeps_the_limit_including_loading():
     wall = time.monotonic() - t0
     assert res.status == "timeout" and res.stage == "bab" and wall < 2.0, (res, wall)
     assert res.time_s <= wall
+
+
+def test_call_before_returns_raises_and_stops_at_the_deadline():
+    from certkd.verification.forked import call_before
+    from certkd.verification.milp import EmptyDomainError
+
+    assert call_before(lambda: {"x": torch.arange(3)}, time.monotonic() + 30)[1]["x"].tolist() == [0, 1, 2]
+
+    def empty():
+        raise EmptyDomainError("no point here")
+
+    with pytest.raises(EmptyDomainError, match="no point here"):
+        call_before(empty, time.monotonic() + 30)
+    t0 = time.monotonic()
+    assert call_before(lambda: time.sleep(30), t0 + 0.3, grace=0.1) == (False, None)
+    assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.parametrize("wide", [1.0, 2.0], ids=["verified", "falsified"])
+def test_a_forked_milp_leaf_answers_as_one_in_process(monkeypatch, wide):
+    pytest.importorskip("highspy")
+    model, x, y, (lo, hi) = _hard_mlp(width=24)
+    lo, hi = x - (x - lo) * wide, x + (hi - x) * wide
+    root = crown_bounds(model, lo, hi, torch.tensor([y]), return_intermediate=True)
+    pre = [(l[0], u[0]) for l, u in root.intermediate]
+    answers = []
+    for fork_from in (10 ** 9, 0):
+        monkeypatch.setattr(bab_module, "FORK_UNSTABLE", fork_from)
+        answers.append(bab_module._leaf_milp(model, x[0], y, lo[0], hi[0], pre, time.monotonic() + 30, 1e-6))
+    here, forked = answers
+    assert here.status == forked.status == ("verified" if wide == 1.0 else "falsified")
+    assert here.margin == pytest.approx(forked.margin, abs=1e-6)
+    if wide != 1.0:
+        torch.testing.assert_close(here.counterexample, forked.counterexample)
+
+
+def test_a_forked_milp_leaf_is_stopped_at_the_deadline(monkeypatch):
+    """A solve that overruns its own time limit (HiGHS's root cut rounds do on large MILPs) is killed."""
+    import certkd.verification.milp as milp_module
+
+    model, x, y, (lo, hi) = _hard_mlp(width=24)
+    root = crown_bounds(model, lo, hi, torch.tensor([y]), return_intermediate=True)
+    pre = [(l[0], u[0]) for l, u in root.intermediate]
+    monkeypatch.setattr(milp_module, "milp_verify", lambda *a, **k: time.sleep(30))
+    monkeypatch.setattr(bab_module, "FORK_UNSTABLE", 0)
+    t0 = time.monotonic()
+    res = bab_module._leaf_milp(model, x[0], y, lo[0], hi[0], pre, t0 + 0.5, 1e-6)
+    assert res.status == "timeout" and "MILP leaf" in res.note and time.monotonic() - t0 < 1.5

@@ -196,7 +196,8 @@ def verify_model(model: Union[str, nn.Module], lower=None, upper=None, spec=None
                           f"(shape {tuple(shape)}); pass bounds of one sample's shape")
     prop = _property(spec, box_lo, box_hi, k, given_box)
     if time.monotonic() >= deadline:  # loading and parsing used up the time limit
-        return VerifyResult("timeout", round(time.monotonic() - start, 4), "parse", note="time limit reached while loading")
+        return VerifyResult("timeout", round(time.monotonic() - start, 4), "parse",
+                            note="time limit reached while loading")
     res = verify_network(net, prop, shape, timeout=timeout, onnx_source=source, reference=private,
                          deadline=deadline, **kwargs)
     res.time_s = round(time.monotonic() - start, 4)  # the whole call, loading included

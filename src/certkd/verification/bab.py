@@ -323,8 +323,8 @@ class _Search:
     def leaf(self, b: _Bounded, d: int) -> Optional[BabResult]:
         """Exact MILP on sub-domain ``d`` with HiGHS given what is left of the time limit."""
         pre = [(l[d], u[d]) for l, u in b.result.intermediate]
-        res = _leaf_milp(self.model, self.x, self.label, self.lower, self.upper, pre,
-                         self.deadline - time.monotonic(), self.margin_tol)
+        res = _leaf_milp(self.model, self.x, self.label, self.lower, self.upper, pre, self.deadline,
+                         self.margin_tol)
         if res is None:  # split bounds ∩ interval bounds = ∅: no point here
             return None
         if res.status != "verified":
@@ -395,18 +395,33 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
         return search.run(intermediate)
 
 
+#: a MILP leaf with at least this many unstable neurons runs in a forked child stopped at the deadline
+#: (HiGHS can overrun its own time limit by seconds on large MILPs; below this the fork's 0.1 s dominates)
+FORK_UNSTABLE = 64
+
+
 def _leaf_milp(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Tensor, pre: list,
-               remaining: float, margin_tol: float) -> Optional[BabResult]:
-    """Exact MILP on a leaf sub-domain given its pre-activation bounds ``pre``, HiGHS getting ``remaining``
-    seconds: 'verified' (margin), 'falsified' (margin, counterexample) or 'timeout' (note); None when the
-    sub-domain is empty."""
+               deadline: float, margin_tol: float) -> Optional[BabResult]:
+    """Exact MILP on a leaf sub-domain given its pre-activation bounds ``pre``, HiGHS getting what is left
+    until ``deadline`` (``time.monotonic()``): 'verified' (margin), 'falsified' (margin, counterexample)
+    or 'timeout' (note); None when the sub-domain is empty. A leaf with ``FORK_UNSTABLE`` or more unstable
+    neurons is solved in a forked child, killed if it is still running at the deadline."""
+    from certkd.verification.forked import call_before
     from certkd.verification.milp import EmptyDomainError, milp_verify
 
+    remaining = deadline - time.monotonic()
     if remaining <= 0:
         return BabResult("timeout", None, None, 0.0, 0, note="time limit reached before a MILP leaf")
+    solve = lambda: milp_verify(model, x, label, lower=lower, upper=upper, timeout=remaining,
+                                preactivation_bounds=pre, margin_tol=margin_tol)
+    unstable = sum(int(((l < 0) & (u > 0)).sum()) for l, u in pre)
     try:
-        res = milp_verify(model, x, label, lower=lower, upper=upper, timeout=remaining,
-                          preactivation_bounds=pre, margin_tol=margin_tol)
+        if unstable >= FORK_UNSTABLE:
+            finished, res = call_before(lambda: _fresh_highs() or solve(), deadline)
+            if not finished:
+                return BabResult("timeout", None, None, remaining, 0, note="time limit reached in a MILP leaf")
+        else:
+            res = solve()
     except EmptyDomainError:
         return None
     if res.status == "falsified":
@@ -414,6 +429,14 @@ def _leaf_milp(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
     if res.status != "verified":
         return BabResult("timeout", None, None, res.time_s, 0, note=res.note)
     return BabResult("verified", res.margin, None, res.time_s, 0)
+
+
+def _fresh_highs() -> None:
+    """In a forked child: HiGHS's process-wide thread scheduler is the parent's, whose worker threads
+    were not copied; start a new one."""
+    from certkd.verification.highs import _highspy
+
+    _highspy().Highs.resetGlobalScheduler(True)
 
 
 __all__ = ["BRANCHERS", "BaBSR", "BabResult", "Brancher", "BranchContext", "DomainStore", "FSB", "Intercept",
