@@ -415,8 +415,9 @@ def _leaf_milp(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
     solve = lambda: milp_verify(model, x, label, lower=lower, upper=upper, timeout=remaining,
                                 preactivation_bounds=pre, margin_tol=margin_tol)
     unstable = sum(int(((l < 0) & (u > 0)).sum()) for l, u in pre)
+    on_cpu = x.device.type == "cpu" and all(p.device.type == "cpu" for p in model.parameters())
     try:
-        if unstable >= FORK_UNSTABLE:
+        if unstable >= FORK_UNSTABLE and on_cpu:  # a forked child cannot use the parent's CUDA context
             finished, res = call_before(lambda: _fresh_highs() or solve(), deadline)
             if not finished:
                 return BabResult("timeout", None, None, remaining, 0, note="time limit reached in a MILP leaf")
