@@ -13,6 +13,7 @@ import pickle
 import select
 import signal
 import time
+import warnings
 from typing import Any, Callable, Tuple
 
 
@@ -22,7 +23,11 @@ def call_before(fn: Callable[[], Any], deadline: float, grace: float = 0.25) -> 
     if not hasattr(os, "fork"):  # pragma: no cover - Windows
         return True, fn()
     read, write = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns that a child of a multi-threaded process may deadlock; this child only runs
+        # ``fn``, and one that hangs is killed at the deadline like one that runs long
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child: run, send the pickled outcome, exit without running the parent's cleanup
         code = 0
         try:
