@@ -6,11 +6,23 @@ Runs ``certkd verify --instances`` (resumable) on each benchmark with the publis
 tool's decided count, and every instance where certkd disagrees with a published verdict.
 
     OMP_NUM_THREADS=1 python benchmarks/vnncomp.py --timeout-fraction 0.1 --workers 1 [--limit 10]
+
+``--compare TOOL.csv`` runs nothing: it reads certkd's results CSVs of an earlier run
+(``benchmarks/results/vnncomp_<benchmark>.csv``, or ``--certkd-results``) and an external verifier's
+results CSV in the VNN-COMP 2021 format (``benchmark,onnx,vnnlib,prepare_time,result,run_time``, e.g.
+one of ``results/*.csv`` of the data folder, or a side-by-side run of another tool) and prints, per
+benchmark, for both on the instances both have: decided within the limit (published timeout ×
+``--timeout-fraction``), overruns (answers after the limit: counted as timeouts by VNN-COMP), the
+median time on the instances both decided within the limit, and contradictions (sat against unsat).
+certkd's time is prepare + run (its limit covers reading the files); the external tool's the run time.
+
+    python benchmarks/vnncomp.py --compare results/a-b-CROWN.csv --timeout-fraction 0.1
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import re
 import statistics
 import sys
@@ -28,18 +40,22 @@ _VERDICT = {"sat": "sat", "violated": "sat", "unsat": "unsat", "holds": "unsat"}
 def published(data: Path):
     """{tool: {(benchmark, onnx name, vnnlib name): ('sat'|'unsat'|None, run time s or None)}} from
     results/*.csv."""
+    return {f.stem: _results(f, certkd=False) for f in sorted((data / "results").glob("*.csv"))}
+
+
+def _results(path: Path, certkd: bool):
+    """{(benchmark, onnx name, vnnlib name): ('sat'|'unsat'|None, seconds or None)} of a results CSV
+    (``certkd``: its seconds are prepare + run, else the run time alone)."""
     out = {}
-    for f in sorted((data / "results").glob("*.csv")):
-        rows = {}
-        for r in csv.reader(f.open()):
+    with path.open(newline="") as f:
+        for r in csv.reader(f):
             if len(r) < 5:
                 continue
             try:
-                secs = float(r[5]) if len(r) > 5 else None
+                secs = float(r[5]) + (float(r[3]) if certkd else 0.0) if len(r) > 5 else None
             except ValueError:
                 secs = None
-            rows[(r[0], Path(r[1]).name, Path(r[2]).name)] = (_VERDICT.get(r[4].strip().lower()), secs)
-        out[f.stem] = rows
+            out[(r[0], Path(r[1]).name, Path(r[2]).name)] = (_VERDICT.get(r[4].strip().lower()), secs)
     return out
 
 
@@ -62,6 +78,78 @@ def check_sat(cex: Path, onnx_path: Path, vnnlib_path: Path) -> str:
     return "" if prop.violated_by(y) else "onnxruntime: property not violated"
 
 
+def compare(ours: dict, theirs: dict, limits: dict) -> dict:
+    """Side-by-side counts on the instances in both result maps (see :func:`_results`) that have a
+    limit (``limits``: {(benchmark, onnx name, vnnlib name): seconds}), per benchmark:
+    {benchmark: {"instances", "decided": (ours, theirs), "overruns": (ours, theirs), "max_overrun": (ours,
+    theirs) seconds past the limit (≤ 0: none), "both": n, "median": (ours, theirs) or None,
+    "contradictions": [key, ...]}}."""
+    out = {}
+    for key in sorted(set(ours) & set(theirs) & set(limits)):
+        b = out.setdefault(key[0], {"instances": 0, "decided": [0, 0], "overruns": [0, 0], "times": ([], []),
+                                    "max_overrun": [-math.inf, -math.inf], "contradictions": []})
+        b["instances"] += 1
+        within = []
+        for i, (verdict, secs) in enumerate((ours[key], theirs[key])):
+            late = secs is not None and secs > limits[key]
+            if secs is not None:
+                b["max_overrun"][i] = max(b["max_overrun"][i], secs - limits[key])
+            b["overruns"][i] += late
+            within.append(verdict is not None and secs is not None and not late)
+            b["decided"][i] += within[-1]
+        if all(within):
+            b["times"][0].append(ours[key][1])
+            b["times"][1].append(theirs[key][1])
+        if {ours[key][0], theirs[key][0]} == {"sat", "unsat"}:
+            b["contradictions"].append(key)
+    for b in out.values():
+        mine, other = b.pop("times")
+        b["both"] = len(mine)
+        b["median"] = (statistics.median(mine), statistics.median(other)) if mine else None
+        b["decided"], b["overruns"], b["max_overrun"] = (tuple(b[k]) for k in ("decided", "overruns", "max_overrun"))
+    return out
+
+
+def compare_table(result: dict, tool: str, fraction: float) -> str:
+    """Markdown: one row per benchmark of :func:`compare`'s result, then the contradictions."""
+    lines = [f"| benchmark | instances | certkd decided | {tool} decided | certkd overruns (max s) | {tool} overruns "
+             f"(max s) | median on both decided (certkd / {tool}) | contradictions |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for bench, b in sorted(result.items()):
+        med = f"{b['median'][0]:.2f} s / {b['median'][1]:.2f} s ({b['both']})" if b["median"] else "-"
+        late = [f"{n} ({m:+.2f})" if n else "0" for n, m in zip(b["overruns"], b["max_overrun"])]
+        lines.append(f"| {bench} | {b['instances']} | {b['decided'][0]} | {b['decided'][1]} | {late[0]} | {late[1]} | "
+                     f"{med} | {len(b['contradictions'])} |")
+    lines += ["", f"Decided: sat or unsat within the limit (published timeout × {fraction:g}); overruns: any answer "
+              "after it (VNN-COMP counts them as timeouts)."]
+    bad = [k for b in result.values() for k in b["contradictions"]]
+    if bad:
+        lines += ["", "Contradictions (sat against unsat):"] + [f"- {' '.join(k)}" for k in bad]
+    return "\n".join(lines)
+
+
+def run_compare(args) -> int:
+    from certkd.errors import CertkdError
+    from certkd.verification.instances import read_instances
+
+    if not args.compare.is_file():
+        raise CertkdError(f"--compare {args.compare}: no such file; pass an external verifier's results CSV")
+    paths = args.certkd_results or [args.out.parent / f"vnncomp_{b}.csv" for b in args.benchmarks]
+    ours = {}
+    for p in paths:
+        if not p.is_file():
+            raise CertkdError(f"certkd results {p} not found; run this script without --compare first, or pass "
+                              "--certkd-results")
+        ours.update(_results(p, certkd=True))
+    limits = {}
+    for bench in args.benchmarks:
+        for o, v, t in read_instances(args.data / BENCHMARKS[bench]):
+            limits[(bench, Path(o).name, Path(v).name)] = t * args.timeout_fraction
+    result = compare(ours, _results(args.compare, certkd=False), limits)
+    print(compare_table(result, args.compare.stem, args.timeout_fraction))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
@@ -70,7 +158,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--limit", type=int, help="first N instances of each benchmark only")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vnncomp.md")
+    ap.add_argument("--compare", type=Path, help="an external verifier's results CSV: compare, run nothing")
+    ap.add_argument("--certkd-results", type=Path, nargs="+",
+                    help="certkd's results CSVs for --compare (default: vnncomp_<benchmark>.csv beside --out)")
     args = ap.parse_args(argv)
+    if args.compare is not None:
+        return run_compare(args)
     from certkd.verification.instances import cex_path, read_instances, run_instances
 
     pub = published(args.data)

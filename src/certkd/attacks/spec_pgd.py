@@ -53,7 +53,7 @@ def spec_pgd(model: nn.Module, lower: Tensor, upper: Tensor,
         lower, upper: (1, *s) box (inside the property's box).
         mats: per disjunct (A (m_d, K), b (m_d,)), in the model's dtype, or those stacked as :class:`Disjuncts`.
         restarts, steps: restarts (run ``batch`` at a time) and signed-gradient steps each.
-        deadline: a ``time.perf_counter()`` value after which no further step is taken.
+        deadline: a ``time.monotonic()`` value after which no further step is taken.
     Returns:
         (x (1, *s) the best point found, its value min_d v_d: <= 0 means a candidate counterexample).
     """
@@ -80,12 +80,12 @@ def spec_pgd(model: nn.Module, lower: Tensor, upper: Tensor,
             i = int(vmin.argmin())
             if float(vmin[i]) < best_v:
                 best_v, best_x = float(vmin[i]), x.detach()[i:i + 1].clone()
-            if best_v <= 0 or grad is None or (deadline is not None and time.perf_counter() > deadline):
+            if best_v <= 0 or grad is None or (deadline is not None and time.monotonic() > deadline):
                 break
             eta = 0.01 + 0.49 * (1 + math.cos(math.pi * it / max(steps, 1))) / 2
             x = torch.max(torch.min(x.detach() - eta * rho * grad.sign(), upper), lower)
         done += n
-        if best_v <= 0 or (deadline is not None and time.perf_counter() > deadline):
+        if best_v <= 0 or (deadline is not None and time.monotonic() > deadline):
             break
     return best_x, best_v
 

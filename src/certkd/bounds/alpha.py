@@ -119,7 +119,7 @@ def optimise_bound(plan: _Plan, A0: Tensor, bias0: Tensor, relax: Sequence[_Rela
             if a is not None:
                 mask = improved.view(n, s, *([1] * (a.dim() - 2)))
                 best_alpha[k] = torch.where(mask, a.detach(), best_alpha[k])
-        if it == iterations or not params or (deadline is not None and time.perf_counter() > deadline):
+        if it == iterations or not params or (deadline is not None and time.monotonic() > deadline):
             if return_intermediate:  # for BaB: the vertex minimising the weakest row's linear bound
                 with torch.no_grad():
                     weakest = (torch.arange(n, device=A.device), lb.detach().argmin(1))

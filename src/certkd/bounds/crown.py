@@ -58,6 +58,7 @@ of a ReLU's input (e.g. (C, H, W) or (m,)).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -107,6 +108,52 @@ class CrownResult:
 
 
 
+_CACHE_ATTR = "_certkd_prepared_plans"
+
+
+class _PlanCache(dict):
+    """A model's plans by sample shape, valid for the weights ``key``; a copy or a pickle of the model
+    starts with an empty one (its weights are other tensors)."""
+
+    key: Optional[tuple] = None
+
+    def __deepcopy__(self, memo) -> "_PlanCache":
+        return _PlanCache()
+
+    def __reduce__(self):
+        return _PlanCache, ()
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What a prepared plan depends on: the module tree and train/eval modes, and every parameter and
+    buffer by identity, storage and in-place version (``optimizer.step``, ``load_state_dict`` and
+    ``p.data = ...`` all change one of them)."""
+    mods = tuple((id(m), m.training) for m in model.modules())
+    tensors = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
+                    for t in itertools.chain(model.parameters(), model.buffers()))
+    return mods, tensors
+
+
+def prepared_plan(model: nn.Module, sample_shape: Sequence[int]) -> _Plan:
+    """The model's plan (graph with eval BatchNorm folded, node shapes, ReLU nodes) for inputs of
+    ``sample_shape``, built once per model, weights and shape.
+
+    Building it deep-copies the folded layers, which BaB would otherwise pay on every batch. The
+    plans live in an attribute of the model (so they die with it, no global holds a model alive)
+    and are rebuilt when :func:`_weights_key` changes.
+    """
+    shape = tuple(int(s) for s in sample_shape)
+    key = _weights_key(model)
+    cache = model.__dict__.get(_CACHE_ATTR)
+    if cache is None or cache.key != key:
+        cache = model.__dict__[_CACHE_ATTR] = _PlanCache()
+        cache.key = key
+    plan = cache.get(shape)
+    if plan is None:
+        plan = cache[shape] = _Plan(model, shape)
+    return plan
+
+
 def _prepare(model, lower, upper, labels, C):
     """Plan, specification (N, S, K) merged with a final Linear: A0 (N, S, m), bias0 (N, S).
 
@@ -118,7 +165,7 @@ def _prepare(model, lower, upper, labels, C):
     if labels is not None and C is not None:
         raise ValueError("pass either labels or C, not both")
     n, dtype, device = lower.shape[0], lower.dtype, lower.device
-    plan = _Plan(model, lower.shape[1:])
+    plan = prepared_plan(model, lower.shape[1:])
     last = plan.nodes[plan.net.output]
     head = last.rule.module if type(last.rule) is Linear and len(plan.shapes[-1]) == 1 else None
     k = math.prod(plan.shapes[-1])
@@ -223,16 +270,12 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     when the split neuron's interval bounds alone change nothing below it.
 
     Args: as :func:`crown_bounds`; iterations: number of Adam steps (0 gives CROWN); lr: Adam step;
-        deadline: a ``time.perf_counter()`` value after which no further step is taken (the best
+        deadline: a ``time.monotonic()`` value after which no further step is taken (the best
         bound so far is returned, still sound), so callers can honour a timeout;
         split_signs: β-CROWN split constraints, one entry per ReLU layer (see above).
     Returns:
         (N, S) lower bounds, or a :class:`CrownResult` (with the best α) if ``return_intermediate``.
     """
-    if iterations < 0:
-        raise ValueError("iterations must be >= 0")
-    plan, A0, bias0 = _prepare(model, lower, upper, labels, C)
-    lower, upper = lower.detach(), upper.detach()
     if iterations < 0:
         raise ValueError("iterations must be >= 0")
     plan, A0, bias0 = _prepare(model, lower, upper, labels, C)
@@ -255,8 +298,9 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
 
 def relu_layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> List[Tuple[int, ...]]:
     """Per-sample neuron shapes of the ReLU layers of the model's graph (the override keys' order)."""
-    plan = _Plan(model, tuple(input_shape))
+    plan = prepared_plan(model, tuple(input_shape))
     return [plan.shapes[i] for i in plan.relus]
 
 
-__all__ = ["CrownResult", "DEFAULT_CHUNK_ELEMENTS", "alpha_crown_bounds", "crown_bounds", "relu_layer_shapes"]
+__all__ = ["CrownResult", "DEFAULT_CHUNK_ELEMENTS", "alpha_crown_bounds", "crown_bounds", "prepared_plan",
+           "relu_layer_shapes"]

@@ -3,7 +3,8 @@
 A sub-domain is the input box plus sign constraints on some unstable ReLUs. The search has
 four separate parts:
 
-* **Domain store** (:class:`DomainStore`): a heap of open sub-domains ordered by their parent's
+* **Domain store** (:class:`~certkd.verification.bab_domains.DomainStore`, in
+  :mod:`certkd.verification.bab_domains`): a heap of open sub-domains ordered by their parent's
   proven lower bound, the worst first (``order="fifo"`` keeps first-in-first-out, for comparison).
   Each batch of ``batch_domains`` sub-domains is popped from the top.
 * **Bounding**: β-CROWN. The final backward pass of α-CROWN runs with the intermediate bounds
@@ -25,15 +26,20 @@ four separate parts:
   (:mod:`certkd.verification.milp`) with its tightened pre-activation bounds as variable bounds;
   that makes the procedure complete, and the MILP returns a counterexample when one exists.
 * **Early exit**: a counterexample (from the sub-domain attack or a MILP leaf, re-checked in
-  float32 by the pipeline) ends the search; the per-sample timeout is checked between batches
-  and passed to α/β-CROWN as a deadline.
+  float32 by the pipeline) ends the search.
+* **The clock**: one absolute ``time.monotonic()`` deadline. It is read before every step (bound,
+  attack, branch, leaf), α/β-CROWN stops its iterations at it, and each MILP leaf hands HiGHS what
+  is left as its time limit, so the answer comes at most one step after the deadline.
+
+The search (:class:`_Search`) is one method per step: ``bound`` (β-CROWN on a batch), ``attack``,
+``leaf`` (MILP) and ``branch`` (push the children); a step that ends the search returns the final
+:class:`BabResult`, the one result type of every step.
 """
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,8 +47,9 @@ from torch import Tensor, nn
 
 from certkd.attacks import eval_mode
 from certkd.attacks.subdomain import SubdomainAttack
-
-Split = Tuple[int, int]              # (relu layer, flat neuron index)
+from certkd.verification.bab_domains import (  # noqa: F401  (DomainStore, _Domain re-exported for callers/tests)
+    DomainStore, Split, _alpha_bytes, _alpha_init, _Domain, _domain_bounds, _split_signs,
+)
 
 
 @dataclass
@@ -53,89 +60,6 @@ class BabResult:
     time_s: float
     domains: int                     # sub-domains bounded
     note: str = ""
-
-
-@dataclass
-class _Domain:
-    splits: Dict[Split, int]         # -> +1 active / −1 inactive
-    bound: float = float("-inf")     # the parent's proven worst-row lower bound (heap key)
-    alpha: Optional[List[Optional[Tensor]]] = field(default=None, repr=False)  # parent's α, per layer (S, *shape)
-
-
-# --------------------------------------------------------------------------------------------
-# Domain store
-# --------------------------------------------------------------------------------------------
-
-class DomainStore:
-    """Open sub-domains; ``pop(n)`` returns the n with the lowest bound (``order="bound"``) or the
-    n oldest (``order="fifo"``). Ties keep insertion order."""
-
-    def __init__(self, order: str = "bound"):
-        if order not in ("bound", "fifo"):
-            raise ValueError(f"order must be 'bound' or 'fifo', got {order!r}")
-        self.order = order
-        self._heap: list = []
-        self._count = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def push(self, dom: _Domain) -> None:
-        key = dom.bound if self.order == "bound" else 0.0
-        heapq.heappush(self._heap, (key, next(self._count), dom))
-
-    def pop(self, n: int) -> List[_Domain]:
-        return [heapq.heappop(self._heap)[2] for _ in range(min(n, len(self._heap)))]
-
-
-def _domain_bounds(root: List[Tuple[Tensor, Tensor]], domains: Sequence[_Domain]) -> Dict[int, Tuple[Tensor, Tensor]]:
-    """Per ReLU layer: (N, *shape) lower/upper of the batch of sub-domains (root bounds ∩ splits)."""
-    out = {}
-    for k, (l0, u0) in enumerate(root):
-        l = l0.expand(len(domains), *l0.shape[1:]).clone()
-        u = u0.expand(len(domains), *u0.shape[1:]).clone()
-        lf, uf = l.view(len(domains), -1), u.view(len(domains), -1)
-        for d, dom in enumerate(domains):
-            for (layer, j), sign in dom.splits.items():
-                if layer != k:
-                    continue
-                if sign > 0:
-                    lf[d, j] = torch.clamp(lf[d, j], min=0.0)
-                else:
-                    uf[d, j] = torch.clamp(uf[d, j], max=0.0)
-        out[k] = (l, u)
-    return out
-
-
-def _split_signs(root: List[Tuple[Tensor, Tensor]], domains: Sequence[_Domain]) -> List[Optional[Tensor]]:
-    """Per ReLU layer: (N, *shape) with +1/−1 on split neurons, 0 elsewhere (None: no split)."""
-    out: List[Optional[Tensor]] = []
-    for k, (l0, _) in enumerate(root):
-        signs = torch.zeros(len(domains), l0[0].numel(), dtype=l0.dtype, device=l0.device)
-        for d, dom in enumerate(domains):
-            for (layer, j), sign in dom.splits.items():
-                if layer == k:
-                    signs[d, j] = float(sign)
-        out.append(signs.view(len(domains), *l0.shape[1:]) if bool((signs != 0).any()) else None)
-    return out
-
-
-def _alpha_init(domains: Sequence[_Domain], overrides: Dict[int, Tuple[Tensor, Tensor]]) -> Optional[List[Optional[Tensor]]]:
-    """Per ReLU layer, the batch's starting α (N, S, *shape) from the parents' slopes; a domain
-    without a parent α for a layer starts at the CROWN adaptive slope of its own bounds."""
-    if all(dom.alpha is None for dom in domains):
-        return None
-    out: List[Optional[Tensor]] = []
-    for k in range(len(overrides)):
-        have = [None if dom.alpha is None else dom.alpha[k] for dom in domains]
-        ref = next((a for a in have if a is not None), None)
-        if ref is None:
-            out.append(None)
-            continue
-        l, u = overrides[k]
-        out.append(torch.stack([a if a is not None else (u[d] >= -l[d]).to(ref).unsqueeze(0).expand_as(ref)
-                                for d, a in enumerate(have)]))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,14 +216,163 @@ def make_brancher(branching: Union[str, Brancher]) -> Brancher:
 
 
 # --------------------------------------------------------------------------------------------
-# The search
+# The search: one step per part (bound, attack, leaf, branch); a step that ends the search
+# returns the final BabResult, otherwise None
 # --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Bounded:
+    """A bounded batch: the sub-domains, their α/β-CROWN result (a CrownResult), the worst row's
+    bound per sub-domain (N,), and the indices still open (bound ≤ tolerance, not empty)."""
+
+    domains: List[_Domain]
+    result: object
+    worst: Tensor
+    open_: List[int]
+
+
+class _Search:
+    """The state of one :func:`bab_verify` call: the box, the root bounds, the domain store, the
+    clock (an absolute ``time.monotonic()`` deadline) and the counters."""
+
+    def __init__(self, model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Tensor, deadline: float, *,
+                 batch_domains: int, max_depth: int, max_domains: int, alpha_iterations: int, margin_tol: float,
+                 beta: bool, attack_steps: int, brancher: Brancher, order: str, warm_alpha: bool,
+                 alpha_memory_mb: float):
+        self.model, self.x, self.label, self.lower, self.upper = model, x, label, lower, upper
+        self.lo, self.hi = lower.unsqueeze(0), upper.unsqueeze(0)
+        self.y = torch.tensor([label], device=x.device)
+        self.start, self.deadline = time.monotonic(), deadline
+        self.batch_domains, self.max_depth, self.max_domains = batch_domains, max_depth, max_domains
+        self.alpha_iterations, self.margin_tol, self.beta = alpha_iterations, margin_tol, beta
+        self.attacker = SubdomainAttack(steps=max(attack_steps, 0)) if attack_steps >= 0 else None
+        self.brancher, self.warm_alpha = brancher, warm_alpha
+        self.alpha_budget, self.alpha_held = alpha_memory_mb * 2 ** 20, 0.0
+        self.store = DomainStore(order)
+        self.root_bounds: List[Tuple[Tensor, Tensor]] = []
+        self.bounded, self.leaves_min = 0, float("inf")
+
+    def result(self, status: str, margin: Optional[float] = None, cex: Optional[Tensor] = None,
+               note: str = "") -> BabResult:
+        return BabResult(status, margin, cex, time.monotonic() - self.start, self.bounded, note)
+
+    def out_of_time(self) -> Optional[BabResult]:
+        if time.monotonic() >= self.deadline:
+            return self.result("timeout", note=f"{len(self.store)} domains open")
+        return None
+
+    def root(self, intermediate) -> Optional[BabResult]:
+        """CROWN on the whole box: its intermediate bounds are every sub-domain's starting point."""
+        from certkd.bounds.crown import crown_bounds
+
+        root = crown_bounds(self.model, self.lo, self.hi, self.y, intermediate=intermediate, return_intermediate=True)
+        self.root_bounds = [(l.detach(), u.detach()) for l, u in root.intermediate]
+        self.bounded = 1
+        worst = float(root.lower.min())
+        if worst > self.margin_tol:
+            return self.result("verified", worst)
+        self.store.push(_Domain({}, worst))
+        return None
+
+    def bound(self, batch: List[_Domain]) -> _Bounded:
+        """β-CROWN on a batch (α warm-started from the parents); closed sub-domains update the margin."""
+        from certkd.bounds.crown import alpha_crown_bounds
+
+        overrides = _domain_bounds(self.root_bounds, batch)
+        n = len(batch)
+        init = _alpha_init(batch, overrides) if self.warm_alpha else None
+        for dom in batch:
+            self.alpha_held -= _alpha_bytes(dom.alpha) / 2
+            dom.alpha = None
+        signs = _split_signs(self.root_bounds, batch) if self.beta else None
+        lo, hi = self.lo.expand(n, *self.lo.shape[1:]), self.hi.expand(n, *self.hi.shape[1:])
+        lb = alpha_crown_bounds(self.model, lo, hi, self.y.expand(n), iterations=self.alpha_iterations,
+                                intermediate_overrides=overrides, alpha_init=init, return_intermediate=True,
+                                deadline=self.deadline, split_signs=signs)
+        self.bounded += n
+        worst = lb.lower.min(1).values
+        empty = lb.infeasible if lb.infeasible is not None else torch.zeros(n, dtype=torch.bool)
+        open_ = []
+        for d in range(n):
+            if bool(empty[d]):
+                continue
+            if float(worst[d]) > self.margin_tol:
+                self.leaves_min = min(self.leaves_min, float(worst[d]))
+            else:
+                open_.append(d)
+        return _Bounded(batch, lb, worst, open_)
+
+    def attack(self, b: _Bounded) -> Optional[BabResult]:
+        """The sub-domain attack from each open sub-domain's bound minimiser."""
+        if not b.open_ or self.attacker is None:
+            return None
+        cx, cm = self.attacker(self.model, b.result.minimizer[b.open_], self.label, self.lo, self.hi)
+        if float(cm.min()) < 0:
+            i = int(cm.argmin())
+            return self.result("falsified", float(cm[i]), cx[i].detach(), note="sub-domain attack")
+        return None
+
+    def choose(self, b: _Bounded) -> Dict[int, Optional[Split]]:
+        """The brancher's split per open sub-domain above ``max_depth`` splits (absent: a leaf)."""
+        deep = [d for d in b.open_ if len(b.domains[d].splits) < self.max_depth]
+        if not deep:
+            return {}
+        ctx = BranchContext(self.model, self.lo, self.hi, self.y, self.root_bounds, b.result, b.domains)
+        return dict(zip(deep, self.brancher.choose(ctx, deep)))
+
+    def leaf(self, b: _Bounded, d: int) -> Optional[BabResult]:
+        """Exact MILP on sub-domain ``d`` with HiGHS given what is left of the time limit."""
+        pre = [(l[d], u[d]) for l, u in b.result.intermediate]
+        res = _leaf_milp(self.model, self.x, self.label, self.lower, self.upper, pre, self.deadline,
+                         self.margin_tol)
+        if res is None:  # split bounds ∩ interval bounds = ∅: no point here
+            return None
+        if res.status != "verified":
+            return self.result(res.status, res.margin, res.counterexample, res.note)
+        self.leaves_min = min(self.leaves_min, float(res.margin))
+        return None
+
+    def branch(self, b: _Bounded, d: int, split: Split) -> None:
+        """Push both children of sub-domain ``d``, carrying its α while the memory budget allows."""
+        alpha = None
+        if self.warm_alpha and b.result.alpha is not None and self.alpha_held < self.alpha_budget:
+            alpha = [None if a is None else a[d].detach() for a in b.result.alpha]
+            self.alpha_held += _alpha_bytes(alpha)
+        for sign in (+1, -1):
+            self.store.push(_Domain({**b.domains[d].splits, split: sign}, float(b.worst[d]), alpha))
+
+    def run(self, intermediate) -> BabResult:
+        """Root, then batches until the store is empty, a step decides, or the clock runs out (it is
+        read before every step, so the answer comes at most one step after the deadline)."""
+        done = self.root(intermediate)
+        while done is None and len(self.store):
+            done = self.out_of_time()
+            if done is None and self.bounded > self.max_domains:
+                done = self.result("timeout", note="domain limit reached")
+            if done is not None:
+                break
+            b = self.bound(self.store.pop(self.batch_domains))
+            done = self.out_of_time() or self.attack(b) or self.out_of_time()
+            if done is not None:
+                break
+            picks = self.choose(b)
+            for d in b.open_:
+                split = picks.get(d)
+                if split is not None:
+                    self.branch(b, d, split)
+                    continue
+                done = self.leaf(b, d)
+                if done is not None:
+                    break
+        return done if done is not None else self.result("verified", self.leaves_min)
+
 
 def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Tensor, *, timeout: float = 60.0,
                batch_domains: int = 32, max_depth: int = 12, max_domains: int = 20000, alpha_iterations: int = 10,
                intermediate="crown", margin_tol: float = 1e-6, beta: bool = True,
                attack_steps: int = 5, branching: Union[str, Brancher] = "babsr", order: str = "bound",
-               warm_alpha: bool = True, alpha_memory_mb: float = 1024.0) -> BabResult:
+               warm_alpha: bool = True, alpha_memory_mb: float = 1024.0,
+               deadline: Optional[float] = None) -> BabResult:
     """Decide z_y − z_j > 0 for all j ≠ y on the box [lower, upper] (pixel space, (C, H, W)).
 
     "verified" needs every leaf's proven bound > ``margin_tol``. ``beta=False`` drops the
@@ -308,102 +381,63 @@ def bab_verify(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
     ``branching``: "babsr" (coefficient × intercept), "intercept", "fsb", or a :class:`Brancher`.
     ``order``: "bound" (worst lower bound first) or "fifo". ``warm_alpha``: children start their
     α-CROWN from the parent's α; the open domains hold at most ``alpha_memory_mb`` of them (beyond
-    that, children start from CROWN's slopes).
+    that, children start from CROWN's slopes). ``deadline``: an absolute ``time.monotonic()`` time
+    that ends the search earlier than ``timeout`` seconds from now; every α/β iteration, batch, attack
+    and MILP leaf stops at it (docs/verify_onnx.md).
     """
-    brancher = make_brancher(branching)
-    attack = SubdomainAttack(steps=max(attack_steps, 0)) if attack_steps >= 0 else None
-    from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
-
-    start = time.perf_counter()
-    elapsed = lambda: time.perf_counter() - start
-    lo, hi = lower.unsqueeze(0), upper.unsqueeze(0)
-    y = torch.tensor([label], device=x.device)
-    alpha_budget, alpha_held = alpha_memory_mb * 2 ** 20, 0.0
+    end = time.monotonic() + float(timeout)
+    search = _Search(model, x, label, lower, upper, end if deadline is None else min(end, deadline),
+                     batch_domains=batch_domains, max_depth=max_depth, max_domains=max_domains,
+                     alpha_iterations=alpha_iterations, margin_tol=margin_tol, beta=beta, attack_steps=attack_steps,
+                     brancher=make_brancher(branching), order=order, warm_alpha=warm_alpha,
+                     alpha_memory_mb=alpha_memory_mb)
     with eval_mode(model):
-        root = crown_bounds(model, lo, hi, y, intermediate=intermediate, return_intermediate=True)
-        root_bounds = [(l.detach(), u.detach()) for l, u in root.intermediate]
-        if float(root.lower.min()) > margin_tol:
-            return BabResult("verified", float(root.lower.min()), None, elapsed(), 1)
-        store = DomainStore(order)
-        store.push(_Domain({}, float(root.lower.min())))
-        leaves_min = float("inf")
-        bounded = 1
-        while len(store):
-            if elapsed() > timeout:
-                return BabResult("timeout", None, None, elapsed(), bounded, note=f"{len(store)} domains open")
-            if bounded > max_domains:
-                return BabResult("timeout", None, None, elapsed(), bounded, note="domain limit reached")
-            batch = store.pop(batch_domains)
-            overrides = _domain_bounds(root_bounds, batch)
-            n = len(batch)
-            init = _alpha_init(batch, overrides) if warm_alpha else None
-            for dom in batch:
-                alpha_held -= _alpha_bytes(dom.alpha) / 2
-                dom.alpha = None
-            signs = _split_signs(root_bounds, batch) if beta else None
-            lb = alpha_crown_bounds(model, lo.expand(n, *lo.shape[1:]), hi.expand(n, *hi.shape[1:]), y.expand(n),
-                                    iterations=alpha_iterations, intermediate_overrides=overrides, alpha_init=init,
-                                    return_intermediate=True, deadline=start + timeout, split_signs=signs)
-            del init
-            bounded += n
-            worst = lb.lower.min(1).values
-            empty = lb.infeasible if lb.infeasible is not None else torch.zeros(n, dtype=torch.bool)
-            open_ = [d for d in range(n) if float(worst[d]) <= margin_tol and not bool(empty[d])]
-            if open_ and attack is not None:
-                cx, cm = attack(model, lb.minimizer[open_], label, lo, hi)
-                if float(cm.min()) < 0:
-                    i = int(cm.argmin())
-                    return BabResult("falsified", float(cm[i]), cx[i].detach(), elapsed(), bounded,
-                                     note="sub-domain attack")
-            for d in range(n):
-                if not bool(empty[d]) and float(worst[d]) > margin_tol:
-                    leaves_min = min(leaves_min, float(worst[d]))
-            deep = [d for d in open_ if len(batch[d].splits) < max_depth]
-            ctx = BranchContext(model, lo, hi, y, root_bounds, lb, batch)
-            picks = dict(zip(deep, brancher.choose(ctx, deep))) if deep else {}
-            for d in open_:
-                branch = picks.get(d)
-                if branch is None:  # leaf: exact MILP on this sub-domain
-                    res = _leaf_milp(model, x, label, lower, upper, [(l[d], u[d]) for l, u in lb.intermediate],
-                                     timeout - elapsed(), margin_tol)
-                    if res is None:  # split bounds ∩ interval bounds = ∅: no point here
-                        continue
-                    if res.status != "verified":
-                        return BabResult(res.status, res.margin, res.counterexample, elapsed(), bounded,
-                                         note=res.note)
-                    leaves_min = min(leaves_min, float(res.margin))
-                    continue
-                alpha = None
-                if warm_alpha and lb.alpha is not None and alpha_held < alpha_budget:
-                    alpha = [None if a is None else a[d].detach() for a in lb.alpha]
-                    alpha_held += _alpha_bytes(alpha)
-                for sign in (+1, -1):
-                    store.push(_Domain({**batch[d].splits, branch: sign}, float(worst[d]), alpha))
-    return BabResult("verified", leaves_min, None, elapsed(), bounded)
+        return search.run(intermediate)
+
+
+#: a MILP leaf with at least this many unstable neurons runs in a forked child stopped at the deadline
+#: (HiGHS can overrun its own time limit by seconds on large MILPs; below this the fork's 0.1 s dominates)
+FORK_UNSTABLE = 64
 
 
 def _leaf_milp(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Tensor, pre: list,
-               remaining: float, margin_tol: float):
-    """Exact MILP on a leaf sub-domain given its pre-activation bounds ``pre``: a result with status
-    'verified', 'falsified' (margin, counterexample) or 'timeout' (note); None when the sub-domain is empty."""
+               deadline: float, margin_tol: float) -> Optional[BabResult]:
+    """Exact MILP on a leaf sub-domain given its pre-activation bounds ``pre``, HiGHS getting what is left
+    until ``deadline`` (``time.monotonic()``): 'verified' (margin), 'falsified' (margin, counterexample)
+    or 'timeout' (note); None when the sub-domain is empty. A leaf with ``FORK_UNSTABLE`` or more unstable
+    neurons is solved in a forked child, killed if it is still running at the deadline."""
+    from certkd.verification.forked import call_before
     from certkd.verification.milp import EmptyDomainError, milp_verify
 
+    remaining = deadline - time.monotonic()
     if remaining <= 0:
-        return BabResult("timeout", None, None, 0.0, 0)
+        return BabResult("timeout", None, None, 0.0, 0, note="time limit reached before a MILP leaf")
+    solve = lambda: milp_verify(model, x, label, lower=lower, upper=upper, timeout=remaining,
+                                preactivation_bounds=pre, margin_tol=margin_tol)
+    unstable = sum(int(((l < 0) & (u > 0)).sum()) for l, u in pre)
+    on_cpu = x.device.type == "cpu" and all(p.device.type == "cpu" for p in model.parameters())
     try:
-        res = milp_verify(model, x, label, lower=lower, upper=upper, timeout=remaining,
-                          preactivation_bounds=pre, margin_tol=margin_tol)
+        if unstable >= FORK_UNSTABLE and on_cpu:  # a forked child cannot use the parent's CUDA context
+            finished, res = call_before(lambda: _fresh_highs() or solve(), deadline)
+            if not finished:
+                return BabResult("timeout", None, None, remaining, 0, note="time limit reached in a MILP leaf")
+        else:
+            res = solve()
     except EmptyDomainError:
         return None
     if res.status == "falsified":
-        return BabResult("falsified", res.margin, res.counterexample, 0.0, 0)
+        return BabResult("falsified", res.margin, res.counterexample, res.time_s, 0, note=res.note)
     if res.status != "verified":
-        return BabResult("timeout", None, None, 0.0, 0, note=res.note)
-    return res
+        return BabResult("timeout", None, None, res.time_s, 0, note=res.note)
+    return BabResult("verified", res.margin, None, res.time_s, 0)
 
 
-def _alpha_bytes(alpha: Optional[List[Optional[Tensor]]]) -> float:
-    return 0.0 if alpha is None else float(sum(a.numel() * a.element_size() for a in alpha if a is not None))
+def _fresh_highs() -> None:
+    """In a forked child: HiGHS's process-wide thread scheduler is the parent's, whose worker threads
+    were not copied; start a new one."""
+    from certkd.verification.highs import _highspy
+
+    _highspy().Highs.resetGlobalScheduler(True)
 
 
 __all__ = ["BRANCHERS", "BaBSR", "BabResult", "Brancher", "BranchContext", "DomainStore", "FSB", "Intercept",

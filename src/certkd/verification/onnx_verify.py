@@ -185,11 +185,11 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
 
     onnx_source: the ONNX file (path or bytes) whose onnxruntime evaluation confirms counterexamples;
     reference: else the module whose own forward does (default: ``net``). deadline: an absolute
-    ``time.perf_counter()`` time that ends the call earlier (when loading already used part of the
+    ``time.monotonic()`` time that ends the call earlier (when loading already used part of the
     time limit). strict_rounding: see the module docstring. attack_restarts = 0 turns the attack
     (probes and PGD) off, leaving the proof engines alone.
     """
-    start = time.perf_counter()
+    start = time.monotonic()
     deadline = min(start + float(timeout), deadline if deadline is not None else math.inf)
     shape = tuple(int(s) for s in input_shape)
     dtype = network_dtype(net)
@@ -201,7 +201,7 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
     if prop.num_outputs != int(np.prod(out_shape)):
         raise CertkdError(f"the property has {prop.num_outputs} outputs Y; the network has {int(np.prod(out_shape))}")
     done = lambda status, stage="", note="", x=None, y=None, **kw: VerifyResult(
-        status, round(time.perf_counter() - start, 4), stage, x, y, note, **kw)
+        status, round(time.monotonic() - start, 4), stage, x, y, note, **kw)
     check = _Checker(net, prop, shape, dtype, onnx_source, None if onnx_source is not None else (reference or net))
     out_lo, out_hi, in_lo, in_hi = _box(prop, shape, dtype)
     notes: List[str] = []
@@ -238,7 +238,7 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
             res = candidate(x_adv, "attack")
             if res is not None:
                 return res
-    if time.perf_counter() > deadline:
+    if time.monotonic() > deadline:
         return done("timeout", "attack", "; ".join(notes))
 
     # 2. bounds on every conjunct row: row r belongs to disjunct owner[r]
@@ -269,7 +269,7 @@ def verify_network(net: Network, prop: Property, input_shape: Sequence[int], *, 
         used = _refuting_rows(lb > tol, lb, owner, len(prop.matrices))
         if len(used) == len(prop.matrices):
             return unsat(stage, used, lb[used])
-    if time.perf_counter() > deadline:
+    if time.monotonic() > deadline:
         return done("timeout", stage, "; ".join(notes))
 
     # 3. BaB on the open disjuncts, each by its row with the best bound
@@ -330,7 +330,7 @@ def _branch_and_bound(net: Network, rows: np.ndarray, offsets: np.ndarray, shape
     centre = ((in_lo + in_hi) / 2)[0]
     try:
         res = bab_verify(red, centre, 0, out_box[0][0], out_box[1][0],
-                         timeout=max(deadline - time.perf_counter(), 1e-3), margin_tol=margin_tol)
+                         timeout=max(deadline - time.monotonic(), 1e-3), deadline=deadline, margin_tol=margin_tol)
     except Exception as e:
         return "unknown", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
     if res.status == "verified":
@@ -338,7 +338,7 @@ def _branch_and_bound(net: Network, rows: np.ndarray, offsets: np.ndarray, shape
     if res.status == "falsified" and res.counterexample is not None:
         x = res.counterexample.reshape(1, *shape).to(in_lo.dtype)
         return "unknown", res.note, torch.max(torch.min(x, in_hi), in_lo)
-    if time.perf_counter() >= deadline - 1e-3:
+    if time.monotonic() >= deadline - 1e-3:
         return "timeout", res.note, None
     return "unknown", res.note, None  # undecided with time left: a tie within tolerances, a domain limit
 
@@ -359,12 +359,12 @@ def _bounds(net: Network, lo: Tensor, hi: Tensor, rows: np.ndarray, offsets: np.
         best = ibp_spec_lower_bounds(net, lo, hi, C)[0]
     best = finite(best, torch.full_like(best, -np.inf))
     out.append(("ibp", best.numpy().astype(np.float64) - off))
-    if time.perf_counter() > deadline:
+    if time.monotonic() > deadline:
         return out
     lb = crown_bounds(net, lo, hi, C=C.unsqueeze(0))[0]
     best = torch.maximum(best, finite(lb, best))
     out.append(("crown", best.numpy().astype(np.float64) - off))
-    if alpha_iterations > 0 and time.perf_counter() < deadline and float((best.double().numpy() - off).min()) <= enough:
+    if alpha_iterations > 0 and time.monotonic() < deadline and float((best.double().numpy() - off).min()) <= enough:
         lb = alpha_crown_bounds(net, lo, hi, C=C.unsqueeze(0), iterations=alpha_iterations, deadline=deadline)[0]
         lb = lb.detach()
         best = torch.maximum(best, finite(lb, best))

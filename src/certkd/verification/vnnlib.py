@@ -322,7 +322,7 @@ def parse_vnnlib(text: str, where: str = "<vnnlib>", num_inputs: Optional[int] =
     Args:
         num_inputs, num_outputs: the network's sizes, if known: the first declaration of an
             ``X_i``/``Y_j`` beyond them is refused at once, and the counts must match.
-        deadline: a ``time.perf_counter()`` value; past it, :class:`ParseTimeout`.
+        deadline: a ``time.monotonic()`` value; past it, :class:`ParseTimeout`.
     Raises:
         VnnlibError (a CertkdError and a ValueError): ``where:line: reason``, one line.
     """

@@ -3,7 +3,7 @@
 The reader streams: it never holds more than the line being cut into tokens and the form being
 built, so a 30 MB file costs little memory, and a caller can stop at the first form it refuses
 (e.g. a declaration beyond the network's size). Nesting deeper than :data:`MAX_DEPTH` is refused,
-which bounds every recursive walk over a form; a ``deadline`` (a ``time.perf_counter()`` value)
+which bounds every recursive walk over a form; a ``deadline`` (a ``time.monotonic()`` value)
 is checked as it goes and raises :class:`ParseTimeout`.
 """
 from __future__ import annotations
@@ -48,8 +48,8 @@ Node = Union[str, SList]
 
 
 def check_deadline(deadline: Optional[float], where: str) -> None:
-    """Raise :class:`ParseTimeout` if ``deadline`` (``time.perf_counter()`` value) has passed."""
-    if deadline is not None and time.perf_counter() > deadline:
+    """Raise :class:`ParseTimeout` if ``deadline`` (``time.monotonic()`` value) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
         raise ParseTimeout(f"{where}: reading the VNN-LIB property ran past the time limit")
 
 
