@@ -1,5 +1,6 @@
 """One rule class per layer type (see ``docs/adding_a_layer.md``); importing registers them."""
 from certkd.graph.layers.base import Layer, UnsupportedLayerError, register, rule_class
+from certkd.graph.layers.activation import Activation, Relaxation
 from certkd.graph.layers.add import Add, AddModule
 from certkd.graph.layers.avgpool import AvgPool2d
 from certkd.graph.layers.batchnorm import BatchNorm, bn_scale_shift
@@ -12,6 +13,6 @@ from certkd.graph.layers.reshape import Flatten, Reshape
 from certkd.graph.layers.scale_shift import ElementwiseAffine, NormalizeRule, ScaleShift, ScaleShiftModule
 from certkd.graph.layers.transpose import Permute, Transpose
 
-__all__ = ["Add", "AddModule", "AvgPool2d", "BatchNorm", "ConstantPad", "Conv2d", "ElementwiseAffine", "Flatten",
-           "Identity", "Layer", "Linear", "NormalizeRule", "Pad", "Permute", "ReLU", "Reshape", "ScaleShift",
+__all__ = ["Activation", "Add", "AddModule", "AvgPool2d", "BatchNorm", "ConstantPad", "Conv2d", "ElementwiseAffine", "Flatten",
+           "Identity", "Layer", "Linear", "NormalizeRule", "Pad", "Permute", "ReLU", "Relaxation", "Reshape", "ScaleShift",
            "ScaleShiftModule", "Transpose", "UnsupportedLayerError", "bn_scale_shift", "register", "rule_class"]
