@@ -216,7 +216,8 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     (N, S, *alpha_shape) (ReLU: the lower slopes, (N, S, *neuron_shape), in [0, 1]), initialised to
     CROWN's default (or to ``alpha_init``, e.g. the :attr:`CrownResult.alpha` of a parent
     sub-domain, broadcastable to that shape). Adam ascends the sum of the bounds (rows are
-    independent, so this ascends each one), followed by projection onto the rule's sound range. The intermediate bounds are computed once (adaptive slopes) and kept
+    independent, so this ascends each one), followed by projection onto the rule's sound range.
+    The intermediate bounds are computed once (default relaxations) and kept
     fixed. Adam uses β = (0.9, 0.999). The best bound seen for each (sample, row) is kept, so the result is never below
     CROWN with the same intermediate bounds. Gradients are taken w.r.t. α only
     (``torch.autograd.grad``); model parameters are read detached and get no ``.grad``.

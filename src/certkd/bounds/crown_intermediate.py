@@ -1,8 +1,9 @@
 """Intermediate (pre-activation) bounds for CROWN (docs/method.md §10.1): IBP layer by layer, tightened
 by CROWN passes (dense rows, or receptive-field windows for conv layers), with overrides.
 
-See the module notes of :mod:`certkd.bounds.crown` ("Intermediate (pre-activation) bounds" and the cost
-controls) for what is computed; each activation's rule gives its relaxation and its output box; :func:`_intermediate` is the entry point.
+See the module notes of :mod:`certkd.bounds.crown` ("Intermediate (pre-activation) bounds" and
+the cost controls) for what is computed; each activation's rule gives its relaxation and its
+output box; :func:`_intermediate` is the entry point.
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ holds its output. Supported (at batch size 1, every other configuration is refus
   depthwise ``nn.Conv2d`` when dilated) + a per-position divisor correction (``ScaleShift``);
   ``GlobalAveragePool`` -> ``nn.AvgPool2d`` over the whole image;
 * ``BatchNormalization`` (inference) -> eval-mode BatchNorm1d/2d, or an elementwise ``ScaleShift``;
-* ``Relu``, ``LeakyRelu`` (``alpha`` in [0, 1]), ``Sigmoid``, ``Tanh``; ``Identity`` and ``Dropout`` (inference) -> the identity;
+* ``Relu``, ``LeakyRelu`` (``alpha`` in [0, 1]), ``Sigmoid``, ``Tanh``; ``Identity`` and ``Dropout``
+  (inference) -> the identity;
 * ``Flatten`` (any axis), ``Reshape`` (constant shape; the ``shape`` attribute before opset 5)
   -> ``Reshape``; ``Transpose`` -> ``Permute``; ``Pad`` in ``constant`` mode -> ``ConstantPad``;
 * ``Add``/``Sub``/``Mul``/``Div`` with one constant operand (no division by 0) -> ``ScaleShift``;

@@ -30,9 +30,9 @@ Encoding
   the previous layer by an equality, and the rows of the activation rule's ``encode_milp``
   (``docs/adding_a_layer.md``; only piecewise-linear, ``splittable`` rules have one: the MILP
   refuses a network with any other activation in one line). For ReLU: stably inactive (u ≤ 0):
-  no variable, post = 0. Stably active (l ≥ 0): post = z, no binary. Unstable (l < 0 < u): post h ∈ [0, u] and a binary a with the
-  big-M constraints h ≥ z, h ≤ z − l(1 − a), h ≤ u·a, exact for z ∈ [l, u]. Variable bounds and
-  big-M constants are padded by 1e-6 (+1e-7 relative) beyond the sound bounds, because HiGHS's
+  no variable, post = 0. Stably active (l ≥ 0): post = z, no binary. Unstable (l < 0 < u): post
+  h ∈ [0, u] and a binary a with the big-M constraints h ≥ z, h ≤ z − l(1 − a), h ≤ u·a, exact
+  for z ∈ [l, u]. Variable bounds and big-M constants are padded by 1e-6 (+1e-7 relative) beyond the sound bounds, because HiGHS's
   presolve misjudges bounds narrower than its tolerances (e.g. zero-width boxes); padding only
   loosens the relaxation, the MILP optimum is unchanged (see ``_PAD_ABS``).
 * **Property.** The minimum over j is split into K−1 problems ``min z_y − z_j`` (one per class,

@@ -318,5 +318,6 @@ def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndar
                            np.concatenate(b.c_idx) if b.c_idx else np.zeros(0, int))), shape=(b.n_row, b.n_col))
     rows.sum_duplicates()
     return _Encoding(b.n_col, np.concatenate(b.col_lo), np.concatenate(b.col_hi), np.concatenate(b.integ), rows,
-                     np.concatenate(b.r_lo) if b.r_lo else np.zeros(0), np.concatenate(b.r_hi) if b.r_hi else np.zeros(0),
+                     np.concatenate(b.r_lo) if b.r_lo else np.zeros(0),
+                     np.concatenate(b.r_hi) if b.r_hi else np.zeros(0),
                      post, lo.size, n_bin)

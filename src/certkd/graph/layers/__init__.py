@@ -16,6 +16,7 @@ from certkd.graph.layers.tanh import Tanh
 from certkd.graph.layers.scale_shift import ElementwiseAffine, NormalizeRule, ScaleShift, ScaleShiftModule
 from certkd.graph.layers.transpose import Permute, Transpose
 
-__all__ = ["Activation", "Add", "AddModule", "AvgPool2d", "BatchNorm", "ConstantPad", "Conv2d", "ElementwiseAffine", "Flatten",
-           "Identity", "Layer", "LeakyReLU", "Linear", "NormalizeRule", "Pad", "Permute", "ReLU", "Relaxation", "Reshape", "ScaleShift",
-           "ScaleShiftModule", "Sigmoid", "Tanh", "Transpose", "UnsupportedLayerError", "bn_scale_shift", "register", "rule_class"]
+__all__ = ["Activation", "Add", "AddModule", "AvgPool2d", "BatchNorm", "ConstantPad", "Conv2d", "ElementwiseAffine",
+           "Flatten", "Identity", "Layer", "LeakyReLU", "Linear", "NormalizeRule", "Pad", "Permute", "ReLU",
+           "Relaxation", "Reshape", "ScaleShift", "ScaleShiftModule", "Sigmoid", "Tanh", "Transpose", "UnsupportedLayerError",
+           "bn_scale_shift", "register", "rule_class"]

@@ -49,8 +49,9 @@ class LeakyReLU(Activation):
                           alpha_init=lower_slope if bool(unstable.any()) else None)
 
     def encode_milp(self, milp, pre, l, u, lp, up):
-        """Active: the output is z. Inactive: h = a·z. Unstable: h and a binary δ with h ≥ z, h ≥ a·z,
-        h ≤ z − (1−a)·l·(1 − δ), h ≤ a·z + (1−a)·u·δ (δ = 1: h = z ≥ 0; δ = 0: h = a·z, z ≤ 0)."""
+        """Active: the output is z. Inactive: h = a·z. Unstable: h and a binary δ with h ≥ z,
+        h ≥ a·z, h ≤ z − (1−a)·l·(1 − δ), h ≤ a·z + (1−a)·u·δ (δ = 1: h = z ≥ 0; δ = 0: h = a·z).
+        """
         a = self.slope
         active = l >= 0
         z = pre(np.ones(l.size, bool))
@@ -76,7 +77,7 @@ class LeakyReLU(Activation):
             milp.add_rows(np.concatenate([q, q]), np.concatenate([h, zu]), np.concatenate([one, -a * one]),
                           np.zeros(m), inf)                                                   # h − a·z ≥ 0
             milp.add_rows(np.concatenate([q, q, q]), np.concatenate([h, zu, d]),
-                          np.concatenate([one, -one, -(1 - a) * lu]), -inf, -(1 - a) * lu)   # h ≤ z − (1−a)l(1−δ)
+                          np.concatenate([one, -one, -(1 - a) * lu]), -inf, -(1 - a) * lu)  # h ≤ z−(1−a)l(1−δ)
             milp.add_rows(np.concatenate([q, q, q]), np.concatenate([h, zu, d]),
-                          np.concatenate([one, -a * one, -(1 - a) * uu]), -inf, np.zeros(m))  # h ≤ a·z + (1−a)u·δ
+                          np.concatenate([one, -a * one, -(1 - a) * uu]), -inf, np.zeros(m))  # h ≤ az + (1−a)uδ
         return post, int(uns.size)

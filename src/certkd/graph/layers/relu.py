@@ -71,7 +71,7 @@ class ReLU(Activation):
             milp.add_rows(np.concatenate([q, q]), np.concatenate([h, zu]), np.concatenate([one, -one]),
                           np.zeros(uns.size), np.full(uns.size, np.inf))                      # h − z ≥ 0
             milp.add_rows(np.concatenate([q, q, q]), np.concatenate([h, zu, a]), np.concatenate([one, -one, -lu]),
-                          np.full(uns.size, -np.inf), -lu)                                    # h − z − l·a ≤ −l
+                          np.full(uns.size, -np.inf), -lu)                                   # h − z − l·a ≤ −l
             milp.add_rows(np.concatenate([q, q]), np.concatenate([h, a]), np.concatenate([one, -uu]),
                           np.full(uns.size, -np.inf), np.zeros(uns.size))                     # h − u·a ≤ 0
         return post, int(uns.size)
