@@ -3,9 +3,10 @@
 For every case whose nodes are all operators certkd imports, each input other than the first is
 turned into an initializer. A case certkd accepts must compute ONNX's expected outputs (in the
 model's dtype, tight tolerance); a case it refuses must raise a one-line ``CertkdError`` naming the
-operator (or the input's element type). Counts with onnx 1.23.2 (:data:`COUNTS`): of 137 cases,
-84 accepted, all matching (ONNX's expected outputs at the case's tolerance, ONNX's reference
-evaluator at rtol 1e-5 / 1e-12 in float32 / float64), and 53 refused in one line: 31 integer or
+operator (or the input's element type). Counts with onnx 1.23.2 (:data:`COUNTS`): of 144 cases,
+91 accepted (7 LeakyRelu, Sigmoid and Tanh cases since issue #22), all matching (ONNX's expected
+outputs at the case's tolerance, ONNX's reference evaluator at rtol 1e-5 / 1e-12 in float32 /
+float64), and 53 refused in one line: 31 integer or
 non-tensor inputs, 8 graphs with 2-3 outputs (masks, training statistics) or no input, 6 3-D
 AveragePools, 4 batched MatMuls (a constant operand of rank 3-4) and one with a scalar result,
 2 training-mode Dropouts, 1 Reshape with allowzero to an empty tensor. Before issue #19: 23
@@ -24,9 +25,10 @@ onnx = pytest.importorskip("onnx")
 from certkd.errors import CertkdError  # noqa: E402
 from certkd.graph import from_onnx  # noqa: E402
 
-COUNTS = {"1.23.2": (84, 53)}  # onnx version: (accepted, refused)
+COUNTS = {"1.23.2": (91, 53)}  # onnx version: (accepted, refused)
 OPS = {"Add", "AveragePool", "BatchNormalization", "Constant", "Conv", "Div", "Dropout", "Flatten", "Gemm",
-       "Identity", "MatMul", "Mul", "Relu", "Reshape", "Sub", "GlobalAveragePool", "Pad", "Transpose"}
+       "Identity", "LeakyRelu", "MatMul", "Mul", "Relu", "Reshape", "Sigmoid", "Sub", "Tanh", "GlobalAveragePool", "Pad",
+       "Transpose"}
 
 
 def _cases():

@@ -1,7 +1,8 @@
 """α/β optimisation of α-CROWN and β-CROWN (docs/method.md §10.2).
 
 :func:`optimise_bound` runs the projected Adam ascent of the final CROWN bound over the lower
-ReLU slopes α ∈ [0, 1] and, with split constraints, the multipliers β ≥ 0 (see
+activation parameters α (each rule's :class:`~certkd.graph.layers.Relaxation` gives their sound
+range, e.g. ReLU's lower slope in [0, 1]) and, with split constraints, the multipliers β ≥ 0 (see
 :func:`certkd.bounds.crown.alpha_crown_bounds` for what is optimised and why it stays sound);
 the intermediate bounds and their relaxations are fixed by the caller.
 """
@@ -15,34 +16,36 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from certkd.bounds.crown_backward import _backward, _concretize, _Plan, _Relaxation
+from certkd.bounds.crown_backward import _backward, _concretize, _Plan
+from certkd.graph.layers import Relaxation
 
 
-def initial_alphas(relax: Sequence[_Relaxation], alpha_init: Optional[Sequence[Optional[Tensor]]], n: int, s: int,
+def initial_alphas(relax: Sequence[Relaxation], alpha_init: Optional[Sequence[Optional[Tensor]]], n: int, s: int,
                    like: Tensor) -> List[Optional[Tensor]]:
-    """Per ReLU layer the α leaf (N, S, *neuron_shape) to optimise, or None without unstable neurons.
+    """Per activation layer the α leaf (N, S, *alpha_shape) to optimise, or None without any.
 
-    Initialised to the CROWN adaptive slopes, or to ``alpha_init[k]`` (broadcastable), in [0, 1].
+    Initialised to the relaxation's default (CROWN's), or to ``alpha_init[k]`` (broadcastable),
+    projected into the sound range.
     """
     alphas: List[Optional[Tensor]] = []
     for k, rel in enumerate(relax):
-        if not bool(rel.unstable.any()):
+        if rel.alpha_init is None:
             alphas.append(None)
             continue
-        full = (n, s) + tuple(rel.lower_slope.shape[1:])
-        init = rel.lower_slope.unsqueeze(1) if alpha_init is None or alpha_init[k] is None else alpha_init[k]
-        alphas.append(init.detach().to(like).expand(full).clamp(0.0, 1.0).clone().requires_grad_(True))
+        full = (n, s) + tuple(rel.alpha_init.shape[1:])
+        init = rel.alpha_init.unsqueeze(1) if alpha_init is None or alpha_init[k] is None else alpha_init[k]
+        alphas.append(rel.project(init.detach().to(like).expand(full)).clone().requires_grad_(True))
     return alphas
 
 
-def initial_betas(split_signs: Optional[Sequence[Optional[Tensor]]], relax: Sequence[_Relaxation], n: int, s: int,
+def initial_betas(split_signs: Optional[Sequence[Optional[Tensor]]], relax: Sequence[Relaxation], n: int, s: int,
                   like: Tensor) -> Tuple[Optional[List[Optional[Tensor]]], Optional[List[Optional[Tensor]]]]:
     """β-CROWN multipliers (zeros, (N, S, *neuron_shape)) and split signs (N, *neuron_shape) per
-    ReLU layer, None for layers without a split; (None, None) without ``split_signs``."""
+    activation layer, None for layers without a split; (None, None) without ``split_signs``."""
     if split_signs is None:
         return None, None
     if len(split_signs) != len(relax):
-        raise ValueError(f"split_signs has {len(split_signs)} entries; the model has {len(relax)} ReLU layers")
+        raise ValueError(f"split_signs has {len(split_signs)} entries; the model has {len(relax)} activation layers")
     betas: List[Optional[Tensor]] = []
     signs: List[Optional[Tensor]] = []
     for k, sg in enumerate(split_signs):
@@ -50,7 +53,7 @@ def initial_betas(split_signs: Optional[Sequence[Optional[Tensor]]], relax: Sequ
             betas.append(None)
             signs.append(None)
             continue
-        sg = sg.to(like).expand(n, *relax[k].unstable.shape[1:])
+        sg = sg.to(like).expand(n, *relax[k].loose.shape[1:])
         signs.append(sg)
         betas.append(torch.zeros((n, s) + tuple(sg.shape[1:]), dtype=like.dtype, device=like.device,
                                  requires_grad=True))
@@ -84,19 +87,19 @@ class AdamAscent:
 @dataclass
 class Optimised:
     """Outcome of :func:`optimise_bound`: the best bound (N, S) and the α that gave it; with
-    ``return_intermediate`` also the minimiser and ReLU coefficients of the last iterate."""
+    ``return_intermediate`` also the minimiser and activation coefficients of the last iterate."""
 
     best: Tensor
     best_alpha: List[Optional[Tensor]]
     minimizer: Optional[Tensor] = None
-    relu_coefficients: Optional[List[Tensor]] = None
+    coefficients: Optional[List[Tensor]] = None
 
 
-def optimise_bound(plan: _Plan, A0: Tensor, bias0: Tensor, relax: Sequence[_Relaxation], lower: Tensor,
+def optimise_bound(plan: _Plan, A0: Tensor, bias0: Tensor, relax: Sequence[Relaxation], lower: Tensor,
                    upper: Tensor, alphas: List[Optional[Tensor]], betas: Optional[List[Optional[Tensor]]],
                    signs: Optional[List[Optional[Tensor]]], *, iterations: int, lr: float,
                    deadline: Optional[float], return_intermediate: bool) -> Optimised:
-    """Ascend Σ lb over α (projected onto [0, 1]) and β (onto β ≥ 0), keeping the best bound of each
+    """Ascend Σ lb over α (projected onto its sound range) and β (onto β ≥ 0), keeping the best bound of each
     (sample, row) and its α. Stops after ``iterations`` steps or once past ``deadline``."""
     n, s = A0.shape[:2]
     c_in, r_in = (upper + lower) / 2, (upper - lower) / 2
@@ -107,7 +110,7 @@ def optimise_bound(plan: _Plan, A0: Tensor, bias0: Tensor, relax: Sequence[_Rela
     adam = AdamAscent(params, lr)
     for it in range(iterations + 1):
         with torch.enable_grad():
-            # ReLU coefficients for BaB's branching: only the planned last iterate keeps them
+            # activation coefficients for BaB's branching: only the planned last iterate keeps them
             # (holding every layer's A would raise the peak memory of all the other iterations)
             captured: Optional[Dict[int, Tensor]] = \
                 {} if return_intermediate and (it == iterations or not params) else None
@@ -124,15 +127,15 @@ def optimise_bound(plan: _Plan, A0: Tensor, bias0: Tensor, relax: Sequence[_Rela
                 with torch.no_grad():
                     weakest = (torch.arange(n, device=A.device), lb.detach().argmin(1))
                     out.minimizer = (c_in - A.detach()[weakest].sign() * r_in).clamp(lower, upper)
-                    out.relu_coefficients = None if captured is None else \
+                    out.coefficients = None if captured is None else \
                         [captured[k][weakest] for k in range(len(relax))]
             break
         grads = torch.autograd.grad(lb.sum(), params)  # ascent direction
         adam.step(grads, it)
         with torch.no_grad():
-            for a in alphas:
+            for a, rel in zip(alphas, relax):
                 if a is not None:
-                    a.clamp_(0.0, 1.0)
+                    a.copy_(rel.project(a))
             for b in betas or []:
                 if b is not None:
                     b.clamp_(min=0.0)  # β ≥ 0 keeps the bound sound

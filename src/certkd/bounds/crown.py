@@ -9,40 +9,39 @@ Lower bounds of ``C · f(x)`` over the pixel-space box ``lower <= x <= upper`` f
   pass starts from ``C · W_head`` with bias ``C · b_head``.
 * Each layer of ``features`` has one backward rule mapping the coefficients ``A`` of a linear
   lower bound ``A · y + bias`` on its output ``y`` to coefficients on its input
-  (auto_LiRPA style). Affine layers (Normalize, Conv2d, Linear, eval BatchNorm) are exact;
-  ReLU uses the triangle relaxation: upper = chord ``u/(u−l)·(z−l)``, lower = ``α·z`` with
-  ``α ∈ [0, 1]`` (CROWN: ``α = 1`` if ``u >= |l|`` else 0). Stable neurons (``l >= 0`` or
-  ``u <= 0``) are exactly linear (slope 1) or zero.
+  (auto_LiRPA style). Affine layers (Normalize, Conv2d, Linear, eval BatchNorm) are exact; an
+  activation uses the linear bounds of its rule's ``relax(l, u)`` (``docs/adding_a_layer.md``; ReLU:
+  the triangle, upper = chord ``u/(u−l)·(z−l)``, lower = ``α·z`` with ``α ∈ [0, 1]``).
 * The final linear function of ``x`` is concretised against the box:
   ``lb = A·c − |A|·r + bias`` with centre ``c`` and radius ``r``.
 
-Intermediate (pre-ReLU) bounds
-------------------------------
-Computed layer by layer, ReLU by ReLU. For every ReLU ``k`` the IBP bounds of its input are
-obtained by propagating the (already tightened) box ``[relu(l_{k−1}), relu(u_{k−1})]`` through
-the affine layers in between; with ``intermediate="crown"`` a backward CROWN pass from that
-pre-activation (adaptive slopes) is run for the neurons that IBP leaves unstable, and the two
-are intersected (both are sound). Stable neurons keep their IBP bounds (their relaxation is
-exact anyway). ``intermediate`` may also list the ReLU indices that get a CROWN pass.
+Intermediate (pre-activation) bounds
+------------------------------------
+Computed layer by layer, activation by activation. For every activation ``k`` the IBP bounds of
+its input are obtained by propagating the (already tightened) box ``post_box(l_{k−1}, u_{k−1})``
+through the affine layers in between; with ``intermediate="crown"`` a backward CROWN pass from that
+pre-activation (default relaxations) is run for the neurons whose relaxation is not exact
+(the rule's ``loose``, e.g. ReLU's unstable ones), and the two are intersected (both are sound).
+``intermediate`` may also list the activation indices that get a CROWN pass.
 
 Cost control for wide conv layers:
 * passes are chunked over neurons so that one dense coefficient tensor holds at most
   ``chunk_elements`` numbers (peak memory is a few times ``4 · chunk_elements`` bytes);
-* a conv pre-activation whose layers below are all spatial (Normalize/BN/Conv2d/ReLU) is
+* a conv pre-activation whose layers below are all spatial (Normalize/BN/Conv2d/activations) is
   bounded with receptive-field *windows* (auto_LiRPA's "patches" idea): rows stay windows of
   the size of the neuron's receptive field and are grouped by spatial position (every channel
   of a position that has an unstable neuron is bounded), which makes a full CROWN pass on an
   MNIST CNN7 about 10× cheaper than dense rows;
-* the affine layers between a pre-activation and the ReLU below act identically on the rows
+* the affine layers between a pre-activation and the activation below act identically on the rows
   for the lower and upper bound, so they are applied once before the rows are negated;
-* CROWN is skipped where IBP is already exact (no ReLU below and at most one non-diagonal
+* CROWN is skipped where IBP is already exact (no activation below and at most one non-diagonal
   affine layer, e.g. Normalize→Conv→BN);
 * eval-mode BatchNorm directly after a Conv2d/Linear is folded into it.
 
 Split constraints / fixed bounds (for branch and bound)
 -------------------------------------------------------
-``intermediate_overrides`` maps a ReLU index ``k`` (0-based position among the ``nn.ReLU``
-modules of ``model.features``, the same order as :attr:`CrownResult.intermediate`) to a pair
+``intermediate_overrides`` maps an activation index ``k`` (0-based position among the activation
+nodes of the model's graph, the same order as :attr:`CrownResult.intermediate`) to a pair
 ``(l, u)`` of tensors of shape (N, *neuron_shape) (or broadcastable to it). For an overridden
 layer no CROWN pass is run; its bounds are ``max(l, l_ibp)``, ``min(u, u_ibp)`` where the IBP
 bounds come from the earlier (possibly overridden) layers. To split neuron ``j`` of layer
@@ -54,7 +53,7 @@ Not differentiable w.r.t. model parameters: layer weights are read detached (ver
 α-CROWN differentiates w.r.t. α only).
 
 Shapes: N = batch, S = rows of the specification, K = classes, neuron_shape = per-sample shape
-of a ReLU's input (e.g. (C, H, W) or (m,)).
+of an activation's input (e.g. (C, H, W) or (m,)).
 """
 from __future__ import annotations
 
@@ -68,7 +67,7 @@ from torch import Tensor, nn
 
 from certkd.bounds.alpha import initial_alphas, initial_betas, optimise_bound
 from certkd.bounds.crown_backward import (  # noqa: F401  (private names re-exported for callers/tests)
-    Bounds, _backward, _build_plan, _concretize, _Plan, _Relaxation, _ReLU,
+    Bounds, _ActivationMarker, _backward, _build_plan, _concretize, _Plan,
 )
 from certkd.bounds.crown_intermediate import (  # noqa: F401
     _crown_layer_bounds, _dense_lower, _intermediate, _window_lower,
@@ -85,18 +84,19 @@ class CrownResult:
     """Everything a bound computation produced.
 
     lower: (N, S) lower bounds of C·f(x) over the box.
-    intermediate: per ReLU layer k, (l_k, u_k) each (N, *neuron_shape): the pre-activation
+    intermediate: per activation layer k, (l_k, u_k) each (N, *neuron_shape): the pre-activation
         bounds used for the relaxation (CROWN ∩ IBP, with overrides applied).
-    alpha: α-CROWN only: per ReLU layer, the α (N, S, *neuron_shape) that gave the best bound of
-        each (sample, row); None entries for layers without unstable neurons. None for CROWN.
+    alpha: α-CROWN only: per activation layer, the α (N, S, *alpha_shape) that gave the best bound of
+        each (sample, row); None entries for layers with nothing to optimise. None for CROWN.
     infeasible: (N,) bool, True where some intermediate lower bound exceeds its upper bound
         (only possible with split overrides: the sub-domain is empty).
     minimizer: α-CROWN only: (N, *input_shape) the box vertex minimising the last iterate's linear
         lower bound of each sample's weakest row: a cheap candidate counterexample for BaB.
-    relu_coefficients: α-CROWN only: per ReLU layer (N, *neuron_shape), the last iterate's
-        coefficients of the weakest row on that ReLU's output. A negative coefficient makes the
-        bound pay the triangle intercept −l·u/(u−l) of that neuron: BaB's branching score.
+    coefficients: α-CROWN only: per activation layer (N, *neuron_shape), the last iterate's
+        coefficients of the weakest row on that activation's output. A negative coefficient makes
+        the bound pay the upper line's intercept of that neuron: BaB's branching score.
         None when a deadline stopped the optimisation early (BaB then branches on the intercept).
+    splittable: per activation layer, whether branch and bound may split it (the rule's ``splittable``).
     """
 
     lower: Tensor
@@ -104,8 +104,13 @@ class CrownResult:
     alpha: Optional[List[Optional[Tensor]]] = None
     infeasible: Optional[Tensor] = None
     minimizer: Optional[Tensor] = None
-    relu_coefficients: Optional[List[Tensor]] = None
+    coefficients: Optional[List[Tensor]] = None
+    splittable: Optional[List[bool]] = None
 
+    @property
+    def relu_coefficients(self) -> Optional[List[Tensor]]:
+        """The former name of :attr:`coefficients`."""
+        return self.coefficients
 
 
 _CACHE_ATTR = "_certkd_prepared_plans"
@@ -217,13 +222,14 @@ def crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Optiona
         labels: (N,) true classes: C = C(y) of :func:`~certkd.bounds.spec.specification_matrix`,
             so the result is (N, K−1) bounds of z_y − z_j, j ≠ y in increasing order.
         C: instead of labels, a specification (S, K) or (N, S, K). Neither: bounds of the logits (S = K).
-        intermediate: "crown" (full backward pass per ReLU layer, intersected with IBP), "ibp", or
-            a collection of ReLU indices whose bounds get a CROWN pass (the others use IBP), e.g.
-            ``{n_relu − 1}`` to refine only the (cheap, narrow) last layer on CPU.
-        alpha: optional lower ReLU slopes, one entry per ReLU layer (None = CROWN adaptive), each
-            broadcastable to (N, S, *neuron_shape); clamped to [0, 1]; used only on unstable neurons,
-            only in the final pass (the intermediate bounds always use adaptive slopes).
-        intermediate_overrides: {relu_index: (l, u)} fixed/split pre-activation bounds (see module doc).
+        intermediate: "crown" (full backward pass per activation layer, intersected with IBP), "ibp",
+            or a collection of activation indices whose bounds get a CROWN pass (the others use IBP),
+            e.g. ``{n − 1}`` to refine only the (cheap, narrow) last layer on CPU.
+        alpha: optional α, one entry per activation layer (None = CROWN's default), each
+            broadcastable to (N, S, *alpha_shape) (ReLU: the lower slopes, shape (N, S, *neuron_shape));
+            projected into the rule's sound range; used only in the final pass (the intermediate
+            bounds always use the default relaxations).
+        intermediate_overrides: {activation index: (l, u)} fixed/split pre-activation bounds (see module doc).
         return_intermediate: return a :class:`CrownResult` instead of the bare tensor.
         chunk_size: neurons per intermediate CROWN pass (None: from ``chunk_elements``).
         chunk_elements: cap on entries of one coefficient tensor when chunk_size is None.
@@ -240,7 +246,7 @@ def crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Optiona
     if not return_intermediate:
         return lb
     return CrownResult(lower=lb, intermediate=bounds, alpha=None,
-                       infeasible=_infeasible(bounds, lower.shape[0], lower.device))
+                       infeasible=_infeasible(bounds, lower.shape[0], lower.device), splittable=_splittable(plan))
 
 
 def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Optional[Tensor] = None,
@@ -251,18 +257,19 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
                        chunk_size: Optional[int] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                        deadline: Optional[float] = None,
                        split_signs: Optional[Sequence[Optional[Tensor]]] = None):
-    """α-CROWN: CROWN with the lower ReLU slopes α ∈ [0, 1] optimised for the final bound.
+    """α-CROWN: CROWN with the activations' relaxation parameters α optimised for the final bound.
 
-    α has one entry per (sample, specification row, ReLU neuron): per ReLU layer a tensor
-    (N, S, *neuron_shape), initialised to the CROWN adaptive slopes (or to ``alpha_init``, e.g.
-    the :attr:`CrownResult.alpha` of a parent sub-domain, broadcastable to that shape). Adam
-    ascends the sum of the bounds (rows are independent, so this ascends each one), followed by
-    projection onto [0, 1]. The intermediate bounds are computed once (adaptive slopes) and kept
+    α has entries per (sample, specification row, neuron): per activation layer a tensor
+    (N, S, *alpha_shape) (ReLU: the lower slopes, (N, S, *neuron_shape), in [0, 1]), initialised to
+    CROWN's default (or to ``alpha_init``, e.g. the :attr:`CrownResult.alpha` of a parent
+    sub-domain, broadcastable to that shape). Adam ascends the sum of the bounds (rows are
+    independent, so this ascends each one), followed by projection onto the rule's sound range.
+    The intermediate bounds are computed once (default relaxations) and kept
     fixed. Adam uses β = (0.9, 0.999). The best bound seen for each (sample, row) is kept, so the result is never below
     CROWN with the same intermediate bounds. Gradients are taken w.r.t. α only
     (``torch.autograd.grad``); model parameters are read detached and get no ``.grad``.
 
-    With ``split_signs`` (branch and bound) this is β-CROWN: per ReLU layer k a tensor
+    With ``split_signs`` (branch and bound) this is β-CROWN: per activation layer k a tensor
     (N, *neuron_shape) with +1 / −1 on neurons split active / inactive in that sub-domain and
     0 elsewhere (or None). Each split gets a multiplier β ≥ 0 per (sample, row), initialised
     to 0 and optimised jointly with α (see :func:`_backward`); the bound is sound for every
@@ -272,7 +279,7 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
     Args: as :func:`crown_bounds`; iterations: number of Adam steps (0 gives CROWN); lr: Adam step;
         deadline: a ``time.monotonic()`` value after which no further step is taken (the best
         bound so far is returned, still sound), so callers can honour a timeout;
-        split_signs: β-CROWN split constraints, one entry per ReLU layer (see above).
+        split_signs: β-CROWN split constraints, one entry per activation layer (see above).
     Returns:
         (N, S) lower bounds, or a :class:`CrownResult` (with the best α) if ``return_intermediate``.
     """
@@ -293,14 +300,21 @@ def alpha_crown_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: O
         return out.best
     return CrownResult(lower=out.best, intermediate=bounds, alpha=out.best_alpha,
                        infeasible=_infeasible(bounds, n, lower.device), minimizer=out.minimizer,
-                       relu_coefficients=out.relu_coefficients)
+                       coefficients=out.coefficients, splittable=_splittable(plan))
 
 
-def relu_layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> List[Tuple[int, ...]]:
-    """Per-sample neuron shapes of the ReLU layers of the model's graph (the override keys' order)."""
+def _splittable(plan: _Plan) -> List[bool]:
+    return [bool(plan.nodes[i].rule.splittable) for i in plan.acts]
+
+
+def activation_layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> List[Tuple[int, ...]]:
+    """Per-sample neuron shapes of the activation layers of the model's graph (the override keys' order)."""
     plan = prepared_plan(model, tuple(input_shape))
-    return [plan.shapes[i] for i in plan.relus]
+    return [plan.shapes[i] for i in plan.acts]
 
 
-__all__ = ["CrownResult", "DEFAULT_CHUNK_ELEMENTS", "alpha_crown_bounds", "crown_bounds", "prepared_plan",
+relu_layer_shapes = activation_layer_shapes  # the former name
+
+__all__ = ["CrownResult", "DEFAULT_CHUNK_ELEMENTS", "activation_layer_shapes", "alpha_crown_bounds", "crown_bounds",
+           "prepared_plan",
            "relu_layer_shapes"]

@@ -1,31 +1,32 @@
-"""CROWN's backward pass (docs/method.md §10.1): the plan of a model, the ReLU triangle relaxation,
-the backward propagation of linear bounds to the input, and their concretisation over a box.
+"""CROWN's backward pass (docs/method.md §10.1): the plan of a model, the backward propagation of
+linear bounds to the input through each layer's rule (an activation's through its
+:class:`~certkd.graph.layers.Relaxation`), and their concretisation over a box.
 
 Used by :mod:`certkd.bounds.crown` (final bounds), :mod:`certkd.bounds.crown_intermediate`
 (pre-activation bounds) and :mod:`certkd.bounds.alpha` (α/β optimisation). Shapes: N = batch,
-S = rows of the specification, neuron_shape = per-sample shape of a ReLU's input.
+S = rows of the specification, neuron_shape = per-sample shape of an activation's input.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from certkd.graph.convert import fold_batchnorm, from_module
-from certkd.graph.layers import BatchNorm
+from certkd.graph.layers import BatchNorm, Relaxation
 
 Bounds = Tuple[Tensor, Tensor]
 
 
 # --------------------------------------------------------------------------------------------
-# The plan: the model's graph (certkd.graph) with eval BatchNorm folded; every non-ReLU node's
-# rule class supplies its IBP, backward and window rules. A: (N, S, *out_shape), bias: (N, S).
+# The plan: the model's graph (certkd.graph) with eval BatchNorm folded; every node's rule class
+# supplies its IBP, backward and window rules (an activation: its relaxation). A: (N, S, *out_shape),
+# bias: (N, S).
 # --------------------------------------------------------------------------------------------
 
 class _Plan:
-    """The graph, its node shapes, the ReLU nodes, and where the backward pass starts."""
+    """The graph, its node shapes, the activation nodes, and where the backward pass starts."""
 
     def __init__(self, model: nn.Module, sample_shape: Sequence[int]):
         net = from_module(model)
@@ -35,25 +36,25 @@ class _Plan:
         self.net = fold_batchnorm(net)
         self.nodes = self.net.nodes
         self.shapes = self.net.shapes(tuple(sample_shape))
-        self.relus = self.net.relu_nodes()
-        self.relu_index = {node: k for k, node in enumerate(self.relus)}
+        self.acts = self.net.activation_nodes()
+        self.act_index = {node: k for k, node in enumerate(self.acts)}
 
     def in_shapes(self, i: int) -> List[Tuple[int, ...]]:
         return [self.shapes[j] for j in self.nodes[i].inputs]
 
-    # a sequence view for callers of the former flat plan: item i is node i + 1 (ReLUs as _ReLU)
+    # a sequence view for callers of the former flat plan: item i is node i + 1 (activations as markers)
     def __len__(self) -> int:
         return len(self.nodes) - 1
 
     def __getitem__(self, i: int):
         node = i + 1
-        if self.nodes[node].rule.is_relu:
-            return _ReLU(self.relu_index[node], self.shapes[node])
+        if node in self.act_index:
+            return _ActivationMarker(self.act_index[node], self.shapes[node])
         return self.nodes[node].rule
 
 
-class _ReLU:
-    """ReLU marker of the sequence view of a :class:`_Plan` (index k, neuron shape)."""
+class _ActivationMarker:
+    """Activation marker of the sequence view of a :class:`_Plan` (index k, neuron shape)."""
 
     def __init__(self, index: int, shape: Sequence[int]):
         self.index, self.shape = index, tuple(shape)
@@ -65,50 +66,10 @@ def _build_plan(features: nn.Module, sample_shape, dtype=None, device=None) -> _
 
 
 # --------------------------------------------------------------------------------------------
-# ReLU relaxation
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class _Relaxation:
-    """Triangle relaxation of one ReLU layer; all tensors (N, *neuron_shape).
-
-    lower_slope: 1 (active), 0 (inactive), CROWN adaptive slope (unstable).
-    upper_slope / upper_bias: 1/0 (active), 0/0 (inactive), chord (unstable).
-    unstable: bool mask l < 0 < u.
-    """
-
-    lower_slope: Tensor
-    upper_slope: Tensor
-    upper_bias: Tensor
-    unstable: Tensor
-
-    @classmethod
-    def from_bounds(cls, l: Tensor, u: Tensor) -> "_Relaxation":
-        active = l >= 0
-        unstable = (l < 0) & (u > 0)
-        width = torch.where(unstable, u - l, torch.ones_like(u))
-        chord = u / width
-        upper_slope = torch.where(unstable, chord, active.to(l.dtype))
-        upper_bias = torch.where(unstable, -l * chord, torch.zeros_like(l))
-        adaptive = (u >= -l).to(l.dtype)
-        lower_slope = torch.where(unstable, adaptive, active.to(l.dtype))
-        return cls(lower_slope, upper_slope, upper_bias, unstable)
-
-    def backward(self, A: Tensor, bias: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """A (N, S, *shape) on the ReLU output -> A on its input (lower bound direction)."""
-        if alpha is None:
-            lo = self.lower_slope.unsqueeze(1)
-        else:
-            lo = torch.where(self.unstable.unsqueeze(1), alpha.clamp(0.0, 1.0), self.lower_slope.unsqueeze(1))
-        bias = bias + torch.einsum("nsd,nd->ns", A.clamp(max=0).flatten(2), self.upper_bias.flatten(1))
-        return A * torch.where(A >= 0, lo, self.upper_slope.unsqueeze(1)), bias
-
-
-# --------------------------------------------------------------------------------------------
 # Core passes
 # --------------------------------------------------------------------------------------------
 
-def _backward(plan: _Plan, start: int, A: Tensor, bias: Tensor, relax: Sequence["_Relaxation"],
+def _backward(plan: _Plan, start: int, A: Tensor, bias: Tensor, relax: Sequence[Relaxation],
               alpha: Optional[Sequence[Optional[Tensor]]] = None,
               beta: Optional[Sequence[Optional[Tensor]]] = None,
               split_signs: Optional[Sequence[Optional[Tensor]]] = None,
@@ -118,8 +79,8 @@ def _backward(plan: _Plan, start: int, A: Tensor, bias: Tensor, relax: Sequence[
     Nodes are visited in reverse topological order; a node read by several others (the fork of a
     residual block) sums the coefficients coming from each of them before its own rule runs.
 
-    ``capture``: if given, receives for every ReLU index the coefficients A (N, S, *shape) on
-    that ReLU's *output* (the dual variables a branching heuristic scores neurons with).
+    ``capture``: if given, receives for every activation index the coefficients A (N, S, *shape) on
+    that activation's *output* (the dual variables a branching heuristic scores neurons with).
 
     β-CROWN split multipliers: a neuron split with sign s (+1 active: z ≥ 0, −1 inactive: z ≤ 0)
     satisfies s·z ≥ 0 on its sub-domain, so f ≥ f − β·s·z there for any β ≥ 0; the term −β·s
@@ -133,8 +94,8 @@ def _backward(plan: _Plan, start: int, A: Tensor, bias: Tensor, relax: Sequence[
         if A is None:
             continue
         node = plan.nodes[i]
-        if node.rule.is_relu:
-            k = plan.relu_index[i]
+        k = plan.act_index.get(i)
+        if k is not None:
             if capture is not None:
                 capture[k] = A.detach()
             a = None if alpha is None else alpha[k]

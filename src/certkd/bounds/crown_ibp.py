@@ -4,8 +4,7 @@ One IBP pass gives every pre-activation box and the IBP bound of the logit diffe
 CROWN backward pass from the specification C(y) (the final Linear merged into it) over those
 IBP pre-activation bounds gives the CROWN-IBP bound. The backward pass is the verifier's own:
 :func:`certkd.bounds.crown_backward._backward` with the layer rules of ``certkd/graph/layers``
-and the ReLU triangle relaxation :class:`~certkd.bounds.crown_backward._Relaxation` (adaptive
-lower slope), run under :func:`certkd.graph.layers.base.live_parameters` so that the weights
+and each activation rule's own ``relax`` (for ReLU the triangle with the adaptive lower slope), run under :func:`certkd.graph.layers.base.live_parameters` so that the weights
 keep their gradient. Only BatchNorm is treated here: in train mode it is the affine map of
 the batch statistics the IBP pass used (those of ``point``, docs/method.md §2.2), in eval mode
 that of the running statistics, with the live scale and shift either way; it is not folded.
@@ -21,7 +20,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from certkd.bounds.crown_backward import _backward, _concretize, _Plan, _Relaxation
+from certkd.bounds.crown_backward import _backward, _concretize, _Plan
 from certkd.bounds.ibp import IntervalBounds, ibp_logit_difference_bounds
 from certkd.bounds.spec import specification_matrix
 from certkd.graph.convert import from_module
@@ -118,9 +117,10 @@ def crown_ibp_bounds(model: nn.Module, lower: Tensor, upper: Tensor, labels: Ten
     if type(last.rule) is not Linear:
         raise TypeError("crown_ibp_bounds needs a network whose last layer is a Linear")
     plan = _Plan(net, lower.shape[1:])  # no BatchNorm node is left, so nothing is folded or refused
-    if len(fb.preactivations) != len(plan.relus):
-        raise ValueError(f"the IBP pass saw {len(fb.preactivations)} ReLUs, the graph has {len(plan.relus)}")
-    relax = [_Relaxation.from_bounds(c - r, c + r) for c, r in fb.preactivations]
+    if len(fb.preactivations) != len(plan.acts):
+        raise ValueError(f"the IBP pass saw {len(fb.preactivations)} activations, the graph has {len(plan.acts)}")
+    # each activation's own rule relaxes it (docs/adding_a_layer.md), as in verification
+    relax = [plan.nodes[i].rule.relax(c - r, c + r) for i, (c, r) in zip(plan.acts, fb.preactivations)]
     head = last.rule.module
     C = specification_matrix(labels, head.out_features).to(lower.dtype)  # (N, K−1, K)
     A0 = C @ head.weight

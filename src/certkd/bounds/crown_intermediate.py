@@ -1,8 +1,9 @@
-"""Intermediate (pre-ReLU) bounds for CROWN (docs/method.md §10.1): IBP layer by layer, tightened
+"""Intermediate (pre-activation) bounds for CROWN (docs/method.md §10.1): IBP layer by layer, tightened
 by CROWN passes (dense rows, or receptive-field windows for conv layers), with overrides.
 
-See the module notes of :mod:`certkd.bounds.crown` ("Intermediate (pre-ReLU) bounds" and the cost
-controls) for what is computed; :func:`_intermediate` is the entry point.
+See the module notes of :mod:`certkd.bounds.crown` ("Intermediate (pre-activation) bounds" and
+the cost controls) for what is computed; each activation's rule gives its relaxation and its
+output box; :func:`_intermediate` is the entry point.
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from certkd.bounds.crown_backward import Bounds, _backward, _concretize, _Plan, _Relaxation
+from certkd.bounds.crown_backward import Bounds, _backward, _concretize, _Plan
+from certkd.graph.layers import Relaxation
 from certkd.graph.windows import Window, win_gather, win_to_dense
 
 
 # --------------------------------------------------------------------------------------------
 # Windowed ("patches") backward pass for intermediate bounds of conv layers (certkd.graph.windows):
-# each node's rule class acts on the windows; ReLU/the input box are read at the window. When a
+# each node's rule class acts on the windows; relaxations/the input box are read at the window. When a
 # window covers the whole layer, or a node has no window rule (or several inputs), the windows
 # are scattered into a dense tensor and the pass continues densely.
 # --------------------------------------------------------------------------------------------
@@ -28,7 +30,7 @@ def _window_lower(plan: _Plan, src: int, shape, positions, n, relax, c_in, r_in)
     the output of node ``src`` (shape (C, H, W)), by receptive-field windows.
 
     Rows are grouped by position (A is (N, P, G, C, py, px) with G rows per position), so the
-    per-position values that ReLU/BN/the input box contribute are read once per position.
+    per-position values that relaxations/BN/the input box contribute are read once per position.
     Returns lower and upper bounds, each (N, C0, P).
     """
     dtype, device = c_in.dtype, c_in.device
@@ -40,21 +42,17 @@ def _window_lower(plan: _Plan, src: int, shape, positions, n, relax, c_in, r_in)
     doubled, j = False, src
     while j > 0:
         node = plan.nodes[j]
-        if node.rule.is_relu and not doubled:
+        k = plan.act_index.get(j)
+        if k is not None and not doubled:
             # Affine layers so far act identically on the rows for the lower (+z) and upper (−z)
-            # bound: propagate +z alone up to the first ReLU, then negate.
+            # bound: propagate +z alone up to the first activation, then negate.
             win = Window(torch.cat([win.A, -win.A], 2), torch.cat([win.bias, -win.bias], 2), win.oy, win.ox)
             doubled = True
         in_shape = plan.shapes[node.inputs[0]]
         if len(node.inputs) != 1 or len(in_shape) != 3 or win.A.shape[-2] >= size[0] or win.A.shape[-1] >= size[1]:
             break  # a window covering the whole layer: continue densely
-        if node.rule.is_relu:
-            rel = relax[plan.relu_index[j]]
-            py, px = win.A.shape[-2:]
-            lo, up, ub = (win_gather(t, win.oy, win.ox, py, px) for t in (rel.lower_slope, rel.upper_slope,
-                                                                          rel.upper_bias))
-            bias = win.bias + torch.einsum("npgd,npd->npg", win.A.clamp(max=0).flatten(3), ub.flatten(3).squeeze(2))
-            win = Window(win.A * torch.where(win.A >= 0, lo, up), bias, win.oy, win.ox)
+        if k is not None:
+            win = relax[k].window(win)
         else:
             new = node.rule.window(win, in_shape, plan.shapes[j])
             if new is None:
@@ -85,7 +83,7 @@ def _dense_lower(plan: _Plan, src: int, shape, sel, n, relax, c_in, r_in) -> Tup
     A[:, torch.arange(k, device=device), sel] = 1.0
     A, bias = A.reshape(n, k, *shape), torch.zeros(n, k, dtype=dtype, device=device)
     first = src  # shared affine prefix for the +z and −z rows (see _window_lower)
-    while first > 0 and not plan.nodes[first].rule.is_relu and len(plan.nodes[first].inputs) == 1:
+    while first > 0 and first not in plan.act_index and len(plan.nodes[first].inputs) == 1:
         (A,), bias = plan.nodes[first].rule.backward(A, bias, plan.in_shapes(first), plan.shapes[first])
         first = plan.nodes[first].inputs[0]
     A, bias = torch.cat([A, -A], 1), torch.cat([bias, -bias], 1)
@@ -95,14 +93,15 @@ def _dense_lower(plan: _Plan, src: int, shape, sel, n, relax, c_in, r_in) -> Tup
 
 
 def _crown_layer_bounds(plan: _Plan, src: int, shape, l, u, relax, c_in, r_in, chunk_size, chunk_elements,
-                        windows=True):
-    """Tighten (l, u) (N, *shape) of the output of node ``src`` by CROWN, unstable neurons only.
+                        windows=True, loose=None):
+    """Tighten (l, u) (N, *shape) of the output of node ``src`` by CROWN, on the neurons ``loose``
+    (bool (N, *shape): where the activation's relaxation is not exact; None: every neuron with l < u).
 
     Conv layers use receptive-field windows and bound all channels at each spatial position that
-    has an unstable neuron; other layers use dense rows.
+    has a loose neuron; other layers use dense rows.
     """
     n = l.shape[0]
-    unstable = (l < 0) & (u > 0)
+    unstable = l < u if loose is None else loose
     if not bool(unstable.any()):
         return l, u
     if chunk_size is None:  # sized for dense rows (windows are smaller)
@@ -132,29 +131,32 @@ def _crown_layer_bounds(plan: _Plan, src: int, shape, l, u, relax, c_in, r_in, c
 
 
 def _intermediate(plan: _Plan, lower, upper, method, overrides, chunk_size, chunk_elements, windows=True):
-    """Pre-activation bounds of every ReLU (list of (l, u)) and their relaxations."""
-    n_relu = len(plan.relus)
+    """Pre-activation bounds of every activation (list of (l, u)) and their relaxations."""
+    n_act = len(plan.acts)
     if isinstance(method, str):
         if method not in ("crown", "ibp"):
-            raise ValueError(f"intermediate must be 'crown', 'ibp' or a collection of ReLU indices, got {method!r}")
-        crown_layers = set(range(n_relu)) if method == "crown" else set()
+            raise ValueError(f"intermediate must be 'crown', 'ibp' or a collection of activation indices, got "
+                             f"{method!r}")
+        crown_layers = set(range(n_act)) if method == "crown" else set()
     else:
         crown_layers = {int(k) for k in method}
-        if any(not 0 <= k < n_relu for k in crown_layers):
-            raise ValueError(f"intermediate ReLU indices {sorted(crown_layers)} out of range for {n_relu} ReLU layers")
+        if any(not 0 <= k < n_act for k in crown_layers):
+            raise ValueError(f"intermediate activation indices {sorted(crown_layers)} out of range for {n_act} "
+                             "activation layers")
     overrides = dict(overrides or {})
-    bad = [k for k in overrides if not 0 <= int(k) < n_relu]
+    bad = [k for k in overrides if not 0 <= int(k) < n_act]
     if bad:
-        raise ValueError(f"intermediate_overrides has ReLU indices {bad}; the model has {n_relu} ReLU layers")
+        raise ValueError(f"intermediate_overrides has activation indices {bad}; the model has {n_act} activation "
+                         "layers")
     c_in, r_in = (upper + lower) / 2, (upper - lower) / 2
     vals: Dict[int, Bounds] = {0: (c_in, r_in)}
     bounds: List[Bounds] = []
-    relax: List[_Relaxation] = []
-    seen_relu, general = False, 0
-    last = plan.relus[-1] if plan.relus else 0
+    relax: List[Relaxation] = []
+    seen_act, general = False, 0
+    last = plan.acts[-1] if plan.acts else 0
     for i in range(1, last + 1):
         node = plan.nodes[i]
-        if not node.rule.is_relu:
+        if i not in plan.act_index:
             general += 0 if node.rule.diagonal else 1
             if len(node.inputs) == 1:
                 c, r, _ = node.rule.interval(*vals[node.inputs[0]])
@@ -163,19 +165,19 @@ def _intermediate(plan: _Plan, lower, upper, method, overrides, chunk_size, chun
                 c, r, _ = node.rule.interval(tuple(v[0] for v in ins), tuple(v[1] for v in ins))
             vals[i] = (c, r)
             continue
-        k, src = plan.relu_index[i], node.inputs[0]
+        k, src, rule = plan.act_index[i], node.inputs[0], node.rule
         c, r = vals[src]
         l, u = c - r, c + r
         if k in overrides:
             ol, ou = overrides[k]
             l = torch.maximum(l, ol.to(l))
             u = torch.minimum(u, ou.to(u))
-        elif k in crown_layers and (seen_relu or general > 1):
+        elif k in crown_layers and (seen_act or general > 1):
             l, u = _crown_layer_bounds(plan, src, plan.shapes[src], l, u, relax, c_in, r_in, chunk_size,
-                                       chunk_elements, windows)
+                                       chunk_elements, windows, rule.loose(l, u))
         bounds.append((l, u))
-        relax.append(_Relaxation.from_bounds(l, u))
-        seen_relu = True
-        lo, hi = l.clamp(min=0), u.clamp(min=0)
+        relax.append(rule.relax(l, u))
+        seen_act = True
+        lo, hi = rule.post_box(l, u)
         vals[i] = ((hi + lo) / 2, (hi - lo) / 2)
     return bounds, relax

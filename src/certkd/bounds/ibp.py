@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from certkd.bounds.spec import drop_label_column
 from certkd.graph.convert import CUSTOM_INTERVAL, from_module
-from certkd.graph.layers import BatchNorm, Conv2d, Linear
+from certkd.graph.layers import Activation, BatchNorm, Conv2d, Linear
 from certkd.graph.network import Network
 
 
@@ -44,7 +44,7 @@ class IntervalBounds:
     """Result of an IBP pass through a sequence of layers.
 
     lower, upper: (N, *) bounds of the output (the features h for ``model.features``).
-    preactivations: (center, radius) of the input box of every ReLU, in order; used by the
+    preactivations: (center, radius) of the input box of every activation, in order; used by the
         warm-up regularisers.
     point_output: output at ``point`` (N, *) when a point was carried through the pass.
     """
@@ -95,7 +95,7 @@ def walk_intervals(net: Network, c: Tensor, r: Tensor, p: Optional[Tensor] = Non
     """Propagate (centre, radius, point) through nodes 1..stop of ``net`` (default: the output).
 
     Each node applies its rule class's ``interval``; a Conv2d whose only consumer is a
-    BatchNorm2d is propagated as one fused affine map (the speed note above). ReLU inputs are
+    BatchNorm2d is propagated as one fused affine map (the speed note above). Activation inputs are
     appended to ``pre``. Returns the (c, r, p) of node ``stop``.
     """
     stop = net.output if stop is None else stop
@@ -118,7 +118,7 @@ def walk_intervals(net: Network, c: Tensor, r: Tensor, p: Optional[Tensor] = Non
                 last[node.inputs[0]] = max(last[node.inputs[0]], nxt[0])
                 continue
             c, r, p = vals[node.inputs[0]]
-            if rule.is_relu and pre is not None:
+            if isinstance(rule, Activation) and pre is not None:
                 pre.append((c, r))
             c, r, p = rule.interval(c, r, p)
         else:

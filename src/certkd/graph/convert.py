@@ -2,7 +2,7 @@
 
 Handled: certkd's ``CertifiableNet`` (features then head), ``nn.Sequential`` (nested too),
 :class:`~certkd.models.layers.Residual`, every module with a rule class, and other modules
-through ``torch.fx`` symbolic tracing (residual ``+``, ``torch.relu``, ``torch.flatten``).
+through ``torch.fx`` symbolic tracing (residual ``+``, ``torch.relu``/``sigmoid``/``tanh``, ``torch.flatten``).
 Anything else raises :class:`~certkd.graph.layers.UnsupportedLayerError` naming the node.
 """
 from __future__ import annotations
@@ -131,8 +131,8 @@ class _Builder:
                     and len(args) == 2 and len(node.args) == 2:
                 where[node.name] = self.add(here, make_rule(AddModule(), here),
                                             (where[args[0].name], where[args[1].name]))
-            elif node.target in (torch.relu, torch.nn.functional.relu, "relu") and len(args) == 1:
-                where[node.name] = self.add(here, make_rule(nn.ReLU(), here), (where[args[0].name],))
+            elif node.target in _FUNCTIONAL and len(args) == 1:
+                where[node.name] = self.add(here, make_rule(_FUNCTIONAL[node.target](), here), (where[args[0].name],))
             elif node.target in (torch.flatten, "flatten") and len(args) == 1:
                 start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
                 end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -148,6 +148,11 @@ class _Builder:
             raise UnsupportedLayerError(f"module {type(m).__name__} at node '{name}' must return one tensor")
         return out
 
+
+#: activations called as functions in a traced module -> their module
+_FUNCTIONAL = {f: m for fs, m in (((torch.relu, torch.nn.functional.relu, "relu"), nn.ReLU),
+                                  ((torch.sigmoid, torch.nn.functional.sigmoid, "sigmoid"), nn.Sigmoid),
+                                  ((torch.tanh, torch.nn.functional.tanh, "tanh"), nn.Tanh)) for f in fs}
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Network]]" = weakref.WeakKeyDictionary()
 

@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from certkd.graph.layers.activation import Activation
 from certkd.graph.layers.base import Layer, Shape
 
 
@@ -55,9 +56,9 @@ class Network(nn.Module):
     def output(self) -> int:
         return len(self.nodes) - 1
 
-    def relu_nodes(self) -> List[int]:
-        """Indices of the ReLU nodes, in order (the "ReLU index" k of the engines)."""
-        return [i for i, n in enumerate(self.nodes) if n.rule.is_relu]
+    def activation_nodes(self) -> List[int]:
+        """Indices of the activation nodes, in order (the "activation index" k of the engines)."""
+        return [i for i, n in enumerate(self.nodes) if isinstance(n.rule, Activation)]
 
     def consumers(self) -> List[List[int]]:
         out: List[List[int]] = [[] for _ in self.nodes]

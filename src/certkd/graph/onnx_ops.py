@@ -13,7 +13,8 @@ holds its output. Supported (at batch size 1, every other configuration is refus
   depthwise ``nn.Conv2d`` when dilated) + a per-position divisor correction (``ScaleShift``);
   ``GlobalAveragePool`` -> ``nn.AvgPool2d`` over the whole image;
 * ``BatchNormalization`` (inference) -> eval-mode BatchNorm1d/2d, or an elementwise ``ScaleShift``;
-* ``Relu``; ``Identity`` and ``Dropout`` (inference) -> the identity;
+* ``Relu``, ``LeakyRelu`` (``alpha`` in [0, 1]), ``Sigmoid``, ``Tanh``; ``Identity`` and ``Dropout``
+  (inference) -> the identity;
 * ``Flatten`` (any axis), ``Reshape`` (constant shape; the ``shape`` attribute before opset 5)
   -> ``Reshape``; ``Transpose`` -> ``Permute``; ``Pad`` in ``constant`` mode -> ``ConstantPad``;
 * ``Add``/``Sub``/``Mul``/``Div`` with one constant operand (no division by 0) -> ``ScaleShift``;
@@ -294,9 +295,21 @@ def batchnormalization(imp, node, name, ins):
     return _scale_shift(imp, name, scale.reshape(view), (b - mean * scale).reshape(view), src, "batchnorm")
 
 
-@_op("Relu")
-def relu(imp, node, name, ins):
-    return imp.add(name, nn.ReLU(), (imp.src(ins[0], "Relu", name),))
+_ACTIVATIONS = {"Relu": nn.ReLU, "Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh}
+
+
+@_op(*_ACTIVATIONS)
+def activation(imp, node, name, ins):
+    op = node.op_type
+    return imp.add(name, _ACTIVATIONS[op](), (imp.src(ins[0], op, name),))
+
+
+@_op("LeakyRelu")
+def leaky_relu(imp, node, name, ins):
+    slope = float(imp.attrs(node).get("alpha", 0.01))
+    if not 0.0 <= slope <= 1.0:
+        raise unsupported("LeakyRelu", name, f"alpha={slope} (only slopes in [0, 1])")
+    return imp.add(name, nn.LeakyReLU(slope), (imp.src(ins[0], "LeakyRelu", name),))
 
 
 @_op("Identity", "Dropout")

@@ -91,9 +91,12 @@ class Brancher:
 
     def _masked_scores(self, ctx: BranchContext) -> List[Tensor]:
         out = []
+        splittable = getattr(ctx.result, "splittable", None)
         for k, s in enumerate(self.scores(ctx)):
             l, u = (t.reshape(t.shape[0], -1) for t in ctx.result.intermediate[k])
             s = torch.where((l < 0) & (u > 0), s, torch.zeros_like(s))
+            if splittable is not None and not splittable[k]:  # the rule may not be split (no MILP leaf either)
+                s = torch.zeros_like(s)
             for d, dom in enumerate(ctx.domains):
                 for (layer, j) in dom.splits:
                     if layer == k:

@@ -6,11 +6,11 @@ returns a counterexample; on small networks it is the referee for the incomplete
 Encoding
 --------
 * **Affine maps** (from the model's graph, :mod:`certkd.graph`; each layer's rule class gives
-  its sparse matrix, and a map may read any earlier ReLU layer, which is how residual
-  connections are encoded). Between two ReLUs, the layers (Normalize, Conv2d, eval-mode BatchNorm,
+  its sparse matrix, and a map may read any earlier activation layer, which is how residual
+  connections are encoded). Between two activations, the layers (Normalize, Conv2d, eval-mode BatchNorm,
   Flatten, Linear, Identity/Dropout) are composed into one sparse affine map ``v ↦ M v + b`` in
   float64 on C-order flattened vectors (a Conv2d becomes its sparse matrix, built by index
-  arithmetic; BatchNorm and Normalize are diagonal). Everything after the last ReLU, the head
+  arithmetic; BatchNorm and Normalize are diagonal). Everything after the last activation, the head
   included, is composed into the map to the logits. A float64 forward through these maps is
   compared with the PyTorch forward before solving: a wrong encoding raises, it cannot answer.
 * **Intermediate bounds** (the big-M constants), layer by layer:
@@ -20,17 +20,19 @@ Encoding
      :mod:`certkd.bounds.ibp`, up to rounding), widened by a relative 1e-9 plus 1e-8;
   2. intersected with optional caller-supplied bounds (e.g. CROWN, in float32), first widened by a
      relative 1e-6 against float32 rounding;
-  3. with ``tighten="lp"`` (the default), each neuron still unstable in the second or a later ReLU
+  3. with ``tighten="lp"`` (the default), each neuron still unstable in the second or a later activation
      layer is bounded by LP over the relaxation of the layers before it (Tjeng et al.'s
      progressive LP tightening; the second LP of a neuron is skipped once the first shows it
      stable). Each LP bound is made rigorous with the Neumaier–Shcherbina dual bound (see
      :class:`_LpRelaxation`), so solver tolerances cannot make it too tight.
   The post-activation box of each layer feeds the interval bounds of the next.
-* **Variables.** Inputs in the pixel box; per ReLU neuron a pre-activation variable z tied to the
-  previous layer by an equality. Stably inactive (u ≤ 0): no variable, post = 0. Stably active
-  (l ≥ 0): post = z, no binary. Unstable (l < 0 < u): post h ∈ [0, u] and a binary a with the
-  big-M constraints h ≥ z, h ≤ z − l(1 − a), h ≤ u·a, exact for z ∈ [l, u]. Variable bounds and
-  big-M constants are padded by 1e-6 (+1e-7 relative) beyond the sound bounds, because HiGHS's
+* **Variables.** Inputs in the pixel box; per activation neuron a pre-activation variable z tied to
+  the previous layer by an equality, and the rows of the activation rule's ``encode_milp``
+  (``docs/adding_a_layer.md``; only piecewise-linear, ``splittable`` rules have one: the MILP
+  refuses a network with any other activation in one line). For ReLU: stably inactive (u ≤ 0):
+  no variable, post = 0. Stably active (l ≥ 0): post = z, no binary. Unstable (l < 0 < u): post
+  h ∈ [0, u] and a binary a with the big-M constraints h ≥ z, h ≤ z − l(1 − a), h ≤ u·a, exact
+  for z ∈ [l, u]. Variable bounds and big-M constants are padded by 1e-6 (+1e-7 relative) beyond the sound bounds, because HiGHS's
   presolve misjudges bounds narrower than its tolerances (e.g. zero-width boxes); padding only
   loosens the relaxation, the MILP optimum is unchanged (see ``_PAD_ABS``).
 * **Property.** The minimum over j is split into K−1 problems ``min z_y − z_j`` (one per class,
@@ -49,7 +51,7 @@ Encoding
 Soundness rules
 ---------------
 * ``"verified"`` only when, for every class, the float64 interval bound, the rigorous LP bound or
-  HiGHS's MIP dual bound (``mip_dual_bound``; an LP optimum when no ReLU is unstable) exceeds
+  HiGHS's MIP dual bound (``mip_dual_bound``; an LP optimum when no neuron is unstable) exceeds
   ``margin_tol`` (default 1e-6): a safety margin for the MILP solver's feasibility/optimality
   tolerances (1e-7 primal/dual, 1e-6 integrality) and for the float32 arithmetic of the real
   network. Larger networks may warrant a larger ``margin_tol``. As a last guard, a proven margin
@@ -98,7 +100,7 @@ class MilpResult:
         or None when the bounds were found inconsistent (see ``note``).
     counterexample: pixel-space input (C, H, W), float32, inside the box, when falsified.
     time_s: wall time of the whole call. nodes: branch-and-bound nodes over all solves.
-    note: why the point is undecided, or other remarks. num_binaries: unstable ReLUs encoded.
+    note: why the point is undecided, or other remarks. num_binaries: binaries of the encoding (unstable neurons).
     """
 
     status: str
@@ -165,8 +167,8 @@ def milp_verify(model: nn.Module, x: Tensor, label: int, eps: Optional[float] = 
         eps: radius of the box ``linf_box(x, eps)`` (clipped to [0, 1]); or give ``lower``/``upper``.
         timeout: wall-clock budget in seconds for the whole call (HiGHS ``time_limit`` is set to
             what is left before each solve).
-        preactivation_bounds: optional list, one (lower, upper) pair per ReLU in ``model.features``,
-            of bounds on that ReLU's input (any shape with the layer's number of elements);
+        preactivation_bounds: optional list, one (lower, upper) pair per activation layer of the model,
+            of bounds on that layer's input (any shape with the layer's number of elements);
             intersected with the float64 interval bounds. Bounds valid on a sub-domain only (a
             branch-and-bound split) make the answer one about that sub-domain: "verified" then
             means no counterexample whose pre-activations satisfy them (a counterexample is
@@ -331,7 +333,7 @@ def _inside(blocks: Sequence[_Affine], bounds: list, point: Tensor) -> bool:
         z = blk.apply(v)
         if np.any(z < l - _PAD_ABS - _PAD_REL * np.abs(l)) or np.any(z > u + _PAD_ABS + _PAD_REL * np.abs(u)):
             return False
-        v = np.concatenate([v, np.maximum(z, 0.0)])
+        v = np.concatenate([v, blk.rule.evaluate(z)])
     return True
 
 
@@ -339,7 +341,7 @@ def _check_encoding(model: nn.Module, blocks: Sequence[_Affine], head: _Affine, 
     """Compare a float64 forward through the composed maps with the PyTorch forward."""
     v = point.double().reshape(-1).numpy()
     for blk in blocks:
-        v = np.concatenate([v, np.maximum(blk.apply(v), 0.0)])
+        v = np.concatenate([v, blk.rule.evaluate(blk.apply(v))])
     z = head.apply(v)
     ref = _forward(model, point).double().numpy()
     if not np.allclose(z, ref, rtol=1e-3, atol=1e-3):
@@ -401,7 +403,7 @@ def _solve_class(highspy, enc: _Encoding, cost: np.ndarray, offset: float, model
     if found["counterexample"] is None and has_sol and primal < 0:
         check(h.getSolution().col_value)
     dual = info.mip_dual_bound
-    if not enc.integer.any():  # pure LP (no unstable ReLU): only an optimum bounds the objective
+    if not enc.integer.any():  # pure LP (no unstable neuron): only an optimum bounds the objective
         dual = info.objective_function_value if status == highspy.HighsModelStatus.kOptimal else -math.inf
     if status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
         raise EmptyDomainError("the MILP is infeasible: the preactivation_bounds do not intersect the set "

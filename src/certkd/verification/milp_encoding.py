@@ -1,9 +1,10 @@
 """The MILP encoding of a network (Tjeng et al., ICLR 2019; docs/method.md §10.3).
 
 The network as composed sparse affine maps, the float64 interval bounds of the pre-activations,
-their progressive LP tightening with rigorous (Neumaier–Shcherbina) LP bounds, and the big-M
-MILP assembly. See the module notes of :mod:`certkd.verification.milp` ("Encoding") for the
-construction and the soundness argument; :func:`certkd.verification.milp.milp_verify` uses it.
+their progressive LP tightening with rigorous (Neumaier–Shcherbina) LP bounds, and the MILP
+assembly (each activation's rows from its rule's ``encode_milp``; ReLU: big-M). See the module
+notes of :mod:`certkd.verification.milp` ("Encoding") for the construction and the soundness
+argument; :func:`certkd.verification.milp.milp_verify` uses it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import scipy.sparse as sp
 from torch import Tensor, nn
 
 from certkd.graph.convert import from_module
+from certkd.graph.layers import Activation
 from certkd.verification.highs import _highs_lp, _highspy, _run_highs
 
 
@@ -33,10 +35,12 @@ class EmptyDomainError(ValueError):
 
 @dataclass
 class _Affine:
-    """v ↦ matrix @ v + bias on C-order flattened vectors (float64)."""
+    """v ↦ matrix @ v + bias on C-order flattened vectors (float64); ``rule``: the activation this
+    pre-activation map feeds (None for the map to the logits)."""
 
     matrix: sp.csr_matrix
     bias: np.ndarray
+    rule: Optional[Activation] = None
 
     def then(self, other: "_Affine") -> "_Affine":
         """other ∘ self."""
@@ -51,10 +55,10 @@ def _identity(n: int) -> _Affine:
 
 
 def _network_maps(model: nn.Module, in_shape: Tuple[int, ...]) -> Tuple[List[_Affine], _Affine]:
-    """Affine maps to each ReLU's pre-activation, and the map to the logits, from the model's graph.
+    """Affine maps to each activation's pre-activation, and the map to the logits, from the model's graph.
 
     Every map acts on the concatenation of the *sources* ``[x, h_0, …, h_{k−1}]`` (the input and
-    the post-activations of the earlier ReLU layers), so residual connections, which read an
+    the post-activations of the earlier activation layers), so residual connections, which read an
     older source, need nothing special; in a chain network only the last source has non-zeros.
     Each node's rule class supplies its sparse float64 matrices (``Layer.affine``), composed here.
     """
@@ -74,8 +78,12 @@ def _network_maps(model: nn.Module, in_shape: Tuple[int, ...]) -> Tuple[List[_Af
 
     consumers = net.consumers()
     for i, node in enumerate(net.nodes[1:], 1):
-        if node.rule.is_relu:
+        if isinstance(node.rule, Activation):
+            if not node.rule.splittable:
+                raise node.rule.unsupported("the MILP (no exact encoding: it is not piecewise linear); "
+                                            "use the bound engines, which answer unknown where they cannot decide")
             blocks.append(stacked(reps[node.inputs[0]]))
+            blocks[-1].rule = node.rule
             n = int(np.prod(shapes[i]))
             sizes.append(n)
             reps[i] = ({len(sizes) - 1: _identity(n).matrix}, np.zeros(n))
@@ -117,12 +125,13 @@ def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndar
     are then bounded by LP over the relaxation of the layers before (see :func:`_lp_tighten`).
     """
     if extra is not None and len(extra) != len(blocks):
-        raise ValueError(f"preactivation_bounds has {len(extra)} entries, the model has {len(blocks)} ReLUs")
+        raise ValueError(f"preactivation_bounds has {len(extra)} entries, the model has {len(blocks)} activation "
+                         "layers")
     bounds: list = []
     plo, phi = lo, hi
     for k, blk in enumerate(blocks):
         z_point = blk.apply(point)
-        point = np.concatenate([point, np.maximum(z_point, 0.0)])
+        point = np.concatenate([point, blk.rule.evaluate(z_point)])
         l, u = _interval(blk, plo, phi)
         if extra is not None:
             el = extra[k][0].detach().double().cpu().reshape(-1).numpy()
@@ -137,7 +146,8 @@ def _preactivation_bounds(blocks: Sequence[_Affine], lo: np.ndarray, hi: np.ndar
         if tighten == "lp" and k >= 1 and time.perf_counter() < deadline:
             l, u = _lp_tighten(blocks[:k], bounds, blk, l, u, lo, hi, deadline, threads, z_point)
         bounds.append((l, u))
-        plo, phi = np.concatenate([plo, np.maximum(l, 0.0)]), np.concatenate([phi, np.maximum(u, 0.0)])
+        post_lo, post_hi = blk.rule.post_box(l, u)
+        plo, phi = np.concatenate([plo, post_lo]), np.concatenate([phi, post_hi])
     return bounds, plo, phi
 
 
@@ -191,14 +201,14 @@ class _LpRelaxation:
 def _lp_tighten(prefix: Sequence[_Affine], prefix_bounds: list, blk: _Affine, l: np.ndarray, u: np.ndarray,
                 lo: np.ndarray, hi: np.ndarray, deadline: float, threads: int,
                 guess: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Tighten the unstable neurons of ``blk`` by LP over the big-M relaxation of the layers before.
+    """Tighten the loose neurons of ``blk`` (its rule's ``loose``) by LP over the relaxation of the
+    MILP of the layers before.
 
-    The side that can show the neuron stable goes first, guessed from the sign of its value at the
-    input (``guess``). Once a neuron is stable its other bound no longer matters to the encoding
-    (no variable when inactive; post = z when active), only to the interval bounds of later
-    layers, so its LP is skipped.
+    The side that can make the neuron exact (for a kink at 0: stable) goes first, guessed from the
+    sign of its value at the input (``guess``). Once exact, its other bound no longer matters to the
+    encoding, only to the interval bounds of later layers, so its LP is skipped.
     """
-    unstable = np.flatnonzero((l < 0) & (u > 0))
+    unstable = np.flatnonzero(blk.rule.loose(l, u))
     if unstable.size == 0:
         return l, u
     relax = _LpRelaxation(_encode(prefix, prefix_bounds, lo, hi), threads)
@@ -216,7 +226,7 @@ def _lp_tighten(prefix: Sequence[_Affine], prefix_bounds: list, blk: _Affine, l:
                 l[i] = max(l[i], relax.lower_bound(cols, vals, deadline) + blk.bias[i])
             else:
                 u[i] = min(u[i], -relax.lower_bound(cols, -vals, deadline) + blk.bias[i])
-            if l[i] >= 0 or u[i] <= 0:
+            if not blk.rule.loose(l[i], u[i]):
                 break
     return l, u
 
@@ -244,76 +254,70 @@ class _Encoding:
 _PAD_ABS, _PAD_REL = 1e-6, 1e-7
 
 
-def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndarray) -> _Encoding:
-    """MILP of the network on the box [lo, hi]; neurons are classified by the (sound) ``bounds``."""
-    col_lo: List[np.ndarray] = [lo]
-    col_hi: List[np.ndarray] = [hi]
-    integ: List[np.ndarray] = [np.zeros(lo.size, bool)]
-    n_col = lo.size
-    post = np.arange(lo.size)  # columns holding the sources [x, h_0, ...] (−1: constant 0)
-    r_idx, c_idx, vals, r_lo, r_hi = [], [], [], [], []
-    n_row = 0
-    n_bin = 0
+class _Builder:
+    """Columns (variables) and sparse rows of an encoding, appended in order."""
 
-    def add_cols(lower, upper, is_int):
-        nonlocal n_col
-        idx = np.arange(n_col, n_col + lower.size)
-        col_lo.append(np.asarray(lower, float))
-        col_hi.append(np.asarray(upper, float))
-        integ.append(np.full(lower.size, is_int))
-        n_col += lower.size
+    def __init__(self, lo: np.ndarray, hi: np.ndarray):
+        self.col_lo: List[np.ndarray] = [lo]
+        self.col_hi: List[np.ndarray] = [hi]
+        self.integ: List[np.ndarray] = [np.zeros(lo.size, bool)]
+        self.n_col, self.n_row = lo.size, 0
+        self.r_idx: list = []
+        self.c_idx: list = []
+        self.vals: list = []
+        self.r_lo: list = []
+        self.r_hi: list = []
+
+    def add_cols(self, lower, upper, is_int: bool) -> np.ndarray:
+        """New columns in [lower, upper] (integer or not): their indices."""
+        idx = np.arange(self.n_col, self.n_col + lower.size)
+        self.col_lo.append(np.asarray(lower, float))
+        self.col_hi.append(np.asarray(upper, float))
+        self.integ.append(np.full(lower.size, is_int))
+        self.n_col += lower.size
         return idx
 
-    def add_rows(rr, cc, vv, lower, upper):
-        nonlocal n_row
-        r_idx.append(np.asarray(rr) + n_row)
-        c_idx.append(np.asarray(cc))
-        vals.append(np.asarray(vv, float))
-        r_lo.append(np.asarray(lower, float))
-        r_hi.append(np.asarray(upper, float))
-        n_row += len(lower)
+    def add_rows(self, rr, cc, vv, lower, upper) -> None:
+        """Rows lower ≤ Σ vv·v[cc] ≤ upper; rr numbers the new rows from 0 (one entry per coefficient)."""
+        self.r_idx.append(np.asarray(rr) + self.n_row)
+        self.c_idx.append(np.asarray(cc))
+        self.vals.append(np.asarray(vv, float))
+        self.r_lo.append(np.asarray(lower, float))
+        self.r_hi.append(np.asarray(upper, float))
+        self.n_row += len(lower)
 
+
+def _encode(blocks: Sequence[_Affine], bounds: list, lo: np.ndarray, hi: np.ndarray) -> _Encoding:
+    """MILP of the network on the box [lo, hi]; neurons are classified by the (sound) ``bounds``."""
+    b = _Builder(lo, hi)
+    post = np.arange(lo.size)  # columns holding the sources [x, h_0, ...] (−1: constant 0)
+    n_bin = 0
     for blk, (l, u) in zip(blocks, bounds):
         n = l.size
-        inactive, active = u <= 0, l >= 0
-        unstable = ~inactive & ~active
-        l, u = l - _PAD_ABS - _PAD_REL * np.abs(l), u + _PAD_ABS + _PAD_REL * np.abs(u)
-        live = np.flatnonzero(~inactive)
+        lp, up = l - _PAD_ABS - _PAD_REL * np.abs(l), u + _PAD_ABS + _PAD_REL * np.abs(u)
         alive_prev = post >= 0
-        z = np.full(n, -1)
-        z[live] = add_cols(l[live], u[live], False)
-        # z_i − Σ_j M_ij post_j = b_i for every neuron with a variable.
-        m = blk.matrix[live][:, np.flatnonzero(alive_prev)].tocoo()
         prev_cols = post[alive_prev]
-        k = live.size
-        add_rows(np.concatenate([np.arange(k), m.row]), np.concatenate([z[live], prev_cols[m.col]]),
-                 np.concatenate([np.ones(k), -m.data]), blk.bias[live], blk.bias[live])
-        new_post = np.full(n, -1)
-        new_post[active] = z[active]
-        uns = np.flatnonzero(unstable)
-        if uns.size:
-            lu, uu, zu = l[uns], u[uns], z[uns]
-            h = add_cols(np.zeros(uns.size), uu, False)
-            a = add_cols(np.zeros(uns.size), np.ones(uns.size), True)
-            new_post[uns] = h
-            q = np.arange(uns.size)
-            one = np.ones(uns.size)
-            # h − z ≥ 0
-            add_rows(np.concatenate([q, q]), np.concatenate([h, zu]), np.concatenate([one, -one]),
-                     np.zeros(uns.size), np.full(uns.size, np.inf))
-            # h − z − l·a ≤ −l   (a = 0 ⇒ h ≤ z − l, i.e. no constraint; a = 1 ⇒ h ≤ z)
-            add_rows(np.concatenate([q, q, q]), np.concatenate([h, zu, a]), np.concatenate([one, -one, -lu]),
-                     np.full(uns.size, -np.inf), -lu)
-            # h − u·a ≤ 0
-            add_rows(np.concatenate([q, q]), np.concatenate([h, a]), np.concatenate([one, -uu]),
-                     np.full(uns.size, -np.inf), np.zeros(uns.size))
-            n_bin += uns.size
+
+        def pre(mask: np.ndarray, blk=blk, lp=lp, up=up, alive_prev=alive_prev, prev_cols=prev_cols) -> np.ndarray:
+            # z_i − Σ_j M_ij post_j = b_i for every neuron with a variable.
+            live = np.flatnonzero(mask)
+            z = np.full(n, -1)
+            z[live] = b.add_cols(lp[live], up[live], False)
+            m = blk.matrix[live][:, np.flatnonzero(alive_prev)].tocoo()
+            k = live.size
+            b.add_rows(np.concatenate([np.arange(k), m.row]), np.concatenate([z[live], prev_cols[m.col]]),
+                       np.concatenate([np.ones(k), -m.data]), blk.bias[live], blk.bias[live])
+            return z
+
+        new_post, binaries = blk.rule.encode_milp(b, pre, l, u, lp, up)
+        n_bin += binaries
         post = np.concatenate([post, new_post])
 
-    rows = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0),
-                          (np.concatenate(r_idx) if r_idx else np.zeros(0, int),
-                           np.concatenate(c_idx) if c_idx else np.zeros(0, int))), shape=(n_row, n_col))
+    rows = sp.csr_matrix((np.concatenate(b.vals) if b.vals else np.zeros(0),
+                          (np.concatenate(b.r_idx) if b.r_idx else np.zeros(0, int),
+                           np.concatenate(b.c_idx) if b.c_idx else np.zeros(0, int))), shape=(b.n_row, b.n_col))
     rows.sum_duplicates()
-    return _Encoding(n_col, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ), rows,
-                     np.concatenate(r_lo) if r_lo else np.zeros(0), np.concatenate(r_hi) if r_hi else np.zeros(0),
+    return _Encoding(b.n_col, np.concatenate(b.col_lo), np.concatenate(b.col_hi), np.concatenate(b.integ), rows,
+                     np.concatenate(b.r_lo) if b.r_lo else np.zeros(0),
+                     np.concatenate(b.r_hi) if b.r_hi else np.zeros(0),
                      post, lo.size, n_bin)

@@ -105,9 +105,10 @@ def _intermediate(model: nn.Module, cfg: VerifyConfig):
     """
     if cfg.crown_intermediate != "auto":
         return cfg.crown_intermediate
-    n_relu = sum(isinstance(m, nn.ReLU) for m in model.features)
+    from certkd.graph.convert import from_module
+
     n_params = sum(p.numel() for p in model.parameters())
-    return "crown" if n_params < 2_000_000 else {n_relu - 1}
+    return "crown" if n_params < 2_000_000 else {len(from_module(model).activation_nodes()) - 1}
 
 
 def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, index: int = 0) -> Dict[str, Any]:

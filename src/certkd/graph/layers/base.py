@@ -13,6 +13,9 @@ See ``docs/adding_a_layer.md``. Conventions (shapes are per sample, without the 
 * ``affine(in_shapes, out_shape)``: the layer as float64 sparse matrices on C-order flattened
   vectors, one per input, plus a bias: what the MILP composes.
 * ``forward(*xs)``: what the network computes, and what ONNX export traces.
+
+Activations (the non-affine layers) derive from ``layers/activation.py``'s ``Activation`` instead,
+whose relaxation, post-activation box and MILP rows replace ``backward``/``affine``.
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ class Layer:
     module_types: Tuple[Type[nn.Module], ...] = ()
     arity = 1
     diagonal = False  # elementwise (IBP through it composed with one general affine map is exact)
-    is_relu = False
+    #: branch and bound may split it at 0 and the MILP encodes it exactly (``layers/activation.py``)
+    splittable = False
     #: an activation computed without rounding and this Lipschitz (rounding errors of its input pass
     #: through scaled by it; ``bounds/rounding.py``); None: no such guarantee
     exact_lipschitz: Optional[float] = None
