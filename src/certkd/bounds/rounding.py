@@ -38,7 +38,38 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 TINY = {torch.float32: 2.0 ** -126, torch.float64: 2.0 ** -1022}
 _EXTRA_OPS = 2
 
-_AFFINE: "weakref.WeakKeyDictionary[Network, Dict[Tuple[int, ...], list]]" = weakref.WeakKeyDictionary()
+
+
+class _Prepared:
+    """What a network's bounds reuse across boxes: a float64 CPU copy (also the snapshot of its weights)
+    and the affine parts per input shape."""
+
+    def __init__(self, net: Network):
+        self.net64 = copy.deepcopy(net).double().cpu()
+        self.parts: Dict[Tuple[int, ...], list] = {}
+
+    def fresh(self, net: Network) -> bool:
+        """Whether ``net``'s weights and buffers still equal the copy's (float32 → float64 is exact)."""
+        now, then = net.state_dict(), self.net64.state_dict()
+        if now.keys() != then.keys():
+            return False
+        for k, t in now.items():
+            t = t.detach().cpu()
+            t = t.double() if t.is_floating_point() else t
+            if t.shape != then[k].shape or not torch.equal(t, then[k]):
+                return False
+        return True
+
+
+# per network, until its weights change: a run's many boxes pay the sparse matrices once
+_PREPARED: "weakref.WeakKeyDictionary[Network, _Prepared]" = weakref.WeakKeyDictionary()
+
+
+def _prepared(net: Network) -> _Prepared:
+    prep = _PREPARED.get(net)
+    if prep is None or not prep.fresh(net):
+        prep = _PREPARED[net] = _Prepared(net)
+    return prep
 
 
 def _gamma(k: np.ndarray, u: float) -> np.ndarray:
@@ -46,9 +77,9 @@ def _gamma(k: np.ndarray, u: float) -> np.ndarray:
     return np.where(ku < 0.5, ku / np.maximum(1.0 - ku, 0.5), np.inf)
 
 
-def _affine_parts(net: Network, input_shape: Tuple[int, ...]) -> list:
+def _affine_parts(prep: _Prepared, input_shape: Tuple[int, ...]) -> list:
     """Per node: None (input or non-affine), or (|M_i| per input, |b|, terms per row, exact-copy rows)."""
-    cache = _AFFINE.setdefault(net, {})
+    cache, net = prep.parts, prep.net64
     if input_shape in cache:
         return cache[input_shape]
     shapes = net.shapes(input_shape)
@@ -75,11 +106,12 @@ def _affine_parts(net: Network, input_shape: Tuple[int, ...]) -> list:
     return parts
 
 
-def _magnitudes(net: Network, lower: Tensor, upper: Tensor) -> List[np.ndarray]:
-    """max(|l|, |u|) of every node's output over the box, from IBP in float64, flattened (per sample)."""
-    net64 = copy.deepcopy(net).double()
-    c = ((upper + lower) / 2).double().unsqueeze(0)
-    r = ((upper - lower) / 2).double().unsqueeze(0)
+def _magnitudes(net64: Network, lower: Tensor, upper: Tensor) -> List[np.ndarray]:
+    """max(|l|, |u|) of every node's output over the box, from IBP in float64, flattened (per sample).
+    ``net64``: the float64 CPU copy."""
+    lower, upper = lower.detach().cpu().double(), upper.detach().cpu().double()
+    c = ((upper + lower) / 2).unsqueeze(0)
+    r = ((upper - lower) / 2).unsqueeze(0)
     vals: List[Tuple[Tensor, Tensor]] = [(c, r)]
     with torch.no_grad():
         for node in net64.nodes[1:]:
@@ -109,18 +141,18 @@ def rounding_error_bound(net: Network, lower: Tensor, upper: Tensor, dtype: torc
                                                                        lower.shape[0] == 1 else lower.shape)
     lower, upper = lower.reshape(shape), upper.reshape(shape)
     u, tiny = UNIT_ROUNDOFF[dtype], TINY[dtype]
-    parts = _affine_parts(net, shape)
-    mags = _magnitudes(net, lower, upper)
+    prep = _prepared(net)
+    parts = _affine_parts(prep, shape)
+    mags = _magnitudes(prep.net64, lower, upper)
     errs: List[np.ndarray] = [np.zeros(int(np.prod(shape)) if shape else 1)]
     for i, node in enumerate(net.nodes[1:], 1):
         part = parts[i]
         if part is not None:
             absm, bias, terms, copies = part
-            size = np.zeros(len(bias))
-            prop = np.zeros(len(bias))
-            for a, j in zip(absm, node.inputs):
-                size += a @ mags[j]
-                prop += a @ errs[j]
+            both = np.zeros((len(bias), 2))
+            for a, j in zip(absm, node.inputs):  # one pass over |M| for both vectors
+                both += a @ np.stack([mags[j], errs[j]], 1)
+            size, prop = both[:, 0], both[:, 1]
             k = terms + _EXTRA_OPS
             own = _gamma(k, u) * (size + bias) + k * tiny
             errs.append(prop + np.where(copies, 0.0, own))
