@@ -11,6 +11,8 @@ For each test point, in order, stopping at the first stage that decides it:
    ``timeout``.
 
 Verified accuracy = verified / attempted: misclassified points count in the denominator.
+Every certificate is checked against floating-point rounding (``rounding_bound``, ``float_proof``:
+:mod:`certkd.verification.float_proof`); with ``strict_rounding`` one without float proof answers ``unknown``.
 Rows go to ``verification.jsonl`` (``index``, ``label``, ``status``, ``time_s``, ``margin``),
 the summary to ``verification.json``. Each worker appends complete lines to its own part
 file (flushed and fsynced line by line; a torn last line is dropped on resume), and the
@@ -37,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,10 +53,11 @@ from certkd.runs import (VERIFICATION_PARTS_GLOB, atomic_write_json, atomic_writ
                          check_same_subject, collapse, data_sha256, ensure_writable_dir, fingerprint, RunLock,
                          clear_run_dir, lock_run_dir, resolve_device, run_directory, training_progress, verification_part_path,
                          verification_path, verification_rows_path, weights_sha256)
+from certkd.verification.float_proof import float_proof, margin_rounding
 from certkd.verification.milp import float32_margin, milp_verify
 
 VERIFIED = ("verified-ibp", "verified-crown", "verified-alpha-crown", "verified-bab", "verified-milp")
-STATUSES = ("misclassified", "attacked") + VERIFIED + ("timeout",)
+STATUSES = ("misclassified", "attacked") + VERIFIED + ("timeout", "unknown")
 DTYPES = ("float32", "float64")
 _FLOAT64_COPIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
@@ -82,6 +86,7 @@ class VerifyConfig:
     alpha_lr: float = 0.1
     seed: int = 0
     dtype: str = "float32"             # "float64": attack and IBP/CROWN/α-CROWN bounds in float64
+    strict_rounding: bool = False      # verified only with a float proof (else "unknown"): see verify_sample
 
     def validate(self) -> "VerifyConfig":
         if not 0.0 < self.eps <= 1.0:
@@ -94,6 +99,8 @@ class VerifyConfig:
             raise CertkdError("attack restarts must be >= 1 and steps >= 0")
         if self.dtype not in DTYPES:
             raise CertkdError(f"unknown dtype '{self.dtype}'; choose float32 or float64")
+        if not isinstance(self.strict_rounding, bool):
+            raise CertkdError(f"strict_rounding must be True or False, got {self.strict_rounding!r}")
         return self
 
 
@@ -111,7 +118,15 @@ def _intermediate(model: nn.Module, cfg: VerifyConfig):
 
 
 def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, index: int = 0) -> Dict[str, Any]:
-    """Run the pipeline on one point. x: (1, C, H, W) pixel space. Returns the JSONL row."""
+    """Run the pipeline on one point. x: (1, C, H, W) pixel space. Returns the JSONL row.
+
+    A verified row records ``rounding_bound`` (the largest bound on the rounding error of a margin
+    ``z_y − z_j`` for the model run in its own dtype over the box) and ``float_proof`` (every certified
+    margin exceeds twice its bound: :mod:`certkd.verification.float_proof`, docs/verify_onnx.md §5).
+    With ``cfg.strict_rounding`` a certificate without float proof does not decide the point: the later
+    stages try (BaB and the MILP prove margins above twice the bound), and if none succeeds the point
+    is ``unknown``.
+    """
     start = time.perf_counter()
     row: Dict[str, Any] = {"index": int(index), "label": int(y)}
     yt = torch.tensor([y], device=x.device)
@@ -121,6 +136,35 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
         row.update(status=status, margin=None if margin is None else float(margin),
                    time_s=round(time.perf_counter() - start, 4), **extra)
         return row
+
+    proof: Dict[str, Any] = {}  # "tol": the margins' rounding bounds (K−1,); "exact": a certificate without float proof
+
+    def tolerance() -> np.ndarray:
+        if "tol" not in proof:
+            proof["tol"] = margin_rounding(ref, lo32, hi32, y)
+        return proof["tol"]
+
+    def certified(status: str, margins) -> Optional[Dict[str, Any]]:
+        """The row of a certificate (margins: (1, K−1) per row, or the least); None if it certifies nothing
+        or, under strict_rounding, has no float proof."""
+        margin = float(torch.as_tensor(margins).min()) if margins is not None else math.nan
+        if not margin > 0:
+            return None
+        ok = float_proof(margins, tolerance())
+        if cfg.strict_rounding and not ok:
+            proof.setdefault("exact", (status, margin))
+            return None
+        return done(status, margin, rounding_bound=float(np.max(tolerance())), float_proof=ok)
+
+    def undecided(margin: Optional[float], **extra: Any) -> Dict[str, Any]:
+        """``timeout``; under strict_rounding ``unknown`` when a stage certified the point in exact arithmetic only."""
+        if "exact" not in proof:
+            return done("timeout", margin, **extra)
+        status, exact = proof["exact"]
+        bound = float(np.max(proof["tol"]))
+        return done("unknown", exact, rounding_bound=bound, float_proof=False,
+                    note=f"{status} in exact arithmetic (margin {exact:.3g}), not above twice the rounding bound "
+                         f"{bound:.3g} of the network as run (strict_rounding)")
 
     with torch.no_grad():
         logits = model(x)
@@ -147,43 +191,45 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
         bad = float(best[~torch.isfinite(best)][0])
         raise CertkdError(f"non-finite IBP bound ({bad}) at test point {index}: refusing to certify; the model's "
                           "weights overflow or are NaN/Inf, restore the checkpoint or retrain")
-    if float(best.min()) > 0:
-        return done("verified-ibp", float(best.min()))
+    if (out := certified("verified-ibp", best)) is not None:
+        return out
     if cfg.crown:
         from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
 
         inter = _intermediate(model, cfg)
         lb_crown = crown_bounds(model, lo, hi, yt, intermediate=inter)
         best = torch.maximum(best, torch.where(torch.isfinite(lb_crown), lb_crown, best))
-        if float(best.min()) > 0:
-            return done("verified-crown", float(best.min()))
+        if (out := certified("verified-crown", best)) is not None:
+            return out
         if cfg.alpha_iterations > 0:
             lb_alpha = alpha_crown_bounds(model, lo, hi, yt, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
                                           intermediate=inter)
             best = torch.maximum(best, torch.where(torch.isfinite(lb_alpha), lb_alpha, best))
-            if float(best.min()) > 0:
-                return done("verified-alpha-crown", float(best.min()))
+            if (out := certified("verified-alpha-crown", best)) is not None:
+                return out
     if cfg.engine == "none":
-        return done("timeout", float(best.min()), stage="incomplete")
+        return undecided(float(best.min()), stage="incomplete")
     remaining = cfg.timeout - (time.perf_counter() - start)
-    if remaining <= 0:
-        return done("timeout", float(best.min()))
+    # under strict_rounding the complete stage proves the margins above twice their rounding bound
+    tol = {"margin_tol": max(1e-6, 2 * float(np.max(tolerance())))} if cfg.strict_rounding else {}
+    if remaining <= 0 or not math.isfinite(tol.get("margin_tol", 0.0)):
+        return undecided(float(best.min()))
     if cfg.engine == "milp":
-        res = milp_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining)
+        res = milp_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining, **tol)
         status_map = {"verified": "verified-milp"}
     else:
         from certkd.verification.bab import bab_verify
 
-        res = bab_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining)
+        res = bab_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining, **tol)
         status_map = {"verified": "verified-bab"}
     if res.status == "falsified":
         margin = float32_margin(ref, res.counterexample.unsqueeze(0).to(x.device), y, lo32, hi32)
         if margin <= 0:
             return done("attacked", margin, stage=cfg.engine)
-        return done("timeout", float(best.min()), note="counterexample did not re-check in float32")
-    if res.status == "verified":
-        return done(status_map["verified"], res.margin)
-    return done("timeout", res.margin if res.margin is not None else float(best.min()))
+        return undecided(float(best.min()), note="counterexample did not re-check in float32")
+    if res.status == "verified" and (out := certified(status_map["verified"], res.margin)) is not None:
+        return out
+    return undecided(res.margin if res.margin is not None else float(best.min()))
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -211,7 +257,7 @@ def summarize(rows: Sequence[Dict[str, Any]], cfg: VerifyConfig, n_total: int) -
 #: The keys of a summary that :func:`summarize_rows` computes from the rows alone.
 ROW_KEYS = ("n", "clean_accuracy", "pgd_accuracy", "empirical_robust_accuracy", "falsified_by_verifier",
             "ibp_verified_accuracy", "crown_verified_accuracy", "alpha_crown_verified_accuracy", "verified_accuracy",
-            "counts", "median_time_s")
+            "counts", "median_time_s", "verified_float_proof")
 
 
 def summarize_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -255,6 +301,8 @@ def summarize_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "verified_accuracy": frac(verified),
         "counts": counts,
         "median_time_s": statistics.median([r["time_s"] for r in rows]) if rows else None,
+        # verified points whose margins clear twice the rounding bound of the network as run
+        "verified_float_proof": sum(1 for r in rows if r["status"] in VERIFIED and r.get("float_proof") is True),
     }
 
 
