@@ -78,7 +78,7 @@ def _gamma(k: np.ndarray, u: float) -> np.ndarray:
 
 
 def _affine_parts(prep: _Prepared, input_shape: Tuple[int, ...]) -> list:
-    """Per node: None (input or non-affine), or (|M_i| per input, |b|, terms per row, exact-copy rows)."""
+    """Per node: None (input or non-affine), or (|b|, terms per row, exact-copy rows); [-1]: the shapes."""
     cache, net = prep.parts, prep.net64
     if input_shape in cache:
         return cache[input_shape]
@@ -101,9 +101,27 @@ def _affine_parts(prep: _Prepared, input_shape: Tuple[int, ...]) -> list:
             for m in mats:
                 np.maximum.at(mags, np.repeat(np.arange(m.shape[0]), np.diff(m.indptr)), np.abs(m.data))
             copies = single & (mags == 1.0) & (bias == 0)
-        parts.append(([abs(m) for m in mats], bias, terms.astype(np.float64), copies))
+        parts.append((bias, terms.astype(np.float64), copies))  # the matrices are not kept: see _abs_apply
+    parts.append(shapes)
     cache[input_shape] = parts
     return parts
+
+
+def _abs_apply(rule, shapes: Sequence[Tuple[int, ...]], vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Σ_i |M_i| v_i of an affine rule for two stacked vectors per input (v_i (2, n_i)) -> (2, m).
+
+    The radius that the rule's ``interval`` gives a box of centre 0 and radius v is |M| v exactly for an
+    affine map (a looser rule only loosens the bound): one float64 convolution instead of a product
+    with the sparse matrix of a convolution, which is several times slower.
+    """
+    rs = [torch.from_numpy(v).reshape(2, *shape) for v, shape in zip(vectors, shapes)]
+    cs = [torch.zeros_like(r) for r in rs]
+    with torch.no_grad():
+        if rule.arity == 1:
+            _, r, _ = rule.interval(cs[0], rs[0])
+        else:
+            _, r, _ = rule.interval(tuple(cs), tuple(rs))
+    return r.reshape(2, -1).numpy()
 
 
 def _magnitudes(net64: Network, lower: Tensor, upper: Tensor) -> List[np.ndarray]:
@@ -145,14 +163,13 @@ def rounding_error_bound(net: Network, lower: Tensor, upper: Tensor, dtype: torc
     parts = _affine_parts(prep, shape)
     mags = _magnitudes(prep.net64, lower, upper)
     errs: List[np.ndarray] = [np.zeros(int(np.prod(shape)) if shape else 1)]
+    shapes = parts[-1]
     for i, node in enumerate(net.nodes[1:], 1):
         part = parts[i]
         if part is not None:
-            absm, bias, terms, copies = part
-            both = np.zeros((len(bias), 2))
-            for a, j in zip(absm, node.inputs):  # one pass over |M| for both vectors
-                both += a @ np.stack([mags[j], errs[j]], 1)
-            size, prop = both[:, 0], both[:, 1]
+            bias, terms, copies = part
+            size, prop = _abs_apply(prep.net64.nodes[i].rule, [shapes[j] for j in node.inputs],
+                                    [np.stack([mags[j], errs[j]]) for j in node.inputs])
             k = terms + _EXTRA_OPS
             own = _gamma(k, u) * (size + bias) + k * tiny
             errs.append(prop + np.where(copies, 0.0, own))
