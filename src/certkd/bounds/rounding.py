@@ -18,8 +18,10 @@ Errors of the inputs propagate through ``|M|``; an elementwise activation that a
 exact with a Lipschitz constant (``Layer.exact_lipschitz``: 1 for ReLU) passes them on scaled by
 that constant. A rule with neither gives an infinite bound (nothing is certified through it).
 
-The walk uses each rule's ``affine`` (the MILP's sparse matrices) and ``interval`` methods, so it
-needs no layer-specific code.
+The walk uses each rule's ``affine`` (the MILP's sparse matrices: which terms each row sums, built
+once per network and input shape) and ``interval`` methods (the products with |M|, and the
+magnitudes), so it needs no layer-specific code. What it builds is cached per network until the
+network's weights or buffers change (compared by value, so in-place edits are seen).
 """
 from __future__ import annotations
 
