@@ -9,7 +9,8 @@ arithmetic in the same precision) is a *float proof*: the point is robust for th
 """
 from __future__ import annotations
 
-from typing import Union
+import math
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,4 +48,51 @@ def float_proof(margins: Union[Tensor, float], tolerance: np.ndarray) -> bool:
     return bool(m.size > 0 and m.min() > 2 * float(np.max(tolerance)))
 
 
-__all__ = ["float_proof", "margin_rounding"]
+class FloatCheck:
+    """The float proofs of one point's certificates (``certkd verify RUN``; see the module docstring).
+
+    The margins' rounding bounds are computed on the first certificate (points that are never
+    certified pay nothing). ``strict``: a certificate without float proof is held back
+    (:meth:`accept` returns None) and remembered for :meth:`unknown`.
+    """
+
+    def __init__(self, model: nn.Module, lower: Tensor, upper: Tensor, label: int, strict: bool):
+        self.model, self.lower, self.upper, self.label, self.strict = model, lower, upper, int(label), strict
+        self._tol: Optional[np.ndarray] = None
+        self._exact: Optional[Tuple[str, float]] = None  # the first certificate held back (stage, margin)
+
+    @property
+    def tolerance(self) -> np.ndarray:
+        """(K−1,) bounds on the rounding error of the margins (:func:`margin_rounding`)."""
+        if self._tol is None:
+            self._tol = margin_rounding(self.model, self.lower, self.upper, self.label)
+        return self._tol
+
+    def accept(self, status: str, margins: Union[Tensor, float, None]) -> Optional[Tuple[float, Dict[str, Any]]]:
+        """(least margin, the row's ``rounding_bound``/``float_proof``) of a certificate with margins
+        (1, K−1) per row or the least one; None if it certifies nothing or is held back."""
+        margin = float(torch.as_tensor(margins).min()) if margins is not None else math.nan
+        if not margin > 0:
+            return None
+        ok = float_proof(margins, self.tolerance)
+        if self.strict and not ok:
+            self._exact = self._exact or (status, margin)
+            return None
+        return margin, {"rounding_bound": float(np.max(self.tolerance)), "float_proof": ok}
+
+    def complete_tolerance(self) -> Dict[str, float]:
+        """Keyword arguments of BaB and the MILP: under ``strict``, prove the margin above twice the bound."""
+        return {"margin_tol": max(1e-6, 2 * float(np.max(self.tolerance)))} if self.strict else {}
+
+    def unknown(self) -> Optional[Tuple[float, Dict[str, Any]]]:
+        """(margin, fields) of the ``unknown`` row of a point certified in exact arithmetic only; None if none was."""
+        if self._exact is None:
+            return None
+        status, margin = self._exact
+        bound = float(np.max(self.tolerance))
+        return margin, {"rounding_bound": bound, "float_proof": False,
+                        "note": f"{status} in exact arithmetic (margin {margin:.3g}), not above twice the rounding "
+                                f"bound {bound:.3g} of the network as run (strict_rounding)"}
+
+
+__all__ = ["FloatCheck", "float_proof", "margin_rounding"]

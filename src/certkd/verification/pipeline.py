@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -53,7 +52,7 @@ from certkd.runs import (VERIFICATION_PARTS_GLOB, atomic_write_json, atomic_writ
                          check_same_subject, collapse, data_sha256, ensure_writable_dir, fingerprint, RunLock,
                          clear_run_dir, lock_run_dir, resolve_device, run_directory, training_progress, verification_part_path,
                          verification_path, verification_rows_path, weights_sha256)
-from certkd.verification.float_proof import float_proof, margin_rounding
+from certkd.verification.float_proof import FloatCheck
 from certkd.verification.milp import float32_margin, milp_verify
 
 VERIFIED = ("verified-ibp", "verified-crown", "verified-alpha-crown", "verified-bab", "verified-milp")
@@ -137,34 +136,16 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
                    time_s=round(time.perf_counter() - start, 4), **extra)
         return row
 
-    proof: Dict[str, Any] = {}  # "tol": the margins' rounding bounds (K−1,); "exact": a certificate without float proof
-
-    def tolerance() -> np.ndarray:
-        if "tol" not in proof:
-            proof["tol"] = margin_rounding(ref, lo32, hi32, y)
-        return proof["tol"]
-
     def certified(status: str, margins) -> Optional[Dict[str, Any]]:
-        """The row of a certificate (margins: (1, K−1) per row, or the least); None if it certifies nothing
-        or, under strict_rounding, has no float proof."""
-        margin = float(torch.as_tensor(margins).min()) if margins is not None else math.nan
-        if not margin > 0:
-            return None
-        ok = float_proof(margins, tolerance())
-        if cfg.strict_rounding and not ok:
-            proof.setdefault("exact", (status, margin))
-            return None
-        return done(status, margin, rounding_bound=float(np.max(tolerance())), float_proof=ok)
+        """The row of a certificate (margins (1, K−1), or the least); None: not certified (with a float proof
+        under strict_rounding)."""
+        held = check.accept(status, margins)
+        return None if held is None else done(status, held[0], **held[1])
 
     def undecided(margin: Optional[float], **extra: Any) -> Dict[str, Any]:
         """``timeout``; under strict_rounding ``unknown`` when a stage certified the point in exact arithmetic only."""
-        if "exact" not in proof:
-            return done("timeout", margin, **extra)
-        status, exact = proof["exact"]
-        bound = float(np.max(proof["tol"]))
-        return done("unknown", exact, rounding_bound=bound, float_proof=False,
-                    note=f"{status} in exact arithmetic (margin {exact:.3g}), not above twice the rounding bound "
-                         f"{bound:.3g} of the network as run (strict_rounding)")
+        held = check.unknown()
+        return done("timeout", margin, **extra) if held is None else done("unknown", held[0], **held[1])
 
     with torch.no_grad():
         logits = model(x)
@@ -174,6 +155,7 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
         return done("misclassified", clean_margin)
 
     ref, x32, lo32, hi32 = model, x, lo, hi  # the float32 network judges concrete points
+    check = FloatCheck(ref, lo32, hi32, y, cfg.strict_rounding)  # rounding of the network as run
     if cfg.dtype == "float64":  # attack and bounds in float64
         model, x = _float64_copy(model), x.double()
         lo, hi = linf_box(x, cfg.eps)
@@ -211,7 +193,7 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
         return undecided(float(best.min()), stage="incomplete")
     remaining = cfg.timeout - (time.perf_counter() - start)
     # under strict_rounding the complete stage proves the margins above twice their rounding bound
-    tol = {"margin_tol": max(1e-6, 2 * float(np.max(tolerance())))} if cfg.strict_rounding else {}
+    tol = check.complete_tolerance()
     if remaining <= 0 or not math.isfinite(tol.get("margin_tol", 0.0)):
         return undecided(float(best.min()))
     if cfg.engine == "milp":
