@@ -402,3 +402,33 @@ def test_a_sweep_command_is_used_only_while_it_still_resolves_to_the_runs(tmp_pa
     assert reporting._sweep_of(rec) is None
     line = reporting.train_command(old, rec.path, "digits-small")
     assert "--set eps_length=15" in line and "--epochs 2" in line
+
+
+def test_card_counts_float_proofs_and_reproduces_strict_rounding(runs, tmp_path):
+    """A strict-rounding verification: the card says how many verified points have a float proof, the
+    reproduce command carries --strict-rounding, and a hand-edited count is replaced by the rows'."""
+    from dataclasses import asdict
+
+    from certkd.reporting.commands import verify_command
+    from certkd.reporting.records import load_run
+    from certkd.verification.pipeline import VerifyConfig, summarize, summarize_rows
+
+    run = tmp_path / "strict"
+    shutil.copytree(runs / "ccibp-s0", run)
+    rows = [{"index": i, "label": 0, "status": s, "time_s": 0.5, "margin": 0.1, "stage": "pgd"}
+            for i, s in enumerate(["verified-ibp"] * 3 + ["unknown", "attacked"])]
+    for r in rows[:4]:
+        r.update(rounding_bound=1e-4, float_proof=r["status"] != "unknown")
+    (run / "verification.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = VerifyConfig(eps=0.05, timeout=7.0, engine="none", strict_rounding=True)
+    summary = summarize(rows, cfg, len(rows))
+    assert summary["verified_float_proof"] == 3 and summary["counts"]["unknown"] == 1
+    (run / "verification.json").write_text(json.dumps(dict(summary, settings=asdict(cfg))))
+    card = reporting.model_card(run)
+    assert "3 verified points with float proof (margins above twice the rounding bound of the network as run, " \
+           "required)" in card and "unknown 1" in card and "disagrees" not in card
+    assert verify_command(load_run(run)).endswith("--engine none --strict-rounding --limit 5")
+    (run / "verification.json").write_text(json.dumps(dict(summary, settings=asdict(cfg), verified_float_proof=5)))
+    rec = load_run(run)
+    assert any("verified_float_proof 5 in the summary, 3 from its 5 rows" in w for w in rec.warnings), rec.warnings
+    assert rec.verification["verified_float_proof"] == summarize_rows(rows)["verified_float_proof"] == 3

@@ -145,7 +145,7 @@ def test_without_fcntl_writing_goes_on_unlocked(tmp_path, monkeypatch):
 
 
 def test_train_refuses_while_the_folder_is_locked(tmp_path, capsys):
-    """The real ``certkd train`` and ``verify`` entry points meet the lock before anything else."""
+    """The real ``certkd train``, ``verify`` and ``evaluate`` entry points meet the lock before anything else."""
     import yaml
 
     from certkd.checkpoints import save_checkpoint
@@ -164,7 +164,8 @@ def test_train_refuses_while_the_folder_is_locked(tmp_path, capsys):
     verify = ["--force", "--quiet", "--limit", "2", "--engine", "none"]
     for locked, args in ((out, ["train", "--preset", "digits-small", "--epochs", "1", "--quiet", "--force", "--out", out]),
                          (out, ["verify", run, "--out", out] + verify),
-                         (run, ["verify", run] + verify)):  # in place: the run's own folder
+                         (run, ["verify", run] + verify),  # in place: the run's own folder
+                         (run, ["evaluate", run, "--limit", "2"])):  # writes evaluation.json there
         before = sorted(p.name for p in locked.iterdir()) if locked.exists() else []
         holder = _hold(locked)
         try:

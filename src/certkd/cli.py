@@ -85,9 +85,9 @@ def evaluate(runs: Sequence[str], eps: Optional[float], limit: Optional[int], da
 @click.option("--alpha-iterations", type=int, default=20, show_default=True, help="α-CROWN iterations (0: off).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of the attack and the IBP/CROWN bounds (concrete points are always re-checked in float32).")
-@click.option("--strict-rounding", is_flag=True, help="With --onnx/--instances: answer unsat only when every refuted "
-              "margin clears twice the bound on floating-point rounding, so that it holds for the network as onnxruntime "
-              "evaluates it in any order (docs/verify_onnx.md §5); closer margins answer unknown.")
+@click.option("--strict-rounding", is_flag=True, help="Certify only when every certified margin clears twice the bound "
+              "on floating-point rounding, so that it holds for the network as run (a RUN's model as torch evaluates it, "
+              "an ONNX network as onnxruntime does, in any order; docs/verify_onnx.md §5); closer margins answer unknown.")
 @click.option("--out", "out_dir", type=click.Path(), help="Where to write verification.json/.jsonl (default: the run); "
               "with --onnx the result file; with --instances the results CSV (default results.csv).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted verification of the same weights and settings "
@@ -115,9 +115,6 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
     modes = [m for m, v in (("RUN", run), ("--onnx", onnx_path), ("--instances", instances_csv)) if v]
     if len(modes) != 1 or bool(onnx_path) != bool(vnnlib_path):
         raise CertkdError("give one of: RUN, --onnx MODEL.onnx --vnnlib PROP.vnnlib, or --instances instances.csv")
-    if strict_rounding and run:
-        raise CertkdError("--strict-rounding is for --onnx and --instances (a RUN's points are judged by its own "
-                          "float32 forward); drop it")
     if retry_errors and not instances_csv:
         raise CertkdError("--retry-errors is for --instances (it verifies the error rows of a results CSV again); "
                           "drop it")
@@ -158,7 +155,7 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
     if eps is None:
         eps = checkpoint_eps(load_model(run).certkd_meta, run)
     cfg = VerifyConfig(eps=eps, timeout=timeout, engine=engine, attack_restarts=restarts,
-                       alpha_iterations=alpha_iterations, dtype=dtype)
+                       alpha_iterations=alpha_iterations, dtype=dtype, strict_rounding=strict_rounding)
     try:
         s = verify_run(run, cfg, limit=limit, out_dir=out_dir, workers=workers, resume=resume, force=force,
                        data_dir=data_dir, device=device, progress=_show_progress(quiet))
@@ -183,6 +180,10 @@ def verify(run: Optional[str], onnx_path: Optional[str], vnnlib_path: Optional[s
     for name, val in rows:
         click.echo(f"  {name.ljust(width)}  {100 * val:5.1f}%")
     click.echo("  counts: " + ", ".join(f"{k}={v}" for k, v in s["counts"].items() if v))
+    n_verified = round(s["verified_accuracy"] * s["n"])
+    if n_verified:
+        click.echo(f"  float proofs: {s['verified_float_proof']} of the {n_verified} verified points clear twice the "
+                   "rounding bound of the network as run" + ("" if strict_rounding else " (see --strict-rounding)"))
 
 
 @cli.command("export")

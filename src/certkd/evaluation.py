@@ -1,6 +1,7 @@
 """Evaluate a trained run: the `certkd evaluate` command as a function."""
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 from certkd.checkpoints import checkpoint_eps, load_model, resolve_checkpoint
@@ -9,7 +10,7 @@ from certkd.data import load_dataset
 from certkd.data.subsets import describe_points, stratified_indices
 from certkd.errors import CertkdError
 from certkd.runs import (atomic_write_json, check_finite_weights, data_sha256, evaluation_path, fingerprint,
-                         resolve_device, run_directory, training_progress)
+                         lock_run_dir, resolve_device, run_directory, training_progress)
 
 
 def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = None, data_dir: Optional[str] = None,
@@ -17,11 +18,22 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
                  write: bool = True, progress: bool = False) -> Dict[str, float]:
     """Clean / PGD / IBP-verified accuracy of a run at its training ε over the test set.
 
-    Writes ``evaluation.json`` into the run directory when ``write`` is true.
+    Writes ``evaluation.json`` into the run directory when ``write`` is true, holding the run's lock
+    (:func:`certkd.runs.lock_run_dir`) from reading the checkpoint to writing: during a ``train`` or
+    ``verify`` of the same run it raises a one-line CertkdError naming that writer.
     """
+    dev = resolve_device(device)
+    run = run_directory(path) if write else None
+    with lock_run_dir(run, "certkd evaluate", "run") if run is not None else contextlib.nullcontext():
+        return _evaluate(path, run, eps=eps, limit=limit, data_dir=data_dir, batch_size=batch_size,
+                         attack_steps=attack_steps, attack_step_size=attack_step_size, dev=dev, progress=progress)
+
+
+def _evaluate(path, run, *, eps: Optional[float], limit: Optional[int], data_dir: Optional[str], batch_size: int,
+              attack_steps: int, attack_step_size: float, dev, progress: bool) -> Dict[str, float]:
+    """:func:`evaluate_run` under its lock; writes into ``run`` unless it is None."""
     from certkd.verification import evaluate_accuracy
 
-    dev = resolve_device(device)
     ckpt = resolve_checkpoint(path)
     model = load_model(ckpt, device=dev)
     check_finite_weights(model, "evaluate")
@@ -50,8 +62,7 @@ def evaluate_run(path, *, eps: Optional[float] = None, limit: Optional[int] = No
                                       points=describe_points(test_set.labels, index),
                                       data_digest=data_sha256(test_set.images[index], test_set.labels[index]),
                                       settings=settings, checkpoint=str(ckpt))
-    run = run_directory(path)
-    if write and run is not None:
+    if run is not None:
         try:
             atomic_write_json(evaluation_path(run), result)
         except OSError as e:

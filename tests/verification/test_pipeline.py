@@ -255,3 +255,47 @@ def test_verify_float64_gives_the_same_statuses(small_runs, tmp_path, monkeypatc
     assert json.loads((tmp_path / "f64" / "verification.json").read_text())["settings"]["dtype"] == "float64"
     with pytest.raises(CertkdError, match="unknown dtype"):
         VerifyConfig(eps=0.05, dtype="float16").validate()
+
+
+def test_verified_points_of_a_trained_model_have_float_proofs(small_runs):
+    """The margins of a certified-trained model clear twice the float32 rounding bound by far."""
+    import math
+
+    model = load_model(small_runs["cnn"])
+    _, test, _ = load_dataset("digits")
+    rows = [verify_sample(model, *_point(test, i), VerifyConfig(eps=0.05, engine="none"), index=i) for i in range(8)]
+    verified = [r for r in rows if r["status"].startswith("verified")]
+    assert verified, rows
+    for r in verified:
+        assert 0 < r["rounding_bound"] < math.inf and r["float_proof"] is True
+        assert r["margin"] > 2 * r["rounding_bound"]
+    assert all("float_proof" not in r for r in rows if not r["status"].startswith("verified"))
+
+
+def _point(test, i):
+    x, y = test.get(torch.tensor([i]))
+    return x, int(y)
+
+
+def test_verify_run_strict_rounding_cli_and_resume(small_runs, tmp_path, capsys):
+    """`certkd verify RUN --strict-rounding` (exit 0) records the fields and the setting; a resume with the
+    other setting is refused instead of mixing rows certified under both."""
+    out = tmp_path / "strict"
+    args = ["verify", str(small_runs["cnn"]), "--eps", "0.05", "--engine", "none", "--limit", "10", "--out", str(out),
+            "--quiet"]
+    main(args + ["--strict-rounding"])
+    text = capsys.readouterr().out
+    summary = json.loads((out / "verification.json").read_text())
+    rows = _rows(out)
+    verified = [r for r in rows if r["status"].startswith("verified")]
+    assert verified and all(r["float_proof"] is True and r["rounding_bound"] > 0 for r in verified)
+    assert summary["settings"]["strict_rounding"] is True and summary["certifies"]["settings"]["strict_rounding"]
+    assert summary["verified_float_proof"] == len(verified)
+    assert f"float proofs: {len(verified)} of the {len(verified)} verified points" in text
+    before = (out / "verification.jsonl").read_text()
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--resume"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "was computed for" in err and "strict_rounding" in err and "--force" in err
+    assert (out / "verification.jsonl").read_text() == before

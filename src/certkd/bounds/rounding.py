@@ -18,8 +18,10 @@ Errors of the inputs propagate through ``|M|``; an elementwise activation that a
 exact with a Lipschitz constant (``Layer.exact_lipschitz``: 1 for ReLU) passes them on scaled by
 that constant. A rule with neither gives an infinite bound (nothing is certified through it).
 
-The walk uses each rule's ``affine`` (the MILP's sparse matrices) and ``interval`` methods, so it
-needs no layer-specific code.
+The walk uses each rule's ``affine`` (the MILP's sparse matrices: which terms each row sums, built
+once per network and input shape) and ``interval`` methods (the products with |M|, and the
+magnitudes), so it needs no layer-specific code. What it builds is cached per network until the
+network's weights or buffers change (compared by value, so in-place edits are seen).
 """
 from __future__ import annotations
 
@@ -38,7 +40,38 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 TINY = {torch.float32: 2.0 ** -126, torch.float64: 2.0 ** -1022}
 _EXTRA_OPS = 2
 
-_AFFINE: "weakref.WeakKeyDictionary[Network, Dict[Tuple[int, ...], list]]" = weakref.WeakKeyDictionary()
+
+
+class _Prepared:
+    """What a network's bounds reuse across boxes: a float64 CPU copy (also the snapshot of its weights)
+    and the affine parts per input shape."""
+
+    def __init__(self, net: Network):
+        self.net64 = copy.deepcopy(net).double().cpu()
+        self.parts: Dict[Tuple[int, ...], list] = {}
+
+    def fresh(self, net: Network) -> bool:
+        """Whether ``net``'s weights and buffers still equal the copy's (float32 → float64 is exact)."""
+        now, then = net.state_dict(), self.net64.state_dict()
+        if now.keys() != then.keys():
+            return False
+        for k, t in now.items():
+            t = t.detach().cpu()
+            t = t.double() if t.is_floating_point() else t
+            if t.shape != then[k].shape or not torch.equal(t, then[k]):
+                return False
+        return True
+
+
+# per network, until its weights change: a run's many boxes pay the sparse matrices once
+_PREPARED: "weakref.WeakKeyDictionary[Network, _Prepared]" = weakref.WeakKeyDictionary()
+
+
+def _prepared(net: Network) -> _Prepared:
+    prep = _PREPARED.get(net)
+    if prep is None or not prep.fresh(net):
+        prep = _PREPARED[net] = _Prepared(net)
+    return prep
 
 
 def _gamma(k: np.ndarray, u: float) -> np.ndarray:
@@ -46,9 +79,9 @@ def _gamma(k: np.ndarray, u: float) -> np.ndarray:
     return np.where(ku < 0.5, ku / np.maximum(1.0 - ku, 0.5), np.inf)
 
 
-def _affine_parts(net: Network, input_shape: Tuple[int, ...]) -> list:
-    """Per node: None (input or non-affine), or (|M_i| per input, |b|, terms per row, exact-copy rows)."""
-    cache = _AFFINE.setdefault(net, {})
+def _affine_parts(prep: _Prepared, input_shape: Tuple[int, ...]) -> list:
+    """Per node: None (input or non-affine), or (|b|, terms per row, exact-copy rows); [-1]: the shapes."""
+    cache, net = prep.parts, prep.net64
     if input_shape in cache:
         return cache[input_shape]
     shapes = net.shapes(input_shape)
@@ -70,16 +103,35 @@ def _affine_parts(net: Network, input_shape: Tuple[int, ...]) -> list:
             for m in mats:
                 np.maximum.at(mags, np.repeat(np.arange(m.shape[0]), np.diff(m.indptr)), np.abs(m.data))
             copies = single & (mags == 1.0) & (bias == 0)
-        parts.append(([abs(m) for m in mats], bias, terms.astype(np.float64), copies))
+        parts.append((bias, terms.astype(np.float64), copies))  # the matrices are not kept: see _abs_apply
+    parts.append(shapes)
     cache[input_shape] = parts
     return parts
 
 
-def _magnitudes(net: Network, lower: Tensor, upper: Tensor) -> List[np.ndarray]:
-    """max(|l|, |u|) of every node's output over the box, from IBP in float64, flattened (per sample)."""
-    net64 = copy.deepcopy(net).double()
-    c = ((upper + lower) / 2).double().unsqueeze(0)
-    r = ((upper - lower) / 2).double().unsqueeze(0)
+def _abs_apply(rule, shapes: Sequence[Tuple[int, ...]], vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Σ_i |M_i| v_i of an affine rule for two stacked vectors per input (v_i (2, n_i)) -> (2, m).
+
+    The radius that the rule's ``interval`` gives a box of centre 0 and radius v is |M| v exactly for an
+    affine map (a looser rule only loosens the bound): one float64 convolution instead of a product
+    with the sparse matrix of a convolution, which is several times slower.
+    """
+    rs = [torch.from_numpy(v).reshape(2, *shape) for v, shape in zip(vectors, shapes)]
+    cs = [torch.zeros_like(r) for r in rs]
+    with torch.no_grad():
+        if rule.arity == 1:
+            _, r, _ = rule.interval(cs[0], rs[0])
+        else:
+            _, r, _ = rule.interval(tuple(cs), tuple(rs))
+    return r.reshape(2, -1).numpy()
+
+
+def _magnitudes(net64: Network, lower: Tensor, upper: Tensor) -> List[np.ndarray]:
+    """max(|l|, |u|) of every node's output over the box, from IBP in float64, flattened (per sample).
+    ``net64``: the float64 CPU copy."""
+    lower, upper = lower.detach().cpu().double(), upper.detach().cpu().double()
+    c = ((upper + lower) / 2).unsqueeze(0)
+    r = ((upper - lower) / 2).unsqueeze(0)
     vals: List[Tuple[Tensor, Tensor]] = [(c, r)]
     with torch.no_grad():
         for node in net64.nodes[1:]:
@@ -109,18 +161,17 @@ def rounding_error_bound(net: Network, lower: Tensor, upper: Tensor, dtype: torc
                                                                        lower.shape[0] == 1 else lower.shape)
     lower, upper = lower.reshape(shape), upper.reshape(shape)
     u, tiny = UNIT_ROUNDOFF[dtype], TINY[dtype]
-    parts = _affine_parts(net, shape)
-    mags = _magnitudes(net, lower, upper)
+    prep = _prepared(net)
+    parts = _affine_parts(prep, shape)
+    mags = _magnitudes(prep.net64, lower, upper)
     errs: List[np.ndarray] = [np.zeros(int(np.prod(shape)) if shape else 1)]
+    shapes = parts[-1]
     for i, node in enumerate(net.nodes[1:], 1):
         part = parts[i]
         if part is not None:
-            absm, bias, terms, copies = part
-            size = np.zeros(len(bias))
-            prop = np.zeros(len(bias))
-            for a, j in zip(absm, node.inputs):
-                size += a @ mags[j]
-                prop += a @ errs[j]
+            bias, terms, copies = part
+            size, prop = _abs_apply(prep.net64.nodes[i].rule, [shapes[j] for j in node.inputs],
+                                    [np.stack([mags[j], errs[j]]) for j in node.inputs])
             k = terms + _EXTRA_OPS
             own = _gamma(k, u) * (size + bias) + k * tiny
             errs.append(prop + np.where(copies, 0.0, own))

@@ -174,11 +174,15 @@ def _verification_rows(ver: Dict[str, Any], default_eps: float) -> List[List[str
                  f"+ α-CROWN, {st.get('alpha_iterations', '?')} iterations, lr {st.get('alpha_lr', '?')}; {where}"])
     counts = ", ".join(f"{k} {v}" for k, v in (ver.get("counts") or {}).items() if v)
     med = ver.get("median_time_s")
+    proofs = ver.get("verified_float_proof")
+    proofs = (f"; {proofs} verified points with float proof (margins above twice the rounding bound of the "
+              f"network as run{', required' if st.get('strict_rounding') is True else ''})"
+              if isinstance(proofs, int) and not isinstance(proofs, bool) else "")
     rows.append(["verified accuracy", _pct(ver.get("verified_accuracy")),
                  f"complete verifier `{st.get('engine', '?')}`, timeout {st.get('timeout', '?')} s per point "
                  f"(timeouts count as not verified)"
                  + (f", median {med:.3g} s per point" if isinstance(med, (int, float)) else "")
-                 + (f"; outcomes: {counts}" if counts else "") + f"; {where}"])
+                 + (f"; outcomes: {counts}" if counts else "") + proofs + f"; {where}"])
     return rows
 
 

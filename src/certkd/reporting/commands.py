@@ -223,6 +223,10 @@ def verify_command(run: RunRecord) -> Optional[str]:
         args += ["--restarts", str(st["attack_restarts"])]
     if st.get("alpha_iterations", 20) != 20:
         args += ["--alpha-iterations", str(st["alpha_iterations"])]
+    if st.get("dtype", "float32") != "float32":
+        args += ["--dtype", str(st["dtype"])]
+    if st.get("strict_rounding") is True:
+        args += ["--strict-rounding"]
     n = ver.get("n_requested", ver.get("n"))
     if isinstance(n, int):
         args += ["--limit", str(n)]

@@ -195,7 +195,7 @@ def load_run(path, name: Optional[str] = None) -> RunRecord:
 # The order in which a disagreement is named: the number of points, then the headline number.
 _CHECK_ORDER = ("n", "verified_accuracy", "counts", "crown_verified_accuracy", "alpha_crown_verified_accuracy",
                 "ibp_verified_accuracy", "clean_accuracy", "pgd_accuracy", "empirical_robust_accuracy",
-                "falsified_by_verifier", "median_time_s")
+                "falsified_by_verifier", "median_time_s", "verified_float_proof")
 
 
 def _same_number(a: Any, b: Any) -> bool:

@@ -11,6 +11,8 @@ For each test point, in order, stopping at the first stage that decides it:
    ``timeout``.
 
 Verified accuracy = verified / attempted: misclassified points count in the denominator.
+Every certificate is checked against floating-point rounding (``rounding_bound``, ``float_proof``:
+:mod:`certkd.verification.float_proof`); with ``strict_rounding`` one without float proof answers ``unknown``.
 Rows go to ``verification.jsonl`` (``index``, ``label``, ``status``, ``time_s``, ``margin``),
 the summary to ``verification.json``. Each worker appends complete lines to its own part
 file (flushed and fsynced line by line; a torn last line is dropped on resume), and the
@@ -50,10 +52,11 @@ from certkd.runs import (VERIFICATION_PARTS_GLOB, atomic_write_json, atomic_writ
                          check_same_subject, collapse, data_sha256, ensure_writable_dir, fingerprint, RunLock,
                          clear_run_dir, lock_run_dir, resolve_device, run_directory, training_progress, verification_part_path,
                          verification_path, verification_rows_path, weights_sha256)
+from certkd.verification.float_proof import FloatCheck
 from certkd.verification.milp import float32_margin, milp_verify
 
 VERIFIED = ("verified-ibp", "verified-crown", "verified-alpha-crown", "verified-bab", "verified-milp")
-STATUSES = ("misclassified", "attacked") + VERIFIED + ("timeout",)
+STATUSES = ("misclassified", "attacked") + VERIFIED + ("timeout", "unknown")
 DTYPES = ("float32", "float64")
 _FLOAT64_COPIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
@@ -82,6 +85,7 @@ class VerifyConfig:
     alpha_lr: float = 0.1
     seed: int = 0
     dtype: str = "float32"             # "float64": attack and IBP/CROWN/α-CROWN bounds in float64
+    strict_rounding: bool = False      # verified only with a float proof (else "unknown"): see verify_sample
 
     def validate(self) -> "VerifyConfig":
         if not 0.0 < self.eps <= 1.0:
@@ -94,6 +98,8 @@ class VerifyConfig:
             raise CertkdError("attack restarts must be >= 1 and steps >= 0")
         if self.dtype not in DTYPES:
             raise CertkdError(f"unknown dtype '{self.dtype}'; choose float32 or float64")
+        if not isinstance(self.strict_rounding, bool):
+            raise CertkdError(f"strict_rounding must be True or False, got {self.strict_rounding!r}")
         return self
 
 
@@ -112,7 +118,15 @@ def _intermediate(model: nn.Module, cfg: VerifyConfig):
 
 
 def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, index: int = 0) -> Dict[str, Any]:
-    """Run the pipeline on one point. x: (1, C, H, W) pixel space. Returns the JSONL row."""
+    """Run the pipeline on one point. x: (1, C, H, W) pixel space. Returns the JSONL row.
+
+    A verified row records ``rounding_bound`` (the largest bound on the rounding error of a margin
+    ``z_y − z_j`` for the model run in its own dtype over the box) and ``float_proof`` (every certified
+    margin exceeds twice its bound: :mod:`certkd.verification.float_proof`, docs/verify_onnx.md §5).
+    With ``cfg.strict_rounding`` a certificate without float proof does not decide the point: the later
+    stages try (BaB and the MILP prove margins above twice the bound), and if none succeeds the point
+    is ``unknown``.
+    """
     start = time.perf_counter()
     row: Dict[str, Any] = {"index": int(index), "label": int(y)}
     yt = torch.tensor([y], device=x.device)
@@ -123,6 +137,17 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
                    time_s=round(time.perf_counter() - start, 4), **extra)
         return row
 
+    def certified(status: str, margins) -> Optional[Dict[str, Any]]:
+        """The row of a certificate (margins (1, K−1), or the least); None: not certified (with a float proof
+        under strict_rounding)."""
+        held = check.accept(status, margins)
+        return None if held is None else done(status, held[0], **held[1])
+
+    def undecided(margin: Optional[float], **extra: Any) -> Dict[str, Any]:
+        """``timeout``; under strict_rounding ``unknown`` when a stage certified the point in exact arithmetic only."""
+        held = check.unknown()
+        return done("timeout", margin, **extra) if held is None else done("unknown", held[0], **held[1])
+
     with torch.no_grad():
         logits = model(x)
     row["predicted"] = int(logits[0].argmax())
@@ -131,6 +156,7 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
         return done("misclassified", clean_margin)
 
     ref, x32, lo32, hi32 = model, x, lo, hi  # the float32 network judges concrete points
+    check = FloatCheck(ref, lo32, hi32, y, cfg.strict_rounding)  # rounding of the network as run
     if cfg.dtype == "float64":  # attack and bounds in float64
         model, x = _float64_copy(model), x.double()
         lo, hi = linf_box(x, cfg.eps)
@@ -148,43 +174,45 @@ def verify_sample(model: nn.Module, x: torch.Tensor, y: int, cfg: VerifyConfig, 
         bad = float(best[~torch.isfinite(best)][0])
         raise CertkdError(f"non-finite IBP bound ({bad}) at test point {index}: refusing to certify; the model's "
                           "weights overflow or are NaN/Inf, restore the checkpoint or retrain")
-    if float(best.min()) > 0:
-        return done("verified-ibp", float(best.min()))
+    if (out := certified("verified-ibp", best)) is not None:
+        return out
     if cfg.crown:
         from certkd.bounds.crown import alpha_crown_bounds, crown_bounds
 
         inter = _intermediate(model, cfg)
         lb_crown = crown_bounds(model, lo, hi, yt, intermediate=inter)
         best = torch.maximum(best, torch.where(torch.isfinite(lb_crown), lb_crown, best))
-        if float(best.min()) > 0:
-            return done("verified-crown", float(best.min()))
+        if (out := certified("verified-crown", best)) is not None:
+            return out
         if cfg.alpha_iterations > 0:
             lb_alpha = alpha_crown_bounds(model, lo, hi, yt, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
                                           intermediate=inter)
             best = torch.maximum(best, torch.where(torch.isfinite(lb_alpha), lb_alpha, best))
-            if float(best.min()) > 0:
-                return done("verified-alpha-crown", float(best.min()))
+            if (out := certified("verified-alpha-crown", best)) is not None:
+                return out
     if cfg.engine == "none":
-        return done("timeout", float(best.min()), stage="incomplete")
+        return undecided(float(best.min()), stage="incomplete")
     remaining = cfg.timeout - (time.perf_counter() - start)
-    if remaining <= 0:
-        return done("timeout", float(best.min()))
+    # under strict_rounding the complete stage proves the margins above twice their rounding bound
+    tol = check.complete_tolerance()
+    if remaining <= 0 or not math.isfinite(tol.get("margin_tol", 0.0)):
+        return undecided(float(best.min()))
     if cfg.engine == "milp":
-        res = milp_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining)
+        res = milp_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining, **tol)
         status_map = {"verified": "verified-milp"}
     else:
         from certkd.verification.bab import bab_verify
 
-        res = bab_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining)
+        res = bab_verify(ref, x32[0], int(y), lower=lo32[0], upper=hi32[0], timeout=remaining, **tol)
         status_map = {"verified": "verified-bab"}
     if res.status == "falsified":
         margin = float32_margin(ref, res.counterexample.unsqueeze(0).to(x.device), y, lo32, hi32)
         if margin <= 0:
             return done("attacked", margin, stage=cfg.engine)
-        return done("timeout", float(best.min()), note="counterexample did not re-check in float32")
-    if res.status == "verified":
-        return done(status_map["verified"], res.margin)
-    return done("timeout", res.margin if res.margin is not None else float(best.min()))
+        return undecided(float(best.min()), note="counterexample did not re-check in float32")
+    if res.status == "verified" and (out := certified(status_map["verified"], res.margin)) is not None:
+        return out
+    return undecided(res.margin if res.margin is not None else float(best.min()))
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -212,7 +240,7 @@ def summarize(rows: Sequence[Dict[str, Any]], cfg: VerifyConfig, n_total: int) -
 #: The keys of a summary that :func:`summarize_rows` computes from the rows alone.
 ROW_KEYS = ("n", "clean_accuracy", "pgd_accuracy", "empirical_robust_accuracy", "falsified_by_verifier",
             "ibp_verified_accuracy", "crown_verified_accuracy", "alpha_crown_verified_accuracy", "verified_accuracy",
-            "counts", "median_time_s")
+            "counts", "median_time_s", "verified_float_proof")
 
 
 def summarize_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -256,6 +284,8 @@ def summarize_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "verified_accuracy": frac(verified),
         "counts": counts,
         "median_time_s": statistics.median([r["time_s"] for r in rows]) if rows else None,
+        # verified points whose margins clear twice the rounding bound of the network as run
+        "verified_float_proof": sum(1 for r in rows if r["status"] in VERIFIED and r.get("float_proof") is True),
     }
 
 
