@@ -38,6 +38,8 @@ def reduce_shell(code: str) -> str:
             cmd = re.sub(r"--epochs \d+", "--epochs 1", cmd) if "--epochs" in cmd else cmd + " --epochs 1"
         elif re.match(r"\s*certkd sweep\b", cmd):
             cmd += " --set epochs=1"
+        elif re.match(r"\s*certkd tune\b", cmd):
+            cmd = re.sub(r"--trials \d+", "--trials 2", cmd) + " --set epochs=1"
         if re.match(r"\s*certkd (verify|export)\b", cmd):
             cmd = re.sub(r"--limit \d+", "--limit 8", cmd)
             cmd = re.sub(r"--timeout \d+", "--timeout 1", cmd)
