@@ -30,8 +30,10 @@ def test_tf32_context_sets_and_restores(restore_flags):
     assert precision.tf32_flags() == (True, False)
 
 
-def test_autocast_only_on_cuda():
-    assert isinstance(precision.autocast(True, torch.device("cpu")), contextlib.nullcontext)
+def test_autocast_is_bfloat16_when_enabled_and_a_no_op_otherwise():
+    on = precision.autocast(True, torch.device("cpu"))
+    assert isinstance(on, torch.autocast) and on.fast_dtype == torch.bfloat16
+    assert isinstance(precision.autocast(False, torch.device("cpu")), contextlib.nullcontext)
     assert isinstance(precision.autocast(False, torch.device("cuda")), contextlib.nullcontext)
 
 

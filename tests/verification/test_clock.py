@@ -128,7 +128,15 @@ def test_call_before_returns_raises_and_stops_at_the_deadline():
         raise EmptyDomainError("no point here")
 
     with pytest.raises(EmptyDomainError, match="no point here"):
+        call_before(empty, time.monotonic() + 30, errors=(EmptyDomainError,))
+    with pytest.raises(RuntimeError, match="EmptyDomainError: no point here"):  # not a named error class
         call_before(empty, time.monotonic() + 30)
+
+    class Opaque:
+        pass
+
+    with pytest.raises(RuntimeError):  # a result that is not plain data is refused by the loader
+        call_before(lambda: Opaque(), time.monotonic() + 30)
     t0 = time.monotonic()
     assert call_before(lambda: time.sleep(30), t0 + 0.3, grace=0.1) == (False, None)
     assert time.monotonic() - t0 < 1.0

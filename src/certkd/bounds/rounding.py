@@ -188,7 +188,9 @@ def rounding_error_bound(net: Network, lower: Tensor, upper: Tensor, dtype: torc
 def margin_tolerance(err: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """|rows|·err: the bound on the error of each margin ``rows · y`` (rows (m, K), err (K,)) -> (m,)."""
     a = np.abs(rows)
-    return np.where(a > 0, a * err[None, :], 0.0).sum(1)
+    terms = np.zeros(np.broadcast_shapes(a.shape, err[None, :].shape))
+    np.multiply(a, err[None, :], out=terms, where=a > 0)  # 0 · inf is 0 here: a zero coefficient adds no error
+    return terms.sum(1)
 
 
 __all__ = ["TINY", "UNIT_ROUNDOFF", "margin_tolerance", "rounding_error_bound"]

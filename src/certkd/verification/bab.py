@@ -410,7 +410,7 @@ def _leaf_milp(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
     or 'timeout' (note); None when the sub-domain is empty. A leaf with ``FORK_UNSTABLE`` or more unstable
     neurons is solved in a forked child, killed if it is still running at the deadline."""
     from certkd.verification.forked import call_before
-    from certkd.verification.milp import EmptyDomainError, milp_verify
+    from certkd.verification.milp import EmptyDomainError, MilpResult, milp_verify
 
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -421,9 +421,11 @@ def _leaf_milp(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
     on_cpu = x.device.type == "cpu" and all(p.device.type == "cpu" for p in model.parameters())
     try:
         if unstable >= FORK_UNSTABLE and on_cpu:  # a forked child cannot use the parent's CUDA context
-            finished, res = call_before(lambda: _fresh_highs() or solve(), deadline)
+            finished, fields = call_before(lambda: _fresh_highs() or _plain(solve()), deadline,
+                                           errors=(EmptyDomainError,))
             if not finished:
                 return BabResult("timeout", None, None, remaining, 0, note="time limit reached in a MILP leaf")
+            res = MilpResult(**fields)
         else:
             res = solve()
     except EmptyDomainError:
@@ -433,6 +435,15 @@ def _leaf_milp(model: nn.Module, x: Tensor, label: int, lower: Tensor, upper: Te
     if res.status != "verified":
         return BabResult("timeout", None, None, res.time_s, 0, note=res.note)
     return BabResult("verified", res.margin, None, res.time_s, 0)
+
+
+def _plain(res) -> dict:
+    """A MilpResult's fields as plain Python numbers, strings and tensors (what a forked child may send)."""
+    import dataclasses
+
+    import numpy as np
+
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in dataclasses.asdict(res).items()}
 
 
 def _fresh_highs() -> None:

@@ -8,18 +8,32 @@ runs in this process, bounded only by its own time limit.
 """
 from __future__ import annotations
 
+import io
 import os
-import pickle
 import select
 import signal
 import time
 import warnings
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Sequence, Tuple
+
+import torch
 
 
-def call_before(fn: Callable[[], Any], deadline: float, grace: float = 0.25) -> Tuple[bool, Any]:
+def _encode(payload: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def call_before(fn: Callable[[], Any], deadline: float, grace: float = 0.25,
+                errors: Sequence[type] = ()) -> Tuple[bool, Any]:
     """``(True, fn())`` when ``fn`` returns by ``deadline + grace`` (a ``time.monotonic()`` time), else
-    ``(False, None)`` with the child killed. ``fn``'s exception is raised here; its result must pickle."""
+    ``(False, None)`` with the child killed.
+
+    ``fn``'s result must be plain data (numbers, strings, None, tensors, and lists, tuples and dicts of
+    them): it comes back through ``torch.load(weights_only=True)``, never an unpickler that could build
+    arbitrary objects. An exception of ``fn`` is raised here as the class of ``errors`` with its name, else
+    as a RuntimeError naming it, with its message."""
     if not hasattr(os, "fork"):  # pragma: no cover - Windows
         return True, fn()
     read, write = os.pipe()
@@ -28,17 +42,14 @@ def call_before(fn: Callable[[], Any], deadline: float, grace: float = 0.25) -> 
         # ``fn``, and one that hangs is killed at the deadline like one that runs long
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
-    if pid == 0:  # the child: run, send the pickled outcome, exit without running the parent's cleanup
+    if pid == 0:  # the child: run, send the outcome, exit without running the parent's cleanup
         code = 0
         try:
             os.close(read)
             try:
-                payload = pickle.dumps((True, fn()))
+                payload = _encode({"ok": True, "value": fn()})
             except BaseException as e:  # noqa: BLE001  re-raised in the parent
-                try:
-                    payload = pickle.dumps((False, e))
-                except Exception:  # an exception that does not pickle: its text
-                    payload = pickle.dumps((False, RuntimeError(f"{type(e).__name__}: {e}")))
+                payload = _encode({"ok": False, "error": type(e).__name__, "message": str(e)})
             with os.fdopen(write, "wb") as f:
                 f.write(payload)
         except BaseException:  # noqa: BLE001  nothing may escape into the parent's code
@@ -66,10 +77,13 @@ def call_before(fn: Callable[[], Any], deadline: float, grace: float = 0.25) -> 
         os.waitpid(pid, 0)
     if not chunks:
         raise RuntimeError("the forked child ended without a result")
-    ok, value = pickle.loads(b"".join(chunks))
-    if not ok:
-        raise value
-    return True, value
+    payload = torch.load(io.BytesIO(b"".join(chunks)), weights_only=True)
+    if not payload["ok"]:
+        cls = next((c for c in errors if c.__name__ == payload["error"]), None)
+        if cls is not None:
+            raise cls(payload["message"])
+        raise RuntimeError(f"{payload['error']}: {payload['message']}")
+    return True, payload["value"]
 
 
 __all__ = ["call_before"]
