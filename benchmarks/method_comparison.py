@@ -38,7 +38,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--methods", default=",".join(m.name for m in METHODS), help="comma-separated subset")
     ap.add_argument("--jobs", type=int, default=1, help="parallel processes, one torch thread each")
     ap.add_argument("--seeds", type=int, default=None, help="report seeds (default 3; smoke 2)")
-    ap.add_argument("--timeout", type=float, default=None, help=f"per-point verification seconds (default {TIMEOUT_S:g})")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help=f"per-point verification seconds (default {TIMEOUT_S:g})")
     ap.add_argument("--smoke", action="store_true", help="tiny epochs and points: the machinery, no claim")
     ap.add_argument("--plan", action="store_true", help="list the runs and their estimated cost, run nothing")
     ap.add_argument("--report-only", action="store_true", help="write the results of the runs found")

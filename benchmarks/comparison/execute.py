@@ -11,14 +11,13 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from comparison.design import SELECT_METRIC, Method, grid
+from comparison.design import SELECT_METRIC, Method
 from comparison.plan import final_dir, method_config, teacher_seeds, tune_dir
 from study.design import Setting
 from study.execute import read_summary, run_jobs, train_run, verify_points
-from study.orchestrate import freeze
+from study.orchestrate import choose, freeze, scores
 from study.planner import StudyError, teacher_config, teacher_dir
 from study.provenance import record, run_weights_sha256
-from study.stats import select
 
 #: certkd evaluate's attack on the test points (its defaults; the teachers of #21 use the same).
 PGD = {"attack_steps": 40, "attack_step_size": 0.1}
@@ -83,34 +82,13 @@ def job(kind: str, setting: Setting, root: str, data_dir: Optional[str], method:
     return str(path)
 
 
-def scores(root: Path, setting: Setting, m: Method) -> Dict[float, List[float]]:
-    """Grid value -> validation SELECT_METRIC of the tuning seeds whose validation is complete."""
-    out: Dict[float, List[float]] = {}
-    for v in grid(setting, m):
-        for s in setting.tune_seeds:
-            summ = read_summary(tune_dir(root, setting, m.name, v, s), "validation")
-            if summ is not None:
-                out.setdefault(v, []).append(summ[SELECT_METRIC])
-    return out
-
-
-def choose(root: Path, setting: Setting, m: Method) -> float:
-    """The method's selected value; refuses while a tuning run lacks its complete validation."""
-    sc = scores(root, setting, m)
-    missing = sum(len(setting.tune_seeds) - len(sc.get(v, [])) for v in grid(setting, m))
-    if missing:
-        raise StudyError(f"{setting.name}/{m.name}: {missing} tuning run(s) without complete validation; "
-                         "run the comparison (it resumes) before selecting")
-    return select(sc, grid(setting, m))
-
-
 def _tune(root: Path, setting: Setting, methods: Sequence[Method], data_dir: Optional[str], workers: int,
           chosen: Dict[str, float], log) -> None:
     for kind in ("train", "validate"):
         run_jobs([(kind, setting, str(root), data_dir, m.name, v, s, chosen.get(m.after) if m.after else None)
-                  for s in setting.tune_seeds for m in methods for v in grid(setting, m)], workers, log, job)
+                  for s in setting.tune_seeds for m in methods for v in setting.grid(m)], workers, log, job)
     for m in methods:
-        chosen[m.name] = choose(root, setting, m)
+        chosen[m.name] = choose(root, setting, m, tune_dir)
         log(f"[{setting.name}] {m.name}: {m.key} = {chosen[m.name]:g}")
 
 
@@ -133,7 +111,7 @@ def run_comparison(root: Path, setting: Setting, methods: Sequence[Method], data
     sel = freeze(root, setting, {"alpha": alpha, "arms": chosen, "metric": SELECT_METRIC,
                                  "timeout_s": setting.timeout,
                                  "keys": {m.name: m.key for m in methods},
-                                 "scores": {m.name: {f"{v:g}": s for v, s in scores(root, setting, m).items()}
+                                 "scores": {m.name: {f"{v:g}": s for v, s in scores(root, setting, m, tune_dir).items()}
                                             for m in methods}})
     log(f"[{n}] selection {chosen}; final runs on seeds 0..{setting.seeds - 1}, test verified once")
     run_jobs([("final", setting, r, data_dir, m.name, chosen[m.name], s, alpha if m.after else None)
@@ -158,8 +136,11 @@ def collect(root: Path, setting: Setting, methods: Sequence[Method], data_dir: O
 
 
 def records(root: Path, setting: Setting) -> List[Dict[str, Any]]:
-    """study.json of every run behind the report (teachers, tuning runs, final runs)."""
+    """study.json of every run behind the report (teachers, tuning runs, final runs). A run still training
+    (no study.json, no test.json yet) is left out, so that a report can be written while the comparison
+    runs; a final run with test results but no record counts, and is refused by check_one_commit."""
     from study.provenance import read_record
 
     return [read_record(p) for sub in ("final/*", "teachers/*", "tune/*/*")
-            for p in sorted((root / setting.name).glob(sub)) if p.is_dir()]
+            for p in sorted((root / setting.name).glob(sub))
+            if p.is_dir() and ((p / "study.json").exists() or (p / "test.json").exists())]

@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from comparison.design import METHOD_BY_NAME, Method, grid
+from comparison.design import METHOD_BY_NAME, Method
 from study.design import Setting
 from study.planner import NO_TEST_INTERVAL, StudyError, teacher_dir, vstr
 
-#: Seconds of one 40-epoch digits-small training run on one core (nice 15, next to the #21 study on the
-#: 2 cores), measured once per method by benchmarks/method_comparison.py --time; the plan scales them.
-TRAIN_S: Dict[str, float] = {"ibp": 20.0, "crown-ibp": 60.0, "sabr": 22.0, "taps": 60.0, "staps": 60.0,
-                             "cc-ibp": 21.0, "mtl-ibp": 21.0, "cc-dist": 25.0, "teacher": 30.0}
-#: Mean seconds to verify one digits point completely (the validation rows of the timed runs).
-POINT_S = 0.3
+#: Seconds of one 40-epoch digits-small training run on one core at nice 15, next to the #21 study on
+#: the machine's 2 cores (2026-12-08, timed runs at the tuning seed; the load varied between them):
+#: ibp 6.8, crown-ibp 17.3 (β_end 0) and 33.4 (β_end 1), sabr 8.2-8.6, taps 31.2 (w 5), staps 69.1,
+#: cc-ibp 21.4-22.7, cc-dist 14.3, the PGD-AT teacher 17.3; mtl-ibp taken as cc-ibp (not timed).
+TRAIN_S: Dict[str, float] = {"ibp": 7.0, "crown-ibp": 28.0, "sabr": 9.0, "taps": 31.0, "staps": 69.0,
+                             "cc-ibp": 22.0, "mtl-ibp": 22.0, "cc-dist": 15.0, "teacher": 17.0}
+#: Mean seconds to verify one digits point completely, 5 s per point: 0.183 and 0.171 on the 287
+#: validation points of cc-ibp α = 0.1 and sabr λ = 0.3 (no timeouts); taken as 0.2.
+POINT_S = 0.2
 
 
 def tune_dir(root: Path, setting: Setting, method: str, value: float, seed: int) -> Path:
@@ -77,8 +80,9 @@ def plan(setting: Setting, methods: Sequence[Method]) -> List[Planned]:
     """Every run in execution order: teachers, the tuning runs (those trained at another's α last),
     then each method's selected config on every report seed."""
     runs = [Planned("teacher", "pgd-at", None, s) for s in teacher_seeds(setting, methods)]
-    for phase, group in (("tune", [m for m in methods if not m.after]), ("tune-after", [m for m in methods if m.after])):
-        runs += [Planned(phase, m.name, v, s) for s in setting.tune_seeds for m in group for v in grid(setting, m)]
+    first, after = [m for m in methods if not m.after], [m for m in methods if m.after]
+    for phase, group in (("tune", first), ("tune-after", after)):
+        runs += [Planned(phase, m.name, v, s) for s in setting.tune_seeds for m in group for v in setting.grid(m)]
     runs += [Planned("final", m.name, None, s) for s in setting.report_seeds() for m in methods]
     return runs
 
