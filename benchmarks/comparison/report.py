@@ -68,7 +68,8 @@ def markdown(summary: Mapping[str, Mapping[str, Any]], selection: Optional[Mappi
     if scores:
         md += ["", f"Validation {selection.get('metric')} (%) per grid value, tuning seed(s) "
                f"(selection frozen before any test point was verified):", ""]
-        for method, per_value in scores.items():
-            vals = ", ".join(f"{v}: " + "/".join(f"{100 * x:.1f}" for x in xs) for v, xs in per_value.items())
+        for method in [m for m in summary if m in scores] + [m for m in scores if m not in summary]:
+            per_value = sorted(scores[method].items(), key=lambda kv: float(kv[0]))  # JSON sorts "25" before "5"
+            vals = ", ".join(f"{v}: " + "/".join(f"{100 * x:.1f}" for x in xs) for v, xs in per_value)
             md.append(f"- {method} ({keys.get(method, '?')}): {vals}")
     return md

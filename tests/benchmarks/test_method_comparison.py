@@ -87,11 +87,12 @@ def test_statistics_on_hand_made_numbers():
     assert a["seeds"] == [0, 1, 2] and (a["points"], a["timeouts"], a["timeout_fraction"]) == (300, 4, 4 / 300)
     assert a["clean_accuracy"]["half"] == 0.0 and a["verified_accuracy"]["mean"] == pytest.approx(60.0)
     sel = {"arms": {"a": 0.3}, "keys": {"a": "alpha", "b": "beta"}, "metric": "verified_accuracy",
-           "scores": {"a": {"0.3": [0.55]}}}
+           "scores": {"b": {"25": [0.5], "5": [0.25], "0.5": [0.125]}, "a": {"0.3": [0.55]}}}
     md = report.markdown(summ, sel, ["# title"])
+    assert md[-2] == "- a (alpha): 0.3: 55.0"  # the summary's order, and grid values in numeric order
+    assert md[-1] == "- b (beta): 0.5: 12.5, 5: 25.0, 25: 50.0"
     assert md[4] == "| a | alpha = 0.3 | 3 | 90.0 ± 0.0 | 80.0 ± 0.0 | 75.0 ± 0.0 | 50.0 ± 0.0 | 60.0 ± 24.8 | 4/300 (1.3%) |"
     assert md[5] == "| b | – | 0 | – | – | – | – | – | – |"
-    assert md[-1] == "- a (alpha): 0.3: 55.0"
 
 
 def test_bad_arguments_are_one_line_refusals(capsys):
