@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from study.design import SETTINGS, Setting
 from study.planner import (StudyError, final_dir, student_config, teacher_config, teacher_dir, tune_dir,
@@ -186,18 +186,21 @@ def _job_star(args: tuple) -> str:
     return job(*args)
 
 
-def run_jobs(jobs: List[tuple], workers: int, log) -> None:
-    """Run ``jobs`` (argument tuples of :func:`job`) on ``workers`` processes, in order when 1."""
+def run_jobs(jobs: List[tuple], workers: int, log, fn: Optional[Callable[..., str]] = None) -> None:
+    """Run ``jobs`` (argument tuples of ``fn``, default :func:`job`; ``fn`` a module-level function) on
+    ``workers`` processes, in order when 1."""
     if not jobs:
         return
+    fn = fn or job
     if workers <= 1:
         for j in jobs:
-            log(f"  {j[0]} {job(*j)}")
+            log(f"  {j[0]} {fn(*j)}")
         return
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers) as pool:
-        for path, j in zip(pool.map(_job_star, jobs), jobs):
+        results = pool.map(_job_star, jobs) if fn is job else pool.map(fn, *zip(*jobs))
+        for path, j in zip(results, jobs):
             log(f"  {j[0]} {path}")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from study.design import BASELINE, MAX_TIMEOUT_FRACTION, SELECT_METRIC, TIMEOUT_CANDIDATES, Arm, Setting
 from study.execute import read_summary, run_jobs
@@ -41,20 +41,23 @@ def write_pilot(root: Path, setting: Setting, arm: Arm) -> Dict[str, Any]:
     return out
 
 
-def scores(root: Path, setting: Setting, arm: Arm) -> Dict[float, List[float]]:
-    """Grid value -> validation scores (SELECT_METRIC) of the tuning seeds with complete validation."""
+def scores(root: Path, setting: Setting, arm: Arm, run_dir: Optional[Callable[..., Path]] = None
+           ) -> Dict[float, List[float]]:
+    """Grid value -> validation scores (SELECT_METRIC) of the tuning seeds with complete validation.
+    ``run_dir(root, setting, name, value, seed)``: where a tuning run lives (default :func:`tune_dir`)."""
     out: Dict[float, List[float]] = {}
     for v in setting.grid(arm):
         for s in setting.tune_seeds:
-            summ = read_summary(tune_dir(root, setting, arm.name, v, s), "validation")
+            summ = read_summary((run_dir or tune_dir)(root, setting, arm.name, v, s), "validation")
             if summ is not None:
                 out.setdefault(v, []).append(summ[SELECT_METRIC])
     return out
 
 
-def choose(root: Path, setting: Setting, arm: Arm) -> float:
-    """The arm's selected value; refuses while a tuning run lacks its complete validation."""
-    sc = scores(root, setting, arm)
+def choose(root: Path, setting: Setting, arm: Arm, run_dir: Optional[Callable[..., Path]] = None) -> float:
+    """The arm's selected value; refuses while a tuning run lacks its complete validation (``run_dir``:
+    as in :func:`scores`)."""
+    sc = scores(root, setting, arm, run_dir)
     missing = sum(len(setting.tune_seeds) - len(sc.get(v, [])) for v in setting.grid(arm))
     if missing:
         raise StudyError(f"{setting.name}/{arm.name}: {missing} tuning run(s) without complete validation; "

@@ -1,0 +1,1 @@
+"""The method comparison of issue #23 (benchmarks/method_comparison.py)."""
