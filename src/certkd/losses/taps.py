@@ -12,7 +12,6 @@ rectified linear link) then lets the loss reach the box bounds: a point coordina
 """
 from __future__ import annotations
 
-import weakref
 from typing import Tuple
 
 import torch
@@ -41,27 +40,19 @@ class Classifier(nn.Module):
         return self.head(self.features(z))
 
 
-_SPLITS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 def split_network(model: nn.Module, head_relus: int) -> Tuple[nn.Sequential, Classifier]:
     """(extractor, classifier) with the last ``head_relus`` top-level ReLU blocks of ``model.features``
     and ``model.head`` in the classifier; the extractor keeps everything before (at least Normalize).
 
     Raises a one-line :class:`CertkdError` when the features have fewer top-level ReLUs.
     """
-    key = (head_relus, tuple(id(m) for m in model.features))
-    hit = _SPLITS.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
     relus = [i for i, m in enumerate(model.features) if isinstance(m, nn.ReLU)]
     if not 1 <= head_relus <= len(relus):
         raise CertkdError(f"taps_head_relus={head_relus}, but the model's features have {len(relus)} top-level "
                           f"ReLU layers; pass --set taps_head_relus=N with 1 <= N <= {len(relus)}")
     cut = relus[-head_relus - 1] + 1 if head_relus < len(relus) else 1
-    parts = (nn.Sequential(*model.features[:cut]), Classifier(nn.Sequential(*model.features[cut:]), model.head))
-    _SPLITS[model] = (key, parts)
-    return parts
+    # the parts wrap the model's own modules (no copy): building them per step costs microseconds
+    return nn.Sequential(*model.features[:cut]), Classifier(nn.Sequential(*model.features[cut:]), model.head)
 
 
 def _targeted_margin(logits: Tensor, pairs: Tensor) -> Tensor:
