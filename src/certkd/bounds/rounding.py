@@ -26,7 +26,6 @@ network's weights or buffers change (compared by value, so in-place edits are se
 from __future__ import annotations
 
 import copy
-import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -63,14 +62,22 @@ class _Prepared:
         return True
 
 
-# per network, until its weights change: a run's many boxes pay the sparse matrices once
-_PREPARED: "weakref.WeakKeyDictionary[Network, _Prepared]" = weakref.WeakKeyDictionary()
+    def __deepcopy__(self, memo) -> None:  # a copied network starts without one (its weights may change)
+        return None
+
+    def __reduce__(self):  # nor does a pickled one carry it
+        return (type(None), ())
+
+
+_CACHE_ATTR = "_certkd_rounding"
 
 
 def _prepared(net: Network) -> _Prepared:
-    prep = _PREPARED.get(net)
+    """The network's own :class:`_Prepared`, kept on it (no module-level cache) until its weights change:
+    a run's many boxes pay the copy and the affine parts once."""
+    prep = net.__dict__.get(_CACHE_ATTR)
     if prep is None or not prep.fresh(net):
-        prep = _PREPARED[net] = _Prepared(net)
+        prep = net.__dict__[_CACHE_ATTR] = _Prepared(net)
     return prep
 
 
