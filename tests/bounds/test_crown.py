@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from certkd.attacks import PGD
-from certkd.bounds.crown import CrownResult, alpha_crown_bounds, crown_bounds, relu_layer_shapes
+from certkd.bounds.crown import CrownResult, alpha_crown_bounds, crown_bounds, activation_layer_shapes
 from certkd.bounds.ibp import ibp_logit_difference_bounds
 from certkd.bounds.spec import logit_differences, specification_matrix
 from certkd.models import CertifiableNet, ModelSpec, Normalize, create_model
@@ -341,7 +341,7 @@ def test_overrides_reproduce_and_split_constraints_are_sound():
     x, lo, hi = make_box((1, 1, 8, 8), 0.1, seed=20)
     y = torch.tensor([6])
     root = crown_bounds(model, lo, hi, y, return_intermediate=True)
-    assert relu_layer_shapes(model, (1, 8, 8)) == [tuple(l.shape[1:]) for l, _ in root.intermediate]
+    assert activation_layer_shapes(model, (1, 8, 8)) == [tuple(l.shape[1:]) for l, _ in root.intermediate]
     fixed = {k: b for k, b in enumerate(root.intermediate)}
     again = crown_bounds(model, lo, hi, y, intermediate_overrides=fixed, return_intermediate=True)
     torch.testing.assert_close(again.lower, root.lower)
@@ -634,7 +634,7 @@ def test_beta_crown_is_sound_below_the_exact_subdomain_minimum_and_tighter(train
 def test_beta_zero_signs_equal_alpha_crown(trained_mlp):
     model, x, y = trained_mlp
     lo, hi = (x[:4] - 0.03).clamp(0, 1), (x[:4] + 0.03).clamp(0, 1)
-    shapes = relu_layer_shapes(model, lo.shape[1:])
+    shapes = activation_layer_shapes(model, lo.shape[1:])
     zeros = [torch.zeros((4,) + s) for s in shapes]
     a = alpha_crown_bounds(model, lo, hi, y[:4], iterations=8)
     b = alpha_crown_bounds(model, lo, hi, y[:4], iterations=8, split_signs=zeros)

@@ -107,11 +107,6 @@ class CrownResult:
     coefficients: Optional[List[Tensor]] = None
     splittable: Optional[List[bool]] = None
 
-    @property
-    def relu_coefficients(self) -> Optional[List[Tensor]]:
-        """The former name of :attr:`coefficients`."""
-        return self.coefficients
-
 
 _CACHE_ATTR = "_certkd_prepared_plans"
 
@@ -313,8 +308,5 @@ def activation_layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> Lis
     return [plan.shapes[i] for i in plan.acts]
 
 
-relu_layer_shapes = activation_layer_shapes  # the former name
-
 __all__ = ["CrownResult", "DEFAULT_CHUNK_ELEMENTS", "activation_layer_shapes", "alpha_crown_bounds", "crown_bounds",
-           "prepared_plan",
-           "relu_layer_shapes"]
+           "prepared_plan"]

@@ -144,7 +144,7 @@ class BaBSR(Brancher):
     name = "babsr"
 
     def scores(self, ctx: BranchContext) -> List[Tensor]:
-        coeffs = ctx.result.relu_coefficients
+        coeffs = ctx.result.coefficients
         icp = _intercepts(ctx)
         if coeffs is None:
             return icp
